@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The project's test command: pytest on the CPU backend in GRAPH_MODE.
+# Usage: bash run_tests.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/env.sh
+exec "$PY" -m pytest -q "$@" tests
