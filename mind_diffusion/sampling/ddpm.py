@@ -1,0 +1,23 @@
+"""Ancestral sampling of DDPM (Ho et al. 2020, Algorithm 2) on any respacing."""
+from .base import ModelStep, Sampler
+
+
+class DDPMStep(ModelStep):
+    """x_{t-1} = μ_θ(x_t, t) + σ_t z, with Σ_θ fixed or learned; returns (x_{t-1}, x̂_0)."""
+
+    def __init__(self, diffusion, model, cond_names=(), clip_denoised=True):
+        super().__init__(diffusion, model, cond_names)
+        self.clip_denoised = clip_denoised
+
+    def construct(self, x, t, noise, *cond):
+        output = self.model_output(x, t, cond)
+        return self.diffusion.p_sample_from_output(output, x, t, noise, self.clip_denoised)
+
+
+class DDPMSampler(Sampler):
+    """Ancestral sampler: p_θ(x_{t-1} | x_t) at every step of the (respaced) process."""
+
+    name = "ddpm"
+
+    def make_step(self, cond_names):
+        return DDPMStep(self.diffusion, self.model, cond_names, self.clip_denoised)
