@@ -14,8 +14,12 @@ MAX_BETA = 0.999       # β clip that keeps the cosine schedule from a singulari
 def linear_beta_schedule(num_timesteps):
     """DDPM's linear β_t (Ho et al. 2020), rescaled so any T matches T = 1000.
 
-    β runs from 1e-4·1000/T to 0.02·1000/T, as improved DDPM does for T ≠ 1000.
+    β runs from 1e-4·1000/T to 0.02·1000/T, as improved DDPM does for T ≠ 1000,
+    so T must exceed 20 (β_T < 1).
     """
+    if num_timesteps <= 20:
+        raise ValueError(f"the linear schedule needs more than 20 steps (β_T = 20/T < 1), got {num_timesteps}; "
+                         "use the cosine schedule or your own betas for fewer steps")
     scale = 1000.0 / num_timesteps
     return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
 
@@ -49,13 +53,16 @@ def get_named_beta_schedule(name, num_timesteps):
 
 
 def check_betas(betas):
-    """Validate user-given β_t: a 1-D float array with every value in (0, 1]."""
+    """Validate user-given β_t: a 1-D float array with every value in (0, 1).
+
+    β = 1 would make ᾱ = 0 and x̂_0 = x_t / √ᾱ_t undefined from that step on.
+    """
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.size == 0:
         raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
-    if not np.all((betas > 0) & (betas <= 1)):
-        raise ValueError("every beta must lie in (0, 1]; "
-                         f"got min {betas.min()!r} and max {betas.max()!r}")
+    if not np.all((betas > 0) & (betas < 1)):
+        raise ValueError("every beta must lie in (0, 1); "
+                         f"got min {float(betas.min())!r} and max {float(betas.max())!r}")
     return betas
 
 

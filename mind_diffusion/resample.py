@@ -1,0 +1,112 @@
+"""Timestep samplers for training: uniform, and importance sampling of L_vlb (improved DDPM, Sec. 3.3).
+
+A sampler is a Cell used inside the compiled train step. It turns uniform
+draws u ∈ [0, 1) (fed from the host's seeded generator, so a resumed run
+draws the same timesteps) into timesteps t ~ p_t and importance weights
+w_t = 1 / (T p_t), so that E_{t∼p}[w_t L_t] = (1/T) Σ_t L_t: the weighted loss
+stays an unbiased estimate of the uniform-t objective.
+"""
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+
+
+class ScheduleSampler(nn.Cell):
+    """Base class: ``construct(u) -> (t, weights)`` for u of shape [B].
+
+    Subclasses define :meth:`probabilities` (p_t, shape [T]) and may learn from
+    the losses through :meth:`update`.
+    """
+
+    def __init__(self, num_timesteps):
+        super().__init__()
+        self.num_timesteps = int(num_timesteps)
+
+    def probabilities(self):
+        """p_t for t = 0..T−1 (sums to 1)."""
+        raise NotImplementedError
+
+    def construct(self, u):
+        probs = self.probabilities()
+        # Inverse-CDF draw: t is the number of CDF values ≤ u, i.e. P(t = k) = p_k.
+        cdf = ops.cumsum(probs, 0)
+        t = (cdf.reshape(1, -1) <= u.reshape(-1, 1)).astype(ms.int32).sum(axis=1)
+        t = ops.minimum(t, self.num_timesteps - 1)
+        weights = 1.0 / (self.num_timesteps * ops.gather(probs, t, 0))
+        return t, weights
+
+    def update(self, t, losses):
+        """Record per-example losses at their timesteps (no-op for non-adaptive samplers)."""
+        return t
+
+
+class UniformSampler(ScheduleSampler):
+    """t ~ U{0..T−1} with unit weights: DDPM's L_simple sampling."""
+
+    def probabilities(self):
+        return ops.full((self.num_timesteps,), 1.0 / self.num_timesteps, dtype=ms.float32)
+
+    def construct(self, u):
+        t = ops.minimum(ops.floor(u * self.num_timesteps).astype(ms.int32), self.num_timesteps - 1)
+        return t, ops.ones(u.shape, ms.float32)
+
+
+class LossSecondMomentResampler(ScheduleSampler):
+    """Importance sampling with p_t ∝ √E[L_t²] (improved DDPM, Eq. 18), mixed with a little uniform.
+
+    Keeps the last ``history_per_term`` losses seen at every t. Until every t
+    has a full history it samples uniformly; after that
+    p_t = (1 − uniform_prob) · √mean(L_t²) / Σ √mean(L²) + uniform_prob / T.
+    The history lives in non-trainable Parameters, so it is saved and restored
+    with the checkpoint of the cell that holds the sampler.
+    """
+
+    def __init__(self, num_timesteps, history_per_term=10, uniform_prob=0.001):
+        super().__init__(num_timesteps)
+        if history_per_term < 1:
+            raise ValueError(f"history_per_term must be >= 1, got {history_per_term}")
+        if not 0.0 <= uniform_prob <= 1.0:
+            raise ValueError(f"uniform_prob must lie in [0, 1], got {uniform_prob}")
+        self.history_per_term = int(history_per_term)
+        self.uniform_prob = float(uniform_prob)
+        self.loss_history = Parameter(ms.Tensor(np.zeros((num_timesteps, history_per_term), np.float32)),
+                                      name="loss_history", requires_grad=False)
+        self.loss_counts = Parameter(ms.Tensor(np.zeros((num_timesteps,), np.int32)),
+                                     name="loss_counts", requires_grad=False)
+
+    def probabilities(self):
+        uniform = ops.full((self.num_timesteps,), 1.0 / self.num_timesteps, dtype=ms.float32)
+        second_moment = ops.sqrt(ops.square(self.loss_history).mean(axis=-1))
+        probs = second_moment / second_moment.sum()
+        probs = probs * (1.0 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
+        warmed_up = (self.loss_counts >= self.history_per_term).all()
+        return ops.where(warmed_up, probs, uniform)
+
+    def update(self, t, losses):
+        """Append each example's loss to its timestep's history, oldest dropped when full.
+
+        Examples are taken in order, so repeated timesteps in one batch are
+        recorded one after the other. In data-parallel training pass the
+        all-gathered (t, losses) of every rank so that all ranks stay equal.
+        """
+        slots = ops.arange(self.history_per_term).reshape(1, -1)
+        for i in range(t.shape[0]):
+            index = t[i:i + 1]
+            loss = losses[i:i + 1].astype(ms.float32).reshape(1, 1)
+            row = ops.gather(self.loss_history, index, 0)
+            count = ops.gather(self.loss_counts, index, 0)
+            shifted = ops.concat((row[:, 1:], loss), axis=1)
+            filled = ops.where(slots == count.reshape(-1, 1), loss, row)
+            full = (count >= self.history_per_term).reshape(-1, 1)
+            ops.scatter_update(self.loss_history, index, ops.where(full, shifted, filled))
+            ops.scatter_update(self.loss_counts, index, ops.minimum(count + 1, self.history_per_term))
+        return t
+
+
+def create_named_schedule_sampler(name, num_timesteps):
+    """A timestep sampler by name: ``uniform`` or ``loss-second-moment``."""
+    if name == "uniform":
+        return UniformSampler(num_timesteps)
+    if name == "loss-second-moment":
+        return LossSecondMomentResampler(num_timesteps)
+    raise ValueError(f"unknown schedule sampler {name!r}: use 'uniform' or 'loss-second-moment'")

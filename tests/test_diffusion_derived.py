@@ -1,0 +1,279 @@
+"""The diffusion core on cases the fixtures don't cover, against values derived here.
+
+Closed forms (linear schedule, a one-point data set whose optimal denoiser is
+known), Python re-computations written from the papers' equations, and small
+brute-force cases.
+"""
+import math
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import nn, ops
+
+from graph_util import run
+from mind_diffusion import schedules
+from mind_diffusion.evaluation.bpd import calc_bpd_loop
+from mind_diffusion.gaussian_diffusion import GaussianDiffusion, create_diffusion
+from mind_diffusion.sampling import DDIMSampler, DDPMSampler, create_sampler
+
+
+# ----------------------------------------------------------------- schedules
+
+@pytest.mark.parametrize("steps", [1000, 4000, 50])
+def test_linear_schedule_closed_form(steps):
+    betas = schedules.linear_beta_schedule(steps)
+    scale = 1000 / steps
+    assert betas.shape == (steps,) and betas.dtype == np.float64
+    assert betas[0] == pytest.approx(1e-4 * scale, rel=1e-15)
+    assert betas[-1] == pytest.approx(0.02 * scale, rel=1e-15)
+    np.testing.assert_allclose(np.diff(betas), (0.02 - 1e-4) * scale / (steps - 1), rtol=1e-9)
+
+
+def test_cosine_schedule_follows_alpha_bar():
+    """ᾱ_t = f(t)/f(0) with f(t) = cos²((t/T + s)/(1 + s) · π/2) wherever β is not clipped."""
+    steps = 100
+    diffusion = create_diffusion(steps, "cosine")
+    f = lambda t: math.cos((t / steps + 0.008) / 1.008 * math.pi / 2) ** 2
+    expected = np.array([f(t + 1) / f(0) for t in range(steps)])
+    unclipped = diffusion.schedule["betas"] < 0.999
+    assert unclipped[:-1].all() and not unclipped[-1]  # only the last β hits the clip
+    np.testing.assert_allclose(diffusion.schedule["alphas_cumprod"][:-1], expected[:-1], rtol=1e-12)
+
+
+def test_schedule_arrays_from_definitions():
+    """Every constant of a linear T=25 process, recomputed from DDPM Eqs. 4, 6, 7 in Python floats."""
+    betas = schedules.linear_beta_schedule(25)
+    arrays = GaussianDiffusion(betas).schedule
+    abar, prev = 1.0, []
+    for t, beta in enumerate(betas):
+        prev.append(abar)
+        abar *= 1 - beta
+        assert arrays["alphas_cumprod"][t] == pytest.approx(abar, rel=1e-14)
+        assert arrays["alphas_cumprod_prev"][t] == pytest.approx(prev[t], rel=1e-14)
+        posterior_var = beta * (1 - prev[t]) / (1 - abar)
+        assert arrays["posterior_variance"][t] == pytest.approx(posterior_var, rel=1e-13)
+        assert arrays["posterior_mean_coef1"][t] == pytest.approx(beta * math.sqrt(prev[t]) / (1 - abar), rel=1e-13)
+        assert arrays["posterior_mean_coef2"][t] == pytest.approx(
+            (1 - prev[t]) * math.sqrt(1 - beta) / (1 - abar), rel=1e-13)
+    assert arrays["posterior_variance"][0] == 0.0
+    assert arrays["posterior_log_variance_clipped"][0] == pytest.approx(math.log(arrays["posterior_variance"][1]))
+
+
+@pytest.mark.parametrize("bad", [[], [0.0, 0.1], [0.1, 1.0], [[0.1, 0.2]]])
+def test_user_betas_are_validated(bad):
+    with pytest.raises(ValueError, match="beta"):
+        GaussianDiffusion(np.array(bad, dtype=np.float64))
+
+
+def test_user_betas_and_unknown_names():
+    betas = np.full(20, 0.05)
+    np.testing.assert_array_equal(create_diffusion(betas=betas).schedule["betas"], betas)
+    with pytest.raises(ValueError, match="noise schedule 'quadratic'"):
+        create_diffusion(10, "quadratic")
+    with pytest.raises(ValueError, match="'hinge' is not one of"):
+        create_diffusion(40, "linear", loss="hinge")
+    with pytest.raises(ValueError, match="more than 20 steps"):
+        create_diffusion(10, "linear")
+
+
+# ----------------------------------------------------------------- respacing
+
+def test_space_timesteps_sections_by_hand():
+    # T = 100 in three sections of 34, 33, 33 steps; counts 10, 15, 20 spread evenly within each.
+    expected = []
+    for start, length, count in [(0, 34, 10), (34, 33, 15), (67, 33, 20)]:
+        stride = (length - 1) / (count - 1)
+        expected += [start + round(k * stride) for k in range(count)]
+    assert schedules.space_timesteps(100, "10,15,20") == expected
+    assert schedules.space_timesteps(100, [10, 15, 20]) == expected
+    assert schedules.space_timesteps(10, "10") == list(range(10))
+    assert schedules.space_timesteps(10, "1") == [0]
+    assert schedules.space_timesteps(1000, "ddim4") == [0, 250, 500, 750]
+
+
+@pytest.mark.parametrize("spec,message", [("ddim7", "no integer stride"), ("11", "cannot take 11"),
+                                          ("fifty", "expected counts"), ("0", "positive")])
+def test_space_timesteps_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        schedules.space_timesteps(10, spec)
+
+
+@pytest.mark.parametrize("spec", ["25", "ddim10", "5,10"])
+def test_respacing_keeps_marginals(spec):
+    """q(x_t | x_0) is unchanged at every kept step: ᾱ'_k = ᾱ_{kept[k]}."""
+    base = create_diffusion(100, "linear", learn_sigma=True)
+    respaced = base.respace(spec)
+    kept = schedules.space_timesteps(100, spec)
+    np.testing.assert_array_equal(respaced.schedule["timestep_map"], kept)
+    np.testing.assert_allclose(respaced.schedule["alphas_cumprod"], base.schedule["alphas_cumprod"][kept],
+                               rtol=1e-12)
+    assert respaced.num_timesteps == len(kept) and respaced.original_num_steps == 100
+    assert respaced.model_var_type == base.model_var_type
+    with pytest.raises(ValueError, match="already respaced"):
+        respaced.respace("5")
+
+
+def test_model_timesteps_mapping():
+    diffusion = create_diffusion(200, "linear", rescale_timesteps=True, timestep_respacing="ddim4")
+    t = np.arange(4, dtype=np.int32)
+    np.testing.assert_allclose(run(diffusion, "model_timesteps", t), np.array([0, 50, 100, 150]) * 1000 / 200)
+    plain = create_diffusion(200, "linear", timestep_respacing="ddim4")
+    np.testing.assert_array_equal(run(plain, "model_timesteps", t), [0, 50, 100, 150])
+
+
+# -------------------------------------------------------- losses by hand
+
+def test_hybrid_loss_by_hand_and_stop_gradient():
+    """L_hybrid = L_simple + (T/1000) L_vlb, the VB term's gradient reaching only the variance channels."""
+    rng = np.random.default_rng(0)
+    diffusion = create_diffusion(40, "linear", learn_sigma=True, loss="rescaled_mse")
+    x_start = rng.uniform(-1, 1, (3, 2, 4, 4)).astype(np.float32)
+    noise = rng.standard_normal(x_start.shape).astype(np.float32)
+    output = rng.uniform(-1, 1, (3, 4, 4, 4)).astype(np.float32)
+    t = np.array([0, 7, 39], np.int32)
+    x_t = run(diffusion, "q_sample", x_start, t, noise)
+    loss, mse, vb = run(diffusion, "training_losses_from_output", output, x_start, x_t, t, noise)
+    np.testing.assert_allclose(mse, ((noise - output[:, :2]) ** 2).mean(axis=(1, 2, 3)), rtol=1e-5)
+    vb_unscaled, _ = run(diffusion, "vb_terms_bpd_from_output", output, x_start, x_t, t, clip_denoised=False)
+    np.testing.assert_allclose(vb, vb_unscaled * 40 / 1000, rtol=1e-6)
+    np.testing.assert_allclose(loss, mse + vb, rtol=1e-6)
+
+    class VbOnly(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.diffusion = diffusion
+
+        def construct(self, out, x_start, x_t, t, noise):
+            return self.diffusion.training_losses_from_output(out, x_start, x_t, t, noise)[2].sum()
+
+    grad = ms.grad(VbOnly(), grad_position=0)(*[ms.Tensor(a) for a in (output, x_start, x_t, t, noise)]).asnumpy()
+    assert np.all(grad[:, :2] == 0), "the VB term must not train the mean (stop-gradient)"
+    assert np.abs(grad[:, 2:]).sum() > 0
+
+
+def test_kl_term_closed_form_for_fixed_variance():
+    """With Σ = β̃_t and an x_0-predicting model, L_{t−1} = ‖μ̃(x_0) − μ̃(x̂_0)‖² / (2 β̃_t), in bits."""
+    rng = np.random.default_rng(1)
+    diffusion = create_diffusion(30, "linear", sigma_small=True, predict_xstart=True, loss="kl")
+    x_start = rng.uniform(-1, 1, (2, 3, 4, 4)).astype(np.float32)
+    pred = np.clip(x_start + 0.1 * rng.standard_normal(x_start.shape), -1, 1).astype(np.float32)
+    x_t = rng.standard_normal(x_start.shape).astype(np.float32)
+    t = np.array([5, 29], np.int32)
+    vb, _ = run(diffusion, "vb_terms_bpd_from_output", pred, x_start, x_t, t, clip_denoised=False)
+    s = diffusion.schedule
+    coef1 = s["posterior_mean_coef1"][t].reshape(-1, 1, 1, 1)
+    expected = (coef1 * (x_start - pred)) ** 2 / (2 * s["posterior_variance"][t].reshape(-1, 1, 1, 1))
+    np.testing.assert_allclose(vb, expected.mean(axis=(1, 2, 3)) / math.log(2), rtol=1e-4)
+
+
+def test_previous_x_mean_type_inverts_posterior():
+    """For μ-prediction, x̂_0 recovered from the true posterior mean is x_0 itself."""
+    rng = np.random.default_rng(2)
+    diffusion = GaussianDiffusion(schedules.linear_beta_schedule(30), model_mean_type="previous_x")
+    x_start = rng.uniform(-0.9, 0.9, (2, 3, 4, 4)).astype(np.float32)
+    x_t = rng.standard_normal(x_start.shape).astype(np.float32)
+    t = np.array([3, 29], np.int32)
+    true_mean = run(diffusion, "q_posterior_mean_variance", x_start, x_t, t)[0]
+    mean, _, _, pred = run(diffusion, "p_mean_variance_from_output", true_mean, x_t, t, clip_denoised=False)
+    np.testing.assert_allclose(pred, x_start, atol=1e-4)
+    np.testing.assert_array_equal(mean, true_mean)
+
+
+# ------------------------------------------- the one-point data set (Dirac)
+
+X_STAR = (np.random.default_rng(3).integers(0, 256, (1, 3, 4, 4)) / 127.5 - 1).astype(np.float32)
+
+
+class DiracDenoiser(nn.Cell):
+    """The exact ε-predictor for data = the single image x*: ε(x_t, t) = (x_t − √ᾱ_t x*) / √(1 − ᾱ_t).
+
+    It looks ᾱ up by the *original* step it receives (after the respacing map
+    and the ×1000/T rescale), so a wrong timestep map gives wrong samples.
+    """
+
+    def __init__(self, alphas_cumprod, time_scale):
+        super().__init__()
+        self.sqrt_abar = ms.Tensor(np.sqrt(alphas_cumprod), ms.float32)
+        self.sqrt_one_minus_abar = ms.Tensor(np.sqrt(1 - alphas_cumprod), ms.float32)
+        self.x_star = ms.Tensor(X_STAR)
+        self.time_scale = time_scale
+
+    def construct(self, x, t):
+        index = ops.round(t / self.time_scale).astype(ms.int32)
+        a = ops.gather(self.sqrt_abar, index, 0).reshape(-1, 1, 1, 1)
+        b = ops.gather(self.sqrt_one_minus_abar, index, 0).reshape(-1, 1, 1, 1)
+        return (x - a * self.x_star) / b
+
+
+class ZeroModel(nn.Cell):
+    def construct(self, x, t):
+        return ops.zeros_like(x)
+
+
+def test_ddim_eta0_is_exact_deterministic_and_inverts():
+    """For a one-point data set, DDIM with η = 0 follows x_t = √ᾱ_t x* + √(1 − ᾱ_t) e exactly."""
+    base = create_diffusion(100, "cosine", rescale_timesteps=True)
+    diffusion = base.respace("ddim10")
+    model = DiracDenoiser(base.schedule["alphas_cumprod"], 1000 / 100)
+    sampler = DDIMSampler(diffusion, model, eta=0.0)
+    shape = (2,) + X_STAR.shape[1:]
+    x_T = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+
+    first = sampler.sample(shape, x_T=x_T, seed=1).asnumpy()
+    second = sampler.sample(shape, x_T=x_T, seed=2).asnumpy()
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_allclose(first, np.broadcast_to(X_STAR, shape), atol=2e-5)
+
+    # Invert a point on the trajectory at the first kept step and compare with the closed form at the last.
+    abar = diffusion.schedule["alphas_cumprod"]
+    e = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    x_0_level = math.sqrt(abar[0]) * X_STAR + math.sqrt(1 - abar[0]) * e
+    x_T_closed = math.sqrt(abar[-1]) * X_STAR + math.sqrt(1 - abar[-1]) * e
+    inverted = sampler.invert(x_0_level.astype(np.float32)).asnumpy()
+    # invert() runs every kept step, landing one step past the last: ᾱ_next of the last step is 0.
+    np.testing.assert_allclose(inverted, e, atol=1e-4)
+    back = sampler.sample(shape, x_T=x_T_closed).asnumpy()
+    np.testing.assert_allclose(back, np.broadcast_to(X_STAR, shape), atol=2e-5)
+
+
+def test_samplers_are_seeded_and_ddpm_reaches_the_point():
+    diffusion = create_diffusion(50, "linear", sigma_small=True)
+    model = DiracDenoiser(diffusion.schedule["alphas_cumprod"], 1.0)
+    shape = (3,) + X_STAR.shape[1:]
+    sampler = create_sampler("ddpm", diffusion, model)
+    a, b, c = (sampler.sample(shape, seed=s).asnumpy() for s in (7, 7, 8))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # The final step adds no noise and x̂_0 = x*, so every chain ends exactly at x*.
+    np.testing.assert_allclose(a, np.broadcast_to(X_STAR, shape), atol=2e-5)
+    assert len(sampler._steps) == 1  # one compiled step, reused for all 50 t
+    with pytest.raises(ValueError, match="unknown sampler"):
+        create_sampler("euler", diffusion, model)
+
+
+def test_calc_bpd_loop_closed_form_and_beats_a_bad_model():
+    """With the exact denoiser and Σ = β̃_t every KL term is 0; what is left is L_T + L_0, known in closed form."""
+    steps = 25
+    diffusion = create_diffusion(steps, "linear", sigma_small=True)
+    s = diffusion.schedule
+    result = calc_bpd_loop(diffusion, DiracDenoiser(s["alphas_cumprod"], 1.0), X_STAR)
+    assert result["vb"].shape == (1, steps)
+    np.testing.assert_allclose(result["vb"][:, 1:], 0.0, atol=1e-4)
+
+    # L_0: the decoder's Gaussian has mean x* and σ² = β̃_1; its mass on x*'s 8-bit bin.
+    from scipy.stats import norm
+    sigma = math.sqrt(s["posterior_variance"][1])
+    upper = np.where(X_STAR > 0.999, 1.0, norm.cdf((1 / 255) / sigma))
+    lower = np.where(X_STAR < -0.999, 0.0, norm.cdf(-(1 / 255) / sigma))
+    decoder_bits = -np.log(upper - lower).mean() / math.log(2)
+    # L_T: KL(N(√ᾱ_T x*, 1 − ᾱ_T) ‖ N(0, 1)) per dimension.
+    abar_T = s["alphas_cumprod"][-1]
+    prior_bits = (0.5 * (-1 - math.log(1 - abar_T) + (1 - abar_T) + abar_T * X_STAR ** 2)).mean() / math.log(2)
+    np.testing.assert_allclose(result["prior_bpd"], prior_bits, rtol=1e-4)
+    # The decoder term uses the tanh approximation of Φ: agree to its accuracy.
+    np.testing.assert_allclose(result["vb"][:, 0], decoder_bits, rtol=2e-3)
+    np.testing.assert_allclose(result["total_bpd"], result["vb"].sum(axis=1) + result["prior_bpd"], rtol=1e-6)
+
+    bad = calc_bpd_loop(diffusion, ZeroModel(), X_STAR)
+    assert bad["total_bpd"][0] > result["total_bpd"][0] + 1.0

@@ -1,0 +1,131 @@
+"""Timestep samplers: draws, importance weights, unbiasedness and the loss history, in GRAPH_MODE."""
+import os
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import nn
+
+from mind_diffusion.resample import (LossSecondMomentResampler, UniformSampler,
+                                     create_named_schedule_sampler)
+
+
+class Update(nn.Cell):
+    def __init__(self, sampler):
+        super().__init__()
+        self.sampler = sampler
+
+    def construct(self, t, losses):
+        return self.sampler.update(t, losses)
+
+
+class Probabilities(nn.Cell):
+    def __init__(self, sampler):
+        super().__init__()
+        self.sampler = sampler
+
+    def construct(self):
+        return self.sampler.probabilities()
+
+
+class ReferenceHistory:
+    """improved DDPM's bookkeeping, example by example, in plain numpy."""
+
+    def __init__(self, steps, history, uniform_prob):
+        self.history = np.zeros((steps, history))
+        self.counts = np.zeros(steps, int)
+        self.uniform_prob = uniform_prob
+
+    def update(self, ts, losses):
+        size = self.history.shape[1]
+        for t, loss in zip(ts, losses):
+            if self.counts[t] == size:
+                self.history[t, :-1] = self.history[t, 1:]
+                self.history[t, -1] = loss
+            else:
+                self.history[t, self.counts[t]] = loss
+                self.counts[t] += 1
+
+    def probabilities(self):
+        steps = len(self.counts)
+        if not (self.counts == self.history.shape[1]).all():
+            return np.full(steps, 1 / steps)
+        w = np.sqrt((self.history ** 2).mean(axis=1))
+        w = w / w.sum() * (1 - self.uniform_prob) + self.uniform_prob / steps
+        return w / w.sum()
+
+
+def test_uniform_sampler():
+    sampler = UniformSampler(10)
+    u = np.array([0.0, 0.0999, 0.1, 0.55, 0.9999999], np.float32)
+    t, w = sampler(ms.Tensor(u))
+    np.testing.assert_array_equal(t.asnumpy(), [0, 0, 1, 5, 9])
+    np.testing.assert_array_equal(w.asnumpy(), 1.0)
+
+
+def test_loss_second_moment_history_and_weights():
+    steps, history = 6, 3
+    sampler = LossSecondMomentResampler(steps, history_per_term=history, uniform_prob=0.05)
+    reference = ReferenceHistory(steps, history, 0.05)
+    update, probabilities = Update(sampler), Probabilities(sampler)
+    rng = np.random.default_rng(0)
+    for round_ in range(8):
+        # Repeated timesteps in a batch, and the history wrapping around: both exercised.
+        ts = rng.integers(0, steps, 8).astype(np.int32)
+        if round_ == 0:
+            ts[:4] = 2
+        losses = rng.uniform(0.1, 3.0, 8).astype(np.float32)
+        update(ms.Tensor(ts), ms.Tensor(losses))
+        reference.update(ts, losses)
+        np.testing.assert_allclose(sampler.loss_history.asnumpy(), reference.history, rtol=1e-6)
+        np.testing.assert_array_equal(sampler.loss_counts.asnumpy(), reference.counts)
+        np.testing.assert_allclose(probabilities().asnumpy(), reference.probabilities(), rtol=1e-5)
+    assert (reference.counts == history).all(), "the test must reach the warmed-up regime"
+
+
+def _warmed_sampler(losses_per_t, uniform_prob=0.01):
+    steps = len(losses_per_t)
+    sampler = LossSecondMomentResampler(steps, history_per_term=2, uniform_prob=uniform_prob)
+    ts = np.repeat(np.arange(steps, dtype=np.int32), 2)
+    Update(sampler)(ms.Tensor(ts), ms.Tensor(np.repeat(losses_per_t, 2).astype(np.float32)))
+    return sampler
+
+
+def test_importance_draws_follow_probabilities_and_stay_unbiased():
+    losses_per_t = np.array([4.0, 1.0, 0.25, 2.0, 0.5], np.float32)
+    sampler = _warmed_sampler(losses_per_t)
+    p = Probabilities(sampler)().asnumpy().astype(np.float64)
+    expected = losses_per_t / losses_per_t.sum() * 0.99 + 0.01 / 5  # √E[L²] = L for a constant history
+    np.testing.assert_allclose(p, expected, rtol=1e-5)
+
+    # Inverse-CDF draws on a fine grid of u reproduce p; the weights are 1 / (T p_t).
+    u = (np.arange(100_000) + 0.5) / 100_000
+    t, w = sampler(ms.Tensor(u.astype(np.float32)))
+    t, w = t.asnumpy(), w.asnumpy().astype(np.float64)
+    np.testing.assert_allclose(np.bincount(t, minlength=5) / len(u), p, atol=2e-5)
+    np.testing.assert_allclose(w, 1.0 / (5 * p[t]), rtol=1e-5)
+    # Unbiased: E_p[w_t L_t] equals the uniform average of L_t.
+    assert np.mean(w * losses_per_t[t]) == pytest.approx(losses_per_t.mean(), rel=1e-4)
+    # And by random draws, as training makes them.
+    u_random = np.random.default_rng(1).random(200_000).astype(np.float32)
+    t, w = (a.asnumpy() for a in sampler(ms.Tensor(u_random)))
+    assert np.mean(w * losses_per_t[t]) == pytest.approx(losses_per_t.mean(), rel=0.02)
+
+
+def test_state_round_trips_through_a_checkpoint(tmp_path):
+    sampler = _warmed_sampler(np.array([1.0, 2.0, 3.0], np.float32))
+    path = os.path.join(tmp_path, "sampler.ckpt")
+    ms.save_checkpoint(sampler, path)
+    fresh = LossSecondMomentResampler(3, history_per_term=2, uniform_prob=0.01)
+    np.testing.assert_allclose(Probabilities(fresh)().asnumpy(), 1 / 3)
+    ms.load_param_into_net(fresh, ms.load_checkpoint(path))
+    np.testing.assert_allclose(Probabilities(fresh)().asnumpy(), Probabilities(sampler)().asnumpy())
+
+
+def test_named_samplers_and_errors():
+    assert isinstance(create_named_schedule_sampler("uniform", 5), UniformSampler)
+    assert isinstance(create_named_schedule_sampler("loss-second-moment", 5), LossSecondMomentResampler)
+    with pytest.raises(ValueError, match="unknown schedule sampler"):
+        create_named_schedule_sampler("lossaware", 5)
+    with pytest.raises(ValueError, match="uniform_prob"):
+        LossSecondMomentResampler(5, uniform_prob=2.0)
