@@ -99,10 +99,16 @@ class GaussianDiffusion(nn.Cell):
 
         self.schedule = self._schedule_arrays(betas, timestep_map)
         # Constants are computed in float64 and rounded once to float32 (as the
-        # reference implementation does when it gathers them).
+        # reference implementation does when it gathers them). They are stored
+        # as [T, 1, 1, 1], so one gather yields a coefficient that broadcasts
+        # over an image batch: sampling steps are short, and on CPU every extra
+        # kernel (a reshape per coefficient) is a visible share of one.
         for name, values in self.schedule.items():
-            setattr(self, name, ms.Tensor(values, ms.int32 if name == "timestep_map" else ms.float32))
-        self.model_time_scale = 1000.0 / self.original_num_steps if self.rescale_timesteps else 1.0
+            if name != "timestep_map":
+                setattr(self, name, ms.Tensor(values.reshape(-1, 1, 1, 1), ms.float32))
+        self.nonzero_mask = ms.Tensor((np.arange(self.num_timesteps) > 0).reshape(-1, 1, 1, 1), ms.float32)
+        time_scale = 1000.0 / self.original_num_steps if self.rescale_timesteps else 1.0
+        self.model_time = ms.Tensor(timestep_map * time_scale, ms.float32)
 
     @staticmethod
     def _schedule_arrays(betas, timestep_map):
@@ -143,11 +149,14 @@ class GaussianDiffusion(nn.Cell):
     @staticmethod
     def _extract(values, t, ndim):
         """values[t] for each example, shaped [B, 1, ..., 1] to broadcast over an ndim-D batch."""
-        return ops.gather(values, t, 0).reshape((-1,) + (1,) * (ndim - 1))
+        picked = ops.gather(values, t, 0)
+        if ndim == 4:
+            return picked
+        return picked.reshape((-1,) + (1,) * (ndim - 1))
 
     def model_timesteps(self, t):
         """The time input the network sees for step indices t: the original step, optionally ×1000/T."""
-        return ops.gather(self.timestep_map, t, 0).astype(ms.float32) * self.model_time_scale
+        return ops.gather(self.model_time, t, 0)
 
     def split_output(self, model_output, channels):
         """Split a network output into (mean part, variance part); the latter is None for a fixed Σ."""
@@ -160,7 +169,7 @@ class GaussianDiffusion(nn.Cell):
     def q_mean_variance(self, x_start, t):
         """Mean, variance and log-variance of q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I)."""
         mean = self._extract(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
-        variance = self._extract(1.0 - self.alphas_cumprod, t, x_start.ndim)
+        variance = 1.0 - self._extract(self.alphas_cumprod, t, x_start.ndim)
         log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x_start.ndim)
         return mean, ops.broadcast_to(variance, x_start.shape), ops.broadcast_to(log_variance, x_start.shape)
 
@@ -253,10 +262,9 @@ class GaussianDiffusion(nn.Cell):
 
     # ------------------------------------------------------------ sampling
 
-    @staticmethod
-    def _nonzero_mask(t, ndim):
+    def _nonzero_mask(self, t, ndim):
         """1 where t > 0, 0 at the last step (which adds no noise)."""
-        return (t != 0).astype(ms.float32).reshape((-1,) + (1,) * (ndim - 1))
+        return self._extract(self.nonzero_mask, t, ndim)
 
     def p_sample_from_output(self, model_output, x, t, noise, clip_denoised=True):
         """One ancestral step x_{t-1} = μ_θ + σ_t z (DDPM, Algorithm 2); returns (x_{t-1}, x̂_0)."""
