@@ -1,0 +1,638 @@
+"""Run configuration: YAML recipes → validated dataclasses, with clear errors.
+
+A recipe has the sections ``model``, ``diffusion``, ``data``, ``train`` and
+``sample`` plus two top-level keys, ``name`` and ``seed``. Field names follow
+the argument names of openai/improved-diffusion, guided-diffusion and
+glide-text2im where those exist, so their command-line flags carry over.
+
+Every field has a documented default (the ``doc`` of its metadata), so an empty
+file is a valid recipe. Unknown keys and bad values raise :class:`ConfigError`
+naming the full key (``train.lr``) and what is allowed.
+
+Mirrored fields. A few values are needed by two consumers (the network and
+the diffusion process, the network and the data pipeline, ...). Each has one
+source of truth and a mirror that lets the consuming section stand alone:
+
+===================== =====================
+mirror                source of truth
+===================== =====================
+diffusion.learn_sigma model.learn_sigma
+data.image_size       model.image_size
+data.class_cond       model.class_cond
+train.use_fp16        model.use_fp16
+train.seed            seed
+===================== =====================
+
+Leave a mirror out (or ``null``) and it takes the source's value; set it and it
+must agree, else loading fails naming both keys. Recipes set only the source.
+
+Command-line overrides (``--set train.lr=1e-4``) are parsed with YAML rules
+and applied to the raw mapping before validation, so they are checked exactly
+like values from the file.
+"""
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, get_args, get_origin, get_type_hints
+
+import yaml
+
+from mind_diffusion.schedules import space_timesteps
+
+SECTIONS = ("model", "diffusion", "data", "train", "sample")
+
+# ADM's channel multipliers per resolution when ``channel_mult`` is "" (as in
+# improved-diffusion / guided-diffusion); 16 and 8 extend the table for tiny runs.
+DEFAULT_CHANNEL_MULT = {
+    256: [1, 1, 2, 2, 4, 4],
+    128: [1, 1, 2, 3, 4],
+    64: [1, 2, 3, 4],
+    32: [1, 2, 2, 2],
+    16: [1, 2, 2],
+    8: [1, 2],
+}
+
+# ADM normalises with GroupNorm over 32 groups, so every width must divide by 32.
+NORM_GROUPS = 32
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot run; the message names the key and the fix."""
+
+
+# ---------------------------------------------------------------------------
+# Field declarations: a default, a one-line doc and an optional value check.
+# ---------------------------------------------------------------------------
+
+def option(default, doc, check=None):
+    """A dataclass field with its documentation and value check in the metadata.
+
+    ``check(value)`` returns None when the value is fine, else a phrase such as
+    "must be >= 1" that the error message completes.
+    """
+    meta = {"doc": doc, "check": check}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def one_of(*allowed):
+    """Check: the value is one of ``allowed``."""
+    def check(value):
+        if value not in allowed:
+            return "must be one of: " + ", ".join(repr(a) for a in allowed)
+        return None
+    return check
+
+
+def at_least(low):
+    """Check: the value (or each list element) is >= ``low``."""
+    def check(value):
+        values = value if isinstance(value, list) else [value]
+        if any(v < low for v in values):
+            return f"must be >= {low}"
+        return None
+    return check
+
+
+def greater_than(low):
+    """Check: the value is > ``low``."""
+    def check(value):
+        return None if value > low else f"must be > {low}"
+    return check
+
+
+def in_range(low, high, high_inclusive=True):
+    """Check: low <= value <= high (or < high), for a value or each list element."""
+    def check(value):
+        values = value if isinstance(value, list) else [value]
+        ok = all(low <= v <= high if high_inclusive else low <= v < high for v in values)
+        if not ok:
+            closing = "]" if high_inclusive else ")"
+            return f"must lie in [{low}, {high}{closing}"
+        return None
+    return check
+
+
+def minus_one_or_positive(value):
+    """Check for head counts where -1 means "derive it from the other field"."""
+    return None if value == -1 or value >= 1 else "must be -1 (derive) or >= 1"
+
+
+def non_empty(value):
+    """Check: a non-empty list or string."""
+    return None if len(value) > 0 else "must not be empty"
+
+
+# ---------------------------------------------------------------------------
+# The sections.
+# ---------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    """The network (models/): ADM UNet, GLIDE text-to-image UNet or upsampler, or classifier."""
+    arch: str = option("unet", "network: unet (ADM), glide (text-to-image), glide_upsample "
+                       "(text-conditioned super-resolution) or classifier (noisy-image classifier)",
+                       one_of("unet", "glide", "glide_upsample", "classifier"))
+    image_size: int = option(32, "side of the (square) images the network sees, in pixels", at_least(8))
+    in_channels: int = option(3, "image channels", at_least(1))
+    num_channels: int = option(128, "base width of the UNet (model_channels)", at_least(NORM_GROUPS))
+    num_res_blocks: int = option(2, "residual blocks per resolution", at_least(1))
+    channel_mult: List[int] = option([], "width multiplier per resolution, e.g. [1, 2, 2, 2]; "
+                                     "empty (or \"\") = ADM's default for image_size", at_least(1))
+    attention_resolutions: List[int] = option([16, 8], "image resolutions (pixels) that get "
+                                              "self-attention, e.g. [16, 8]", at_least(1))
+    num_heads: int = option(4, "attention heads (used when num_head_channels is -1)", at_least(1))
+    num_head_channels: int = option(-1, "channels per attention head; -1 = use num_heads",
+                                    minus_one_or_positive)
+    num_heads_upsample: int = option(-1, "heads in the upsampling path; -1 = num_heads",
+                                     minus_one_or_positive)
+    dropout: float = option(0.0, "dropout probability in residual blocks",
+                            in_range(0.0, 1.0, high_inclusive=False))
+    use_scale_shift_norm: bool = option(True, "AdaGN: the time/condition embedding scales and "
+                                        "shifts the normalised activations (ADM)")
+    resblock_updown: bool = option(False, "BigGAN-style residual blocks for up/down-sampling (ADM)")
+    use_new_attention_order: bool = option(False, "split qkv before heads (guided-diffusion's "
+                                           "QKVAttention) instead of after (QKVAttentionLegacy)")
+    class_cond: bool = option(False, "condition on class labels (ADM class embedding)")
+    num_classes: int = option(0, "number of class labels; required (>= 2) when class_cond "
+                              "or arch is classifier", at_least(0))
+    learn_sigma: bool = option(False, "output Σ too (6 channels): learned-range variance "
+                               "(improved DDPM); the diffusion reads it via diffusion.learn_sigma")
+    use_fp16: bool = option(False, "run the network in float16 (mixed precision with dynamic "
+                            "loss scaling, see train.loss_scale)")
+    text_ctx: int = option(128, "text tokens per caption (glide, glide_upsample)", at_least(1))
+    xf_width: int = option(512, "text transformer width", at_least(1))
+    xf_layers: int = option(16, "text transformer layers", at_least(1))
+    xf_heads: int = option(8, "text transformer heads (must divide xf_width)", at_least(1))
+    xf_final_ln: bool = option(True, "LayerNorm after the last text transformer layer")
+    xf_padding: bool = option(True, "learned embedding for padding tokens (GLIDE)")
+    xf_causal: bool = option(False, "causal (left-to-right) text attention mask; "
+                             "False = bidirectional (GLIDE)")
+    low_res_size: int = option(0, "input resolution of glide_upsample (e.g. 64 for 64→256); "
+                               "0 for other archs", at_least(0))
+
+
+@dataclass
+class DiffusionConfig:
+    """The Gaussian diffusion process (mind_diffusion/gaussian_diffusion.py)."""
+    steps: int = option(1000, "T, number of diffusion steps trained on (diffusion_steps)", at_least(1))
+    noise_schedule: str = option("linear", "β schedule: linear (DDPM) or cosine (improved DDPM)",
+                                 one_of("linear", "cosine"))
+    learn_sigma: Optional[bool] = option(None, "mirror of model.learn_sigma: leave unset")
+    sigma_small: bool = option(False, "fixed variance β̃_t (posterior) instead of β_t; "
+                               "used only when learn_sigma is false")
+    predict_xstart: bool = option(False, "network predicts x_0 instead of ε")
+    loss: str = option("mse", "training loss: mse (L_simple), rescaled_mse (hybrid L_simple + "
+                       "λ·L_vlb with λ·T/1000 rescaling when learn_sigma), kl (L_vlb) or rescaled_kl",
+                       one_of("mse", "rescaled_mse", "kl", "rescaled_kl"))
+    rescale_timesteps: bool = option(False, "feed the network t·1000/T instead of t")
+    timestep_respacing: str = option("", "respaced process to train on: \"\" = all T steps, "
+                                     "\"250\", \"10,15,20\" or \"ddim50\"")
+    schedule_sampler: str = option("uniform", "timestep sampler: uniform or loss-second-moment "
+                                   "(importance sampling, improved DDPM)",
+                                   one_of("uniform", "loss-second-moment"))
+
+
+@dataclass
+class DataConfig:
+    """Where images come from (mind_diffusion/data/)."""
+    kind: str = option("demo", "source: demo (built-in shapes with bilingual captions), folder "
+                       "(images; labels from sub-folders) or captions (JSONL/CSV image-text pairs)",
+                       one_of("demo", "folder", "captions"))
+    path: str = option("", "image folder (folder) or caption file (captions); unused for demo")
+    image_size: Optional[int] = option(None, "mirror of model.image_size: leave unset")
+    random_flip: bool = option(True, "random horizontal flips")
+    caption_dropout: float = option(0.0, "probability that a caption is replaced by \"\" "
+                                    "(trains the unconditional model for classifier-free guidance)",
+                                    in_range(0.0, 1.0))
+    num_workers: int = option(1, "parallel decode workers of the GeneratorDataset", at_least(1))
+    python_multiprocessing: bool = option(False, "decode in processes instead of threads "
+                                          "(threads are the dependable choice on CPU)")
+    demo_size: int = option(10000, "number of images in the demo set", at_least(1))
+    demo_seed: int = option(0, "seed that generates the demo set", at_least(0))
+    class_cond: Optional[bool] = option(None, "mirror of model.class_cond: leave unset")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop (mind_diffusion/train/)."""
+    batch_size: int = option(16, "images per step per worker (global batch = this × workers)",
+                             at_least(1))
+    lr: float = option(1e-4, "AdamW learning rate after warm-up", greater_than(0.0))
+    weight_decay: float = option(0.0, "AdamW weight decay", at_least(0.0))
+    warmup_steps: int = option(0, "steps of linear learning-rate warm-up from 0", at_least(0))
+    grad_clip: float = option(0.0, "clip the global gradient norm to this; 0 = no clipping",
+                              at_least(0.0))
+    ema_rate: List[float] = option([0.9999], "EMA decay rates, one averaged copy of the "
+                                   "parameters each, e.g. [0.9999]",
+                                   in_range(0.0, 1.0, high_inclusive=False))
+    total_steps: int = option(100000, "optimizer steps to train", at_least(1))
+    log_every: int = option(100, "steps between log lines", at_least(1))
+    sample_every: int = option(0, "steps between sample grids; 0 = never", at_least(0))
+    save_every: int = option(10000, "steps between checkpoints (one is always written at the end)",
+                             at_least(1))
+    out_dir: str = option("runs", "folder for checkpoints, logs, samples and the resolved config",
+                          non_empty)
+    use_fp16: Optional[bool] = option(None, "mirror of model.use_fp16: leave unset")
+    loss_scale: float = option(65536.0, "initial dynamic loss scale for fp16 training "
+                               "(halved on overflow, the step skipped)", greater_than(0.0))
+    seed: Optional[int] = option(None, "mirror of the top-level seed: leave unset")
+
+
+@dataclass
+class SampleConfig:
+    """Sampling defaults for periodic grids and run_infer.sh."""
+    sampler: str = option("ddpm", "ancestral ddpm or deterministic-capable ddim", one_of("ddpm", "ddim"))
+    steps: int = option(250, "sampling steps (respacing of the trained T steps)", at_least(1))
+    eta: float = option(0.0, "DDIM η: 0 = deterministic, 1 = DDPM-like noise", at_least(0.0))
+    guidance_scale: float = option(3.0, "guidance scale: classifier-free s in ε_u + s·(ε_c − ε_u) "
+                                   "for text models (1 = conditional only, 0 = unconditional), "
+                                   "classifier scale for class-conditional ones", at_least(0.0))
+    num_samples: int = option(16, "images per sample grid", at_least(1))
+    batch_size: int = option(16, "images per sampling batch", at_least(1))
+    clip_denoised: bool = option(True, "clip predicted x_0 to [-1, 1] at every step")
+
+
+@dataclass
+class Config:
+    """A whole run."""
+    name: str = option("run", "run name (sub-folder of train.out_dir)", non_empty)
+    seed: int = option(0, "global seed (parameters, noise, data order)", at_least(0))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+SECTION_CLASSES = {
+    "model": ModelConfig,
+    "diffusion": DiffusionConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+}
+
+# mirror key → source key (see the module docstring)
+MIRRORS = {
+    "diffusion.learn_sigma": "model.learn_sigma",
+    "data.image_size": "model.image_size",
+    "data.class_cond": "model.class_cond",
+    "train.use_fp16": "model.use_fp16",
+    "train.seed": "seed",
+}
+
+# Keys users bring from the OpenAI scripts, with where they live here.
+KNOWN_ALIASES = {
+    "diffusion_steps": "diffusion.steps",
+    "use_kl": "diffusion.loss (kl or rescaled_kl)",
+    "rescale_learned_sigmas": "diffusion.loss (rescaled_mse)",
+    "data_dir": "data.path",
+    "microbatch": "train.batch_size",
+    "lr_anneal_steps": "train.total_steps",
+    "use_ddim": "sample.sampler",
+}
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+# ---------------------------------------------------------------------------
+
+def load_config(path, overrides=()):
+    """Read a YAML recipe, apply ``key=value`` overrides, validate, resolve mirrors.
+
+    :param path: a YAML file.
+    :param overrides: strings like ``"train.lr=1e-4"``; values parse as YAML.
+    :return: a :class:`Config`.
+    :raises ConfigError: with the file, the key and the allowed values.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found; pass one of configs/*.yaml")
+    with open(path, encoding="utf-8") as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    try:
+        return config_from_dict(raw if raw is not None else {}, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def config_from_dict(raw, overrides=()):
+    """Build a validated :class:`Config` from a plain mapping (as read from YAML)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    raw = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
+    for text in overrides:
+        _apply_override(raw, text)
+
+    top = {}
+    sections = {}
+    top_names = {f.name for f in dataclasses.fields(Config)} - set(SECTIONS)
+    for key, value in raw.items():
+        if key in SECTIONS:
+            sections[key] = _build_section(key, SECTION_CLASSES[key], value)
+        elif key in top_names:
+            top[key] = value
+        else:
+            raise ConfigError(_unknown_key_message(str(key), None))
+    for key in SECTIONS:
+        sections.setdefault(key, SECTION_CLASSES[key]())
+
+    config = Config(**sections)
+    for f in dataclasses.fields(Config):
+        if f.name in top:
+            setattr(config, f.name, _convert(f.name, top[f.name], get_type_hints(Config)[f.name], f))
+    _resolve_mirrors(config)
+    _check_consistency(config)
+    return config
+
+
+def parse_override(text):
+    """Split ``"a.b=value"`` into (["a", "b"], parsed value); YAML rules for the value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.lr=1e-4")
+    key, _, value_text = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key; write e.g. train.lr=1e-4")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {err}") from None
+    return key.split("."), value
+
+
+def _apply_override(raw, text):
+    parts, value = parse_override(text)
+    if len(parts) == 1:
+        raw[parts[0]] = value
+        return
+    if len(parts) != 2:
+        raise ConfigError(f"override {text!r}: keys are section.field or a top-level field")
+    section, name = parts
+    if section not in SECTIONS:
+        raise ConfigError(_unknown_key_message(section, None))
+    current = raw.get(section)
+    if current is None:
+        current = {}
+    elif not isinstance(current, dict):
+        raise ConfigError(f"{section}: must be a mapping of fields, got {current!r}")
+    current[name] = value
+    raw[section] = current
+
+
+def _build_section(section, cls, values):
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section}: must be a mapping of fields, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        if name not in fields:
+            raise ConfigError(_unknown_key_message(str(name), section))
+        key = f"{section}.{name}"
+        kwargs[name] = _convert(key, value, hints[name], fields[name])
+    return cls(**kwargs)
+
+
+def _unknown_key_message(name, section):
+    if section is None:
+        allowed = sorted(set(SECTIONS) | {"name", "seed"})
+        key = name
+    else:
+        allowed = [f.name for f in dataclasses.fields(SECTION_CLASSES[section])]
+        key = f"{section}.{name}"
+    message = f"unknown key {key!r}"
+    if name in KNOWN_ALIASES:
+        message += f": this project calls it {KNOWN_ALIASES[name]}"
+    else:
+        guess = difflib.get_close_matches(name, allowed, n=1)
+        if guess:
+            full = guess[0] if section is None else f"{section}.{guess[0]}"
+            message += f" (did you mean {full!r}?)"
+    where = "top level" if section is None else f"section {section!r}"
+    return message + f"; allowed keys at {where}: " + ", ".join(allowed)
+
+
+# ---------------------------------------------------------------------------
+# Value conversion and checks.
+# ---------------------------------------------------------------------------
+
+def _convert(key, value, hint, spec):
+    """Coerce ``value`` to the field's type (strictly) and run its check."""
+    optional = get_origin(hint) is not None and type(None) in get_args(hint)
+    if optional:
+        if value is None:
+            return None
+        hint = next(arg for arg in get_args(hint) if arg is not type(None))
+    if get_origin(hint) in (list, List):
+        value = _to_list(key, value, get_args(hint)[0])
+    else:
+        value = _to_scalar(key, value, hint)
+    check = spec.metadata.get("check")
+    problem = check(value) if check else None
+    if problem:
+        raise ConfigError(f"{key}: {problem}, got {value!r}")
+    return value
+
+
+def _to_scalar(key, value, kind):
+    # bool is an int subclass in Python: keep True out of int fields and 1 out of bool fields.
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: must be an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML (YAML 1.1) reads 1e-4 without a dot as a string; accept it as a number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: must be a number, got {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: must be a string, got {value!r} (quote it in YAML)")
+    raise TypeError(f"unsupported field type {kind} for {key}")
+
+
+def _to_list(key, value, element):
+    """Lists may be written as YAML lists, one number, or OpenAI-style "16,8" strings."""
+    if isinstance(value, str):
+        value = [yaml.safe_load(part) for part in value.split(",") if part.strip()]
+    elif not isinstance(value, list):
+        value = [value]
+    try:
+        return [_to_scalar(key, item, element) for item in value]
+    except ConfigError as err:
+        kind = "integers" if element is int else "numbers"
+        raise ConfigError(f"{key}: must be a list of {kind}, e.g. [16, 8]; {err}") from None
+
+
+# ---------------------------------------------------------------------------
+# Mirrors and cross-field checks.
+# ---------------------------------------------------------------------------
+
+def _get(config, key):
+    obj = config
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(config, key, value):
+    *path, name = key.split(".")
+    obj = config
+    for part in path:
+        obj = getattr(obj, part)
+    setattr(obj, name, value)
+
+
+def _resolve_mirrors(config):
+    for mirror, source in MIRRORS.items():
+        source_value = _get(config, source)
+        mirror_value = _get(config, mirror)
+        if mirror_value is None:
+            _set(config, mirror, source_value)
+        elif mirror_value != source_value:
+            raise ConfigError(f"{mirror} is {mirror_value!r} but {source} is {source_value!r}; "
+                              f"{mirror} mirrors {source}: remove it or make them equal")
+
+
+def _fail(key, problem, value):
+    raise ConfigError(f"{key}: {problem}, got {value!r}")
+
+
+def _check_consistency(config):
+    _check_model(config.model)
+    _check_diffusion(config.diffusion)
+    _check_data(config.data, config.model)
+    if config.sample.steps > config.diffusion.steps:
+        _fail("sample.steps", f"must be <= diffusion.steps ({config.diffusion.steps})",
+              config.sample.steps)
+
+
+def _check_model(model):
+    if not model.channel_mult:
+        if model.image_size not in DEFAULT_CHANNEL_MULT:
+            _fail("model.channel_mult", "has no default for image_size "
+                  f"{model.image_size} (defaults exist for {sorted(DEFAULT_CHANNEL_MULT)}); "
+                  "give it explicitly, e.g. [1, 2, 2]", model.channel_mult)
+        model.channel_mult = list(DEFAULT_CHANNEL_MULT[model.image_size])
+    levels = len(model.channel_mult)
+    if model.image_size % 2 ** (levels - 1):
+        _fail("model.image_size", f"must be divisible by 2^{levels - 1} "
+              f"(channel_mult has {levels} levels)", model.image_size)
+    resolutions = [model.image_size // 2 ** level for level in range(levels)]
+    for res in model.attention_resolutions:
+        if res not in resolutions:
+            _fail("model.attention_resolutions", "every entry must be a resolution the UNet "
+                  f"visits: {resolutions}", model.attention_resolutions)
+    widths = [model.num_channels * mult for mult in model.channel_mult]
+    if any(width % NORM_GROUPS for width in widths):
+        _fail("model.num_channels", f"times each channel_mult must be divisible by {NORM_GROUPS} "
+              f"(GroupNorm groups); widths would be {widths}", model.num_channels)
+    for res, width in zip(resolutions, widths):
+        if res in model.attention_resolutions:
+            _check_heads(width, model)
+    text_arch = model.arch in ("glide", "glide_upsample")
+    if text_arch and model.xf_width % model.xf_heads:
+        _fail("model.xf_heads", f"must divide model.xf_width ({model.xf_width})", model.xf_heads)
+    if text_arch and model.class_cond:
+        _fail("model.class_cond", f"must be false for arch {model.arch!r}, which is "
+              "conditioned on captions", model.class_cond)
+    if (model.class_cond or model.arch == "classifier") and model.num_classes < 2:
+        _fail("model.num_classes", "must be >= 2 when model.class_cond is true or arch is "
+              "classifier", model.num_classes)
+    if model.arch == "glide_upsample":
+        if model.low_res_size < 1 or model.low_res_size >= model.image_size \
+                or model.image_size % model.low_res_size:
+            _fail("model.low_res_size", "must be a proper divisor of model.image_size "
+                  f"({model.image_size}) for arch 'glide_upsample', e.g. 64 for 256",
+                  model.low_res_size)
+    elif model.low_res_size:
+        _fail("model.low_res_size", "must be 0 unless arch is 'glide_upsample'", model.low_res_size)
+
+
+def _check_heads(width, model):
+    if model.num_head_channels > 0:
+        if width % model.num_head_channels:
+            _fail("model.num_head_channels", f"must divide the width {width} of every "
+                  "attention level", model.num_head_channels)
+    elif width % model.num_heads:
+        _fail("model.num_heads", f"must divide the width {width} of every attention level",
+              model.num_heads)
+
+
+def _check_diffusion(diffusion):
+    if diffusion.timestep_respacing:
+        try:
+            space_timesteps(diffusion.steps, diffusion.timestep_respacing)
+        except ValueError as err:
+            _fail("diffusion.timestep_respacing", f"is not usable with diffusion.steps "
+                  f"{diffusion.steps} ({err})", diffusion.timestep_respacing)
+
+
+def _check_data(data, model):
+    if data.kind in ("folder", "captions") and not data.path:
+        _fail("data.path", f"is required when data.kind is {data.kind!r} "
+              "(an image folder or a .jsonl/.csv caption file)", data.path)
+    if model.arch in ("glide", "glide_upsample") and data.kind == "folder":
+        _fail("data.kind", f"must be 'captions' or 'demo' for arch {model.arch!r}: a plain "
+              "image folder has no captions", data.kind)
+    # imported here: the data package pulls in mindspore.dataset, which config does not need
+    from mind_diffusion.data.demo import NUM_CLASSES as DEMO_NUM_CLASSES
+    if data.class_cond and data.kind == "demo" and model.num_classes < DEMO_NUM_CLASSES:
+        _fail("model.num_classes", f"must be >= {DEMO_NUM_CLASSES} for the demo set's "
+              "(shape, colour) class labels", model.num_classes)
+    if data.class_cond and data.kind == "captions":
+        _fail("data.kind", "must be 'folder' or 'demo' when model.class_cond is true: a caption "
+              "file has no class labels", data.kind)
+
+
+# ---------------------------------------------------------------------------
+# Saving.
+# ---------------------------------------------------------------------------
+
+def config_to_dict(config):
+    """The resolved config as plain nested dicts (section order kept)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config, path):
+    """Write the resolved config as YAML; :func:`load_config` reads back an equal Config."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def describe_fields():
+    """``{"section.field": (default, doc)}`` for every field, for --help texts and docs."""
+    described = {}
+    for f in dataclasses.fields(Config):
+        if f.name in SECTIONS:
+            for sub in dataclasses.fields(SECTION_CLASSES[f.name]):
+                default = sub.default_factory() if sub.default_factory is not dataclasses.MISSING \
+                    else sub.default
+                described[f"{f.name}.{sub.name}"] = (default, sub.metadata["doc"])
+        else:
+            described[f.name] = (f.default, f.metadata["doc"])
+    return described

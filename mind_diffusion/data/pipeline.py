@@ -1,0 +1,255 @@
+"""The training data pipeline: an endless, sharded, resumable stream of fixed-size batches.
+
+Sample order. Rank ``r`` of ``w`` workers reads its own stream of samples
+``s = 0, 1, 2, ...``. Epoch ``e`` shuffles all ``n`` items with a permutation
+drawn from ``(seed, e)`` — the same on every rank — and gives rank ``r`` the
+slice ``[r·k, (r+1)·k)`` with ``k = n // w``; so within an epoch the shards are
+disjoint and equally long (the ``n mod w`` items left over rotate with the
+permutation, so every item is seen over the epochs). Batch ``b`` of a rank is
+samples ``[b·B, (b+1)·B)``: batches never straddle a gap, every batch is full,
+and a run resumed at step ``t`` starts at sample ``t·B`` with no need to replay.
+Random flips and caption dropout are drawn from ``(seed, epoch, item)``, so
+they too are the same whichever worker decodes the item and whenever.
+
+MindSpore. Each span of ``CHUNK_BATCHES`` batches is a
+``mindspore.dataset.GeneratorDataset`` over a random-access source, fed by a
+sampler that lists that span's sample numbers, decoded by
+``data.num_workers`` threads (or processes with
+``data.python_multiprocessing``), and batched with ``drop_remainder``.
+MindSpore's own ``num_shards``/``shard_id`` sharding reshuffles from an
+internal seed each epoch and can only resume by replaying; the arithmetic
+above gives the same disjoint per-rank shards and resumes exactly.
+
+Unreadable images (missing, truncated, not an image) never stop a run: the
+item is skipped and the next item (``i+1``, ``i+2``, ...) takes its place so
+the batch stays full. Skips are counted and logged with the first few paths.
+"""
+import functools
+import logging
+
+import mindspore.dataset as ds
+import numpy as np
+
+from mind_diffusion.data import captions, demo, folder, transforms
+
+logger = logging.getLogger("mind_diffusion.data")
+
+CHUNK_BATCHES = 64         # batches per GeneratorDataset; bounds the sampler's index list
+REPORTED_PATHS = 5         # unreadable paths named in the log line
+
+
+class _ImageItems:
+    """Items decoded from files: ``load(i)`` → (uint8 HWC image, caption or None, label)."""
+
+    def __init__(self, paths, texts, labels, image_size):
+        self.paths, self.texts, self.labels, self.image_size = paths, texts, labels, image_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def load(self, index):
+        image = transforms.center_crop_arr(transforms.load_rgb(self.paths[index]), self.image_size)
+        text = self.texts[index] if self.texts is not None else None
+        return image, text, self.labels[index]
+
+
+class _DemoItems:
+    """Items of the procedural demo set; they never fail to load."""
+
+    def __init__(self, size, image_size, seed):
+        self.demo = demo.DemoSet(size, image_size, seed)
+        self.paths = [f"<demo item {i}>" for i in range(size)]
+
+    def __len__(self):
+        return len(self.demo)
+
+    def load(self, index):
+        image, caption, attributes = self.demo[index]
+        return image, caption, demo.class_label(attributes["shape"], attributes["color"])
+
+
+def _items_for(data_cfg):
+    """The item list of a data config, with early, explicit failures for bad sources."""
+    if data_cfg.kind == "demo":
+        return _DemoItems(data_cfg.demo_size, data_cfg.image_size, data_cfg.demo_seed), None
+    if data_cfg.kind == "folder":
+        image_folder = folder.ImageFolder(data_cfg.path, class_cond=data_cfg.class_cond)
+        items = _ImageItems(image_folder.paths, None, image_folder.labels, data_cfg.image_size)
+        return items, image_folder.class_names
+    pairs = captions.read_captions(data_cfg.path)
+    paths, texts = [p for p, _ in pairs], [t for _, t in pairs]
+    return _ImageItems(paths, texts, [0] * len(paths), data_cfg.image_size), None
+
+
+class _SampleSource:
+    """Random-access source for GeneratorDataset: sample number → one row of columns."""
+
+    def __init__(self, items, seed, rank, world_size, random_flip, caption_dropout,
+                 tokenizer, with_labels):
+        self.items, self.seed = items, seed
+        self.rank, self.world_size = rank, world_size
+        self.per_shard = len(items) // world_size
+        self.random_flip, self.caption_dropout = random_flip, caption_dropout
+        self.tokenizer, self.with_labels = tokenizer, with_labels
+
+    def __len__(self):
+        return len(self.items)
+
+    @functools.lru_cache(maxsize=4)
+    def _permutation(self, epoch):
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
+
+    def item_of(self, sample):
+        """(epoch, item index) of this rank's sample number ``sample``."""
+        epoch, position = divmod(sample, self.per_shard)
+        return epoch, int(self._permutation(epoch)[self.rank * self.per_shard + position])
+
+    def _load_readable(self, index):
+        """Load item ``index`` or, if unreadable, the next readable one.
+
+        :return: ((image, text, label), index loaded, number of items skipped).
+        """
+        for skipped in range(len(self.items)):
+            loaded = (index + skipped) % len(self.items)
+            try:
+                return self.items.load(loaded), loaded, skipped
+            except transforms.UnreadableImage as err:
+                logger.debug("unreadable image: %s", err)
+        raise RuntimeError(f"none of the {len(self.items)} images could be read "
+                           f"(e.g. {self.items.paths[index]!r}); check data.path")
+
+    def __getitem__(self, sample):
+        epoch, index = self.item_of(int(sample))
+        (image, text, label), loaded, skipped = self._load_readable(index)
+        flip_draw, drop_draw = np.random.default_rng([self.seed, epoch, index]).random(2)
+        if self.random_flip and flip_draw < 0.5:
+            image = transforms.horizontal_flip(image)
+        # 0-d arrays, not NumPy scalars: MindSpore wraps rows with np.array(copy=False),
+        # which NumPy 2 refuses for scalars.
+        row = [transforms.to_model_input(image), np.array(loaded, np.int32),
+               np.array(skipped, np.int32)]
+        if self.with_labels:
+            row.append(np.array(label, np.int32))
+        if self.tokenizer is not None:
+            tokens, mask = self.tokenizer("" if drop_draw < self.caption_dropout else text)
+            # reshape: tokenizers that batch (e.g. models.text.ByteTokenizer) return [1, L]
+            row += [np.asarray(tokens, dtype=np.int32).reshape(-1),
+                    np.asarray(mask, dtype=np.bool_).reshape(-1)]
+        return tuple(row)
+
+
+class _SpanSampler:
+    """Sample numbers [first, first + count) for GeneratorDataset.
+
+    A plain Python sampler rather than a list: MindSpore checks list indices
+    against ``len(source)``, while sample numbers run past it (they count
+    across epochs and ``_SampleSource`` maps them back to items).
+    """
+
+    def __init__(self, first, count):
+        self.first, self.count = first, count
+
+    def __len__(self):
+        return self.count
+
+    def __iter__(self):
+        return iter(range(self.first, self.first + self.count))
+
+
+class BatchStream:
+    """An endless iterator of batch dicts for one rank (see the module docstring).
+
+    Each batch holds ``images`` float32 [B, 3, H, W] in [-1, 1], ``index``
+    int32 [B] (ids of the items loaded, for checks), ``labels`` int32 [B] when
+    ``data.class_cond``, and ``tokens`` int32 [B, L] / ``mask`` bool [B, L] when
+    a tokenizer was given.
+    """
+
+    def __init__(self, source, batch_size, start_step, num_workers, python_multiprocessing,
+                 class_names):
+        self.source, self.batch_size = source, batch_size
+        self.start_step = start_step
+        self.num_workers, self.python_multiprocessing = num_workers, python_multiprocessing
+        self.class_names = class_names
+        self.columns = ["images", "index", "skipped"]
+        if source.with_labels:
+            self.columns.append("labels")
+        if source.tokenizer is not None:
+            self.columns += ["tokens", "mask"]
+        self.skipped_paths = []
+        self._next_report = 1
+
+    @property
+    def num_items(self):
+        """Items in the whole data set (all ranks)."""
+        return len(self.source.items)
+
+    @property
+    def steps_per_epoch(self):
+        """Batches per rank per pass over its shard."""
+        return self.source.per_shard // self.batch_size
+
+    def generator_dataset(self, first_sample, num_samples):
+        """The batched GeneratorDataset of this rank's samples [first, first + num)."""
+        dataset = ds.GeneratorDataset(
+            self.source, column_names=self.columns,
+            sampler=_SpanSampler(first_sample, num_samples),
+            num_parallel_workers=self.num_workers,
+            python_multiprocessing=self.python_multiprocessing)
+        return dataset.batch(self.batch_size, drop_remainder=True)
+
+    def __iter__(self):
+        span = CHUNK_BATCHES * self.batch_size
+        first = self.start_step * self.batch_size
+        while True:
+            dataset = self.generator_dataset(first, span)
+            for batch in dataset.create_dict_iterator(num_epochs=1, output_numpy=True):
+                self._note_skips(batch.pop("skipped"), batch["index"])
+                yield batch
+            first += span
+
+    def _note_skips(self, skipped, indices):
+        """Record the unreadable items passed over for this batch and log as counts grow."""
+        count = len(self.source.items)
+        for index, passed_over in zip(indices, skipped):
+            for step in range(int(passed_over)):
+                path = self.source.items.paths[(int(index) - int(passed_over) + step) % count]
+                if path not in self.skipped_paths:
+                    self.skipped_paths.append(path)
+        if len(self.skipped_paths) >= self._next_report:
+            logger.warning("skipped %d unreadable image(s) so far, each replaced by the next "
+                           "readable one; first: %s", len(self.skipped_paths),
+                           ", ".join(self.skipped_paths[:REPORTED_PATHS]))
+            self._next_report = len(self.skipped_paths) * 10
+
+
+def create_dataset(data_cfg, batch_size, rank=0, world_size=1, tokenizer=None, seed=0,
+                   start_step=0):
+    """Build the endless batch stream of one rank.
+
+    :param data_cfg: the ``data`` section of a :class:`mind_diffusion.config.Config`.
+    :param batch_size: images per batch on this rank.
+    :param rank, world_size: this worker and the number of workers (data parallel).
+    :param tokenizer: callable text → (ids int32 [L], mask bool [L]) (or [1, L]); with it the
+        batches carry ``tokens``/``mask`` and ``data.caption_dropout`` applies.
+    :param seed: seeds the order, flips and caption dropout (same on all ranks).
+    :param start_step: batches already consumed (resume): the stream starts at
+        batch ``start_step``, exactly where an uninterrupted run would be.
+    :raises FileNotFoundError, ValueError: missing/empty folder or caption file,
+        a tokenizer for a source without captions, fewer items than one batch per rank.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, {world_size})")
+    items, class_names = _items_for(data_cfg)
+    if tokenizer is not None and data_cfg.kind == "folder":
+        raise ValueError(f"data.kind 'folder' ({data_cfg.path!r}) has no captions to tokenize; "
+                         "use data.kind 'captions' or 'demo' for a text-conditioned model")
+    per_shard = len(items) // world_size
+    if per_shard < batch_size:
+        raise ValueError(f"{len(items)} items give each of {world_size} workers {per_shard}, "
+                         f"fewer than one batch of {batch_size}; add data or lower "
+                         "train.batch_size")
+    source = _SampleSource(items, seed, rank, world_size, data_cfg.random_flip,
+                           data_cfg.caption_dropout, tokenizer, with_labels=data_cfg.class_cond)
+    return BatchStream(source, batch_size, start_step, data_cfg.num_workers,
+                       data_cfg.python_multiprocessing, class_names)

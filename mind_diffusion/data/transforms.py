@@ -1,0 +1,49 @@
+"""Image transforms: decode, centre-crop and resize, flip, scale to [-1, 1].
+
+The resize follows guided-diffusion's ``center_crop_arr``: halve with a box
+filter while the image is at least twice the target (cheap, alias-free), then
+one bicubic resize so the short side equals the target, then a centre crop.
+"""
+import numpy as np
+from PIL import Image
+
+
+class UnreadableImage(Exception):
+    """An image file that cannot be decoded (missing, truncated, not an image)."""
+
+
+def load_rgb(path):
+    """Decode a whole image file into an RGB PIL image.
+
+    ``Image.load()`` forces the full decode, so truncated files fail here and
+    not later inside the pipeline; every failure becomes UnreadableImage.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UnreadableImage(f"{path}: {err}") from err
+
+
+def center_crop_arr(image, image_size):
+    """Resize a PIL image so its short side is ``image_size``, centre-crop a square;
+    returns uint8 [image_size, image_size, 3]."""
+    while min(image.size) >= 2 * image_size:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+    scale = image_size / min(image.size)
+    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8)
+    top = (array.shape[0] - image_size) // 2
+    left = (array.shape[1] - image_size) // 2
+    return array[top:top + image_size, left:left + image_size]
+
+
+def horizontal_flip(array):
+    """Mirror an HWC image left-right."""
+    return array[:, ::-1]
+
+
+def to_model_input(array):
+    """uint8 HWC → float32 CHW in [-1, 1] (x / 127.5 − 1)."""
+    return (array.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1).copy()

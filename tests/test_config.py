@@ -1,0 +1,122 @@
+"""Config loading: defaults, recipes, clear errors, overrides, save/load round trip."""
+import glob
+import os
+
+import pytest
+
+from mind_diffusion.config import (Config, ConfigError, config_from_dict, config_to_dict,
+                                   describe_fields, load_config, save_config)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+
+
+def error_of(raw=None, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw or {}, overrides)
+    return str(info.value)
+
+
+def test_empty_recipe_gives_documented_defaults():
+    config = config_from_dict({})
+    assert config.model.arch == "unet" and config.diffusion.steps == 1000
+    assert config.train.ema_rate == [0.9999] and config.sample.sampler == "ddpm"
+    # mirrors take their source's value; "" channel_mult resolves to ADM's table for 32
+    assert config.data.image_size == config.model.image_size == 32
+    assert config.train.seed == config.seed == 0
+    assert config.diffusion.learn_sigma is False
+    assert config.model.channel_mult == [1, 2, 2, 2]
+    for key, (_, doc) in describe_fields().items():
+        assert doc.strip(), f"{key} has no doc"
+
+
+def test_recipe_list_is_complete():
+    names = {os.path.basename(p) for p in RECIPES}
+    assert {"tiny.yaml", "demo.yaml", "ddpm_cifar10.yaml", "iddpm_cifar10.yaml",
+            "adm_imagenet64.yaml", "glide_base64.yaml", "glide_upsample256.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_every_recipe_loads_and_round_trips(path, tmp_path):
+    config = load_config(path)
+    saved = tmp_path / "resolved.yaml"
+    save_config(config, str(saved))
+    assert load_config(str(saved)) == config
+    assert config_to_dict(load_config(str(saved))) == config_to_dict(config)
+
+
+def test_recipes_carry_the_papers_numbers():
+    ddpm = load_config(os.path.join(ROOT, "configs", "ddpm_cifar10.yaml"))
+    assert (ddpm.diffusion.noise_schedule, ddpm.diffusion.steps, ddpm.diffusion.loss) == ("linear", 1000, "mse")
+    assert (ddpm.model.num_channels, ddpm.model.channel_mult, ddpm.model.attention_resolutions) == (128, [1, 2, 2, 2], [16])
+    assert (ddpm.train.lr, ddpm.train.batch_size, ddpm.model.dropout) == (2e-4, 128, 0.1)
+    iddpm = load_config(os.path.join(ROOT, "configs", "iddpm_cifar10.yaml"))
+    assert (iddpm.diffusion.noise_schedule, iddpm.diffusion.steps, iddpm.diffusion.learn_sigma) == ("cosine", 4000, True)
+    assert (iddpm.model.num_res_blocks, iddpm.model.dropout, iddpm.train.lr) == (3, 0.3, 1e-4)
+    tiny = load_config(os.path.join(ROOT, "configs", "tiny.yaml"))
+    assert tiny.model.arch == "glide" and tiny.model.image_size <= 16 and tiny.train.batch_size == 4
+    upsample = load_config(os.path.join(ROOT, "configs", "glide_upsample256.yaml"))
+    assert (upsample.model.image_size, upsample.model.low_res_size) == (256, 64)
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    message = error_of({"train": {"lrr": 1e-4}})
+    assert "'train.lrr'" in message and "'train.lr'" in message
+    assert "unknown key 'optimizer'" in error_of({"optimizer": {}})
+    assert "diffusion.steps" in error_of({"diffusion": {"diffusion_steps": 10}})
+
+
+def test_bad_values_name_the_key_and_what_is_allowed():
+    message = error_of({"model": {"arch": "transformer"}})
+    assert "model.arch" in message and "'unet'" in message and "'glide'" in message
+    assert "train.lr: must be > 0" in error_of({"train": {"lr": -1}})
+    assert "data.caption_dropout: must lie in [0.0, 1.0]" in error_of({"data": {"caption_dropout": 1.5}})
+    assert "train.batch_size: must be an integer" in error_of({"train": {"batch_size": True}})
+    assert "model.use_fp16: must be true or false" in error_of({"model": {"use_fp16": 1}})
+    assert "diffusion.loss" in error_of({"diffusion": {"loss": "hybrid"}})
+
+
+def test_cross_field_errors():
+    assert "model.attention_resolutions" in error_of({"model": {"attention_resolutions": [12]}})
+    assert "diffusion.timestep_respacing" in error_of(
+        {"diffusion": {"steps": 10, "timestep_respacing": "50"}})
+    message = error_of({"model": {"learn_sigma": False}, "diffusion": {"learn_sigma": True}})
+    assert "diffusion.learn_sigma" in message and "model.learn_sigma" in message
+    assert "data.path" in error_of({"data": {"kind": "folder"}})
+    assert "model.num_classes" in error_of({"model": {"class_cond": True}})
+    assert ">= 40" in error_of({"model": {"class_cond": True, "num_classes": 10}})
+    assert "model.channel_mult" in error_of({"model": {"image_size": 48}})
+    assert "sample.steps" in error_of({"diffusion": {"steps": 10}})
+
+
+def test_overrides_parse_as_yaml_and_validate_like_file_values():
+    config = config_from_dict({}, ["train.lr=1e-4", "model.attention_resolutions=16,8",
+                                   "data.random_flip=false", "seed=7", "train.ema_rate=[0.99, 0.999]",
+                                   "name=演示"])
+    assert config.train.lr == 1e-4 and isinstance(config.train.lr, float)
+    assert config.model.attention_resolutions == [16, 8]
+    assert config.data.random_flip is False
+    assert config.seed == 7 and config.train.seed == 7
+    assert config.train.ema_rate == [0.99, 0.999] and config.name == "演示"
+    assert "sample.sampler" in error_of(overrides=["sample.sampler=plms"])
+    assert "key=value" in error_of(overrides=["train.lr"])
+    assert "'train.lrr'" in error_of(overrides=["train.lrr=1"])
+
+
+def test_load_config_reports_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  arch: vae\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: model\.arch"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_save_load_round_trip_with_overrides(tmp_path):
+    config = load_config(os.path.join(ROOT, "configs", "demo.yaml"),
+                         ["train.lr=2.5e-4", "name=中文运行", "sample.guidance_scale=5"])
+    path = tmp_path / "run" / "config.yaml"
+    save_config(config, str(path))
+    again = load_config(str(path))
+    assert again == config and isinstance(again, Config)
+    assert "中文运行" in path.read_text(encoding="utf-8")

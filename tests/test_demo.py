@@ -1,0 +1,112 @@
+"""The procedural bilingual demo set and the judge that reads it."""
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+from mind_diffusion.config import load_config
+from mind_diffusion.data.demo import (ALLOWED_BACKGROUNDS, COLORS, SHAPES, TEMPLATES, DemoSet,
+                                      make_caption, prompt_to_attributes, render,
+                                      sample_attributes)
+from mind_diffusion.evaluation.judge import adherence, judge
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_RESOLUTION = 32   # configs/demo.yaml
+
+
+def test_items_are_deterministic_per_seed():
+    first, again, other = DemoSet(50, 32, seed=3), DemoSet(50, 32, seed=3), DemoSet(50, 32, seed=4)
+    for i in (0, 17, 49):
+        image, caption, attributes = first[i]
+        image2, caption2, attributes2 = again[i]
+        assert np.array_equal(image, image2) and caption == caption2 and attributes == attributes2
+    assert any(not np.array_equal(first[i][0], other[i][0]) for i in range(5))
+
+
+def test_vocabulary_and_sampling_cover_every_combination():
+    assert len(SHAPES) >= 5 and len(COLORS) >= 8
+    seen = {(a["shape"], a["color"]) for a in (sample_attributes(0, i, 32) for i in range(2000))}
+    assert seen == {(s.name, c.name) for s in SHAPES for c in COLORS}
+    for colour in COLORS:
+        assert colour.name not in ALLOWED_BACKGROUNDS[colour.name]
+        assert len(ALLOWED_BACKGROUNDS[colour.name]) >= 5
+
+
+def test_items_stay_inside_the_image_with_a_background_border():
+    demo = DemoSet(200, 32, seed=0)
+    for i in range(len(demo)):
+        image = demo[i][0]
+        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+        assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+        assert (border == border[0]).all(), f"item {i}: the shape touches the border"
+
+
+@pytest.mark.parametrize("image_size", [16, DEMO_RESOLUTION])
+def test_every_shape_and_colour_renders_recognisably(image_size):
+    for shape, colour in itertools.product(SHAPES, COLORS):
+        background = ALLOWED_BACKGROUNDS[colour.name][0]
+        image = render(shape.name, colour.name, background, 0.5 * image_size,
+                       (image_size / 2, image_size / 2), image_size)
+        assert (image != image[0, 0]).any(axis=-1).sum() > 0.1 * image_size ** 2
+        assert judge(image) == {"shape": shape.name, "color": colour.name}
+
+
+def test_captions_in_both_languages_parse_back():
+    assert make_caption("circle", "red", "blue", "en", 1) == "a red circle on a blue background"
+    assert make_caption("circle", "red", "blue", "zh", 1) == "蓝色背景上的红色圆形"
+    assert make_caption("circle", "red", None, "zh", 0) == "红色的圆"
+    assert make_caption("star", "orange", None, "en", 0) == "an orange star"
+    for shape, colour in itertools.product(SHAPES, COLORS):
+        for background in ALLOWED_BACKGROUNDS[colour.name]:
+            for lang, templates in TEMPLATES.items():
+                for template in range(len(templates)):
+                    caption = make_caption(shape.name, colour.name, background, lang, template)
+                    wanted_background = background if "{background}" in templates[template] else None
+                    assert prompt_to_attributes(caption) == {
+                        "shape": shape.name, "color": colour.name, "background": wanted_background}, caption
+
+
+def test_longest_caption_fits_the_demo_recipes_text_context():
+    """Byte-level tokens: UTF-8 bytes plus an end token must fit model.text_ctx."""
+    longest = max(len(make_caption(s.name, c.name, b, lang, k).encode("utf-8"))
+                  for s, c in itertools.product(SHAPES, COLORS) for b in ALLOWED_BACKGROUNDS[c.name]
+                  for lang, templates in TEMPLATES.items() for k in range(len(templates)))
+    for recipe in ("tiny.yaml", "demo.yaml"):
+        assert longest + 1 <= load_config(os.path.join(ROOT, "configs", recipe)).model.text_ctx
+
+
+def test_prompt_parser_handles_free_variations():
+    assert prompt_to_attributes("A Violet Plus, grey background") == {
+        "shape": "cross", "color": "purple", "background": "gray"}
+    assert prompt_to_attributes("在黑色背景上的一个黄色五角星") == {
+        "shape": "star", "color": "yellow", "background": "black"}
+    assert prompt_to_attributes("a dog") == {"shape": None, "color": None, "background": None}
+
+
+def test_judge_reads_the_generators_images(record_property):
+    """The judge must be right on shape AND colour for >= 98% of 500 demo images."""
+    demo = DemoSet(500, DEMO_RESOLUTION, seed=2024)
+    correct = 0
+    for i in range(len(demo)):
+        image, _, attributes = demo[i]
+        correct += judge(image) == {"shape": attributes["shape"], "color": attributes["color"]}
+    record_property("judge_accuracy", correct / len(demo))
+    assert correct / len(demo) >= 0.98
+
+
+def test_judge_accepts_model_outputs_and_adherence_scores_them():
+    demo = DemoSet(40, DEMO_RESOLUTION, seed=5)
+    images, captions = zip(*[demo[i][:2] for i in range(len(demo))])
+    model_outputs = [image.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1 for image in images]
+    assert [judge(x) for x in model_outputs] == [judge(x) for x in images]
+    right = adherence(model_outputs, captions)
+    assert right["both"] == right["shape"] == right["color"] == 1.0
+    assert len(right["samples"]) == 40 and all(s["both_ok"] for s in right["samples"])
+    actual = demo[0][2]
+    other_shape = next(s.name for s in SHAPES if s.name != actual["shape"])
+    other_colour = next(c.name for c in COLORS if c.name != actual["color"])
+    wrong = adherence(images[:1], [make_caption(other_shape, other_colour, None, "zh", 2)])
+    assert (wrong["shape"], wrong["color"], wrong["both"]) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="names no demo shape"):
+        adherence(images[:1], ["a dog"])
