@@ -35,7 +35,7 @@ class ModelVarType(str, enum.Enum):
     """How Σ_θ(x_t, t) is chosen (improved DDPM, Sec. 3.1)."""
 
     FIXED_SMALL = "fixed_small"      # σ_t² = β̃_t, the posterior variance
-    FIXED_LARGE = "fixed_large"      # σ_t² = β_t (with β̃_1 at t = 1, as improved DDPM)
+    FIXED_LARGE = "fixed_large"      # σ_t² = β_t, except posterior_variance[1] at index 0 (improved DDPM)
     LEARNED = "learned"              # the network outputs log σ_t² directly
     LEARNED_RANGE = "learned_range"  # the network outputs v: log σ² = v log β + (1 − v) log β̃
 
@@ -60,7 +60,7 @@ def _as_enum(enum_cls, value):
 class GaussianDiffusion(nn.Cell):
     """A diffusion process q(x_{1:T} | x_0) and the model-side computations on it.
 
-    :param betas: β_1..β_T (float64 array, values in (0, 1]).
+    :param betas: β_1..β_T (float64 array, values in (0, 1), at least 2 of them).
     :param model_mean_type: a :class:`ModelMeanType` (or its string value).
     :param model_var_type: a :class:`ModelVarType` (or its string value).
     :param loss_type: a :class:`LossType` (or its string value).
@@ -77,6 +77,8 @@ class GaussianDiffusion(nn.Cell):
                  rescale_timesteps=False, timestep_map=None, original_num_steps=None):
         super().__init__()
         betas = schedules.check_betas(betas)
+        if betas.shape[0] < 2:
+            raise ValueError("a diffusion process needs at least 2 steps (β̃ at t = 0 is borrowed from t = 1)")
         self.model_mean_type = _as_enum(ModelMeanType, model_mean_type)
         self.model_var_type = _as_enum(ModelVarType, model_var_type)
         self.loss_type = _as_enum(LossType, loss_type)
@@ -131,6 +133,7 @@ class GaussianDiffusion(nn.Cell):
             "alphas_cumprod_prev": alphas_cumprod_prev,
             "alphas_cumprod_next": alphas_cumprod_next,
             "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+            "one_minus_alphas_cumprod": 1.0 - alphas_cumprod,
             "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
             "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
             "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
@@ -155,7 +158,11 @@ class GaussianDiffusion(nn.Cell):
         return picked.reshape((-1,) + (1,) * (ndim - 1))
 
     def model_timesteps(self, t):
-        """The time input the network sees for step indices t: the original step, optionally ×1000/T."""
+        """The time input the network sees for step indices t: the original step, optionally ×1000/T.
+
+        Always float32 (improved-diffusion passes integer steps when not
+        rescaling; our networks embed t as a float either way).
+        """
         return ops.gather(self.model_time, t, 0)
 
     def split_output(self, model_output, channels):
@@ -169,7 +176,7 @@ class GaussianDiffusion(nn.Cell):
     def q_mean_variance(self, x_start, t):
         """Mean, variance and log-variance of q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I)."""
         mean = self._extract(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
-        variance = 1.0 - self._extract(self.alphas_cumprod, t, x_start.ndim)
+        variance = self._extract(self.one_minus_alphas_cumprod, t, x_start.ndim)
         log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x_start.ndim)
         return mean, ops.broadcast_to(variance, x_start.shape), ops.broadcast_to(log_variance, x_start.shape)
 

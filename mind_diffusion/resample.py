@@ -30,7 +30,7 @@ class ScheduleSampler(nn.Cell):
         probs = self.probabilities()
         # Inverse-CDF draw: t is the number of CDF values ≤ u, i.e. P(t = k) = p_k.
         cdf = ops.cumsum(probs, 0)
-        t = (cdf.reshape(1, -1) <= u.reshape(-1, 1)).astype(ms.int32).sum(axis=1)
+        t = (cdf.reshape(1, -1) <= u.reshape(-1, 1)).astype(ms.int32).sum(axis=1).astype(ms.int32)
         t = ops.minimum(t, self.num_timesteps - 1)
         weights = 1.0 / (self.num_timesteps * ops.gather(probs, t, 0))
         return t, weights

@@ -98,7 +98,12 @@ def space_timesteps(num_timesteps, spec):
             raise ValueError(f"timestep spec {spec!r}: cannot take {count} steps "
                              f"from a section of {length}")
         stride = 1 if count <= 1 else (length - 1) / (count - 1)
-        kept.extend(start + round(k * stride) for k in range(count))
+        # Accumulate the fractional index rather than multiply: the rounding of
+        # half-way ties then matches improved DDPM's choice of steps exactly.
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
         start += length
     return sorted(set(kept))
 

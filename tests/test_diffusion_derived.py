@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import mindspore as ms
 from mindspore import nn, ops
+from mindspore.graph import api as graph_api
 
 from graph_util import run
 from mind_diffusion import schedules
@@ -80,12 +81,17 @@ def test_user_betas_and_unknown_names():
 # ----------------------------------------------------------------- respacing
 
 def test_space_timesteps_sections_by_hand():
-    # T = 100 in three sections of 34, 33, 33 steps; counts 10, 15, 20 spread evenly within each.
+    # T = 100 in three sections of 34, 33, 33 steps; counts 10, 15, 20 spread evenly within each,
+    # the fractional index accumulated step by step (improved DDPM's tie-breaking).
     expected = []
     for start, length, count in [(0, 34, 10), (34, 33, 15), (67, 33, 20)]:
-        stride = (length - 1) / (count - 1)
-        expected += [start + round(k * stride) for k in range(count)]
+        stride, position = (length - 1) / (count - 1), 0.0
+        for _ in range(count):
+            expected.append(start + round(position))
+            position += stride
     assert schedules.space_timesteps(100, "10,15,20") == expected
+    # A half-way tie: 7·(99/14) accumulates to 49.49999…, which rounds down to 49 (7 · 99/14 = 49.5 → 50 would not).
+    assert 49 in schedules.space_timesteps(100, "15") and 50 not in schedules.space_timesteps(100, "15")
     assert schedules.space_timesteps(100, [10, 15, 20]) == expected
     assert schedules.space_timesteps(10, "10") == list(range(10))
     assert schedules.space_timesteps(10, "1") == [0]
@@ -167,6 +173,44 @@ def test_kl_term_closed_form_for_fixed_variance():
     np.testing.assert_allclose(vb, expected.mean(axis=(1, 2, 3)) / math.log(2), rtol=1e-4)
 
 
+def test_learned_variance_and_unscaled_losses_by_hand():
+    """LEARNED: the network's v is log σ² itself; kl is the bound in bits/dim (no ×T); mse with a learned Σ
+    adds the VB term unscaled; previous_x trains μ against the true posterior mean."""
+    rng = np.random.default_rng(6)
+    x_start = rng.uniform(-1, 1, (2, 3, 4, 4)).astype(np.float32)
+    noise = rng.standard_normal(x_start.shape).astype(np.float32)
+    output = rng.uniform(-1, 1, (2, 6, 4, 4)).astype(np.float32)
+    t = np.array([0, 17], np.int32)
+    betas = schedules.linear_beta_schedule(30)
+
+    learned = GaussianDiffusion(betas, model_var_type="learned", loss_type="kl")
+    x_t = run(learned, "q_sample", x_start, t, noise)
+    _, variance, log_variance, _ = run(learned, "p_mean_variance_from_output", output, x_t, t, clip_denoised=False)
+    np.testing.assert_array_equal(log_variance, output[:, 3:])
+    np.testing.assert_allclose(variance, np.exp(output[:, 3:]), rtol=1e-5)
+    loss, mse, vb = run(learned, "training_losses_from_output", output, x_start, x_t, t, noise)
+    term, _ = run(learned, "vb_terms_bpd_from_output", output, x_start, x_t, t, clip_denoised=False)
+    np.testing.assert_allclose(loss, term, rtol=1e-6)
+    np.testing.assert_array_equal(mse, 0.0)
+
+    mse_learned = GaussianDiffusion(betas, model_var_type="learned_range", loss_type="mse")
+    loss, mse, vb = run(mse_learned, "training_losses_from_output", output, x_start, x_t, t, noise)
+    term, _ = run(mse_learned, "vb_terms_bpd_from_output", output, x_start, x_t, t, clip_denoised=False)
+    np.testing.assert_allclose(vb, term, rtol=1e-6)  # not scaled by T/1000
+
+    previous = GaussianDiffusion(betas, model_mean_type="previous_x", loss_type="mse")
+    loss, mse, _ = run(previous, "training_losses_from_output", output[:, :3], x_start, x_t, t, noise)
+    s = previous.schedule
+    posterior_mean = (s["posterior_mean_coef1"][t].reshape(-1, 1, 1, 1) * x_start
+                      + s["posterior_mean_coef2"][t].reshape(-1, 1, 1, 1) * x_t)
+    np.testing.assert_allclose(mse, ((posterior_mean - output[:, :3]) ** 2).mean(axis=(1, 2, 3)), rtol=1e-5)
+
+
+def test_one_step_process_is_refused():
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        create_diffusion(100, "cosine", timestep_respacing="1")
+
+
 def test_previous_x_mean_type_inverts_posterior():
     """For μ-prediction, x̂_0 recovered from the true posterior mean is x_0 itself."""
     rng = np.random.default_rng(2)
@@ -225,19 +269,32 @@ def test_ddim_eta0_is_exact_deterministic_and_inverts():
     np.testing.assert_array_equal(first, second)
     np.testing.assert_allclose(first, np.broadcast_to(X_STAR, shape), atol=2e-5)
 
-    # Invert a point on the trajectory at the first kept step and compare with the closed form at the last.
+    # Invert a point on the trajectory at the first kept step: it lands on the closed form at the
+    # last kept step, and sampling from there returns to x*.
     abar = diffusion.schedule["alphas_cumprod"]
     e = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
     x_0_level = math.sqrt(abar[0]) * X_STAR + math.sqrt(1 - abar[0]) * e
     x_T_closed = math.sqrt(abar[-1]) * X_STAR + math.sqrt(1 - abar[-1]) * e
     inverted = sampler.invert(x_0_level.astype(np.float32)).asnumpy()
-    # invert() runs every kept step, landing one step past the last: ᾱ_next of the last step is 0.
-    np.testing.assert_allclose(inverted, e, atol=1e-4)
-    back = sampler.sample(shape, x_T=x_T_closed).asnumpy()
+    np.testing.assert_allclose(inverted, x_T_closed, atol=1e-4)
+    back = sampler.sample(shape, x_T=inverted).asnumpy()
     np.testing.assert_allclose(back, np.broadcast_to(X_STAR, shape), atol=2e-5)
+    with pytest.raises(ValueError, match="eta must lie in"):
+        DDIMSampler(diffusion, model, eta=1.5)
 
 
-def test_samplers_are_seeded_and_ddpm_reaches_the_point():
+def test_samplers_are_seeded_and_ddpm_reaches_the_point(monkeypatch):
+    compiles = []
+    executor = type(graph_api._cell_graph_executor)
+    original = executor.compile
+
+    def counting_compile(self, obj, *args, **kwargs):
+        result = original(self, obj, *args, **kwargs)  # (phase, False) when a cached graph is reused
+        if result[1]:
+            compiles.append(type(obj).__name__)
+        return result
+
+    monkeypatch.setattr(executor, "compile", counting_compile)
     diffusion = create_diffusion(50, "linear", sigma_small=True)
     model = DiracDenoiser(diffusion.schedule["alphas_cumprod"], 1.0)
     shape = (3,) + X_STAR.shape[1:]
@@ -247,7 +304,7 @@ def test_samplers_are_seeded_and_ddpm_reaches_the_point():
     assert not np.array_equal(a, c)
     # The final step adds no noise and x̂_0 = x*, so every chain ends exactly at x*.
     np.testing.assert_allclose(a, np.broadcast_to(X_STAR, shape), atol=2e-5)
-    assert len(sampler._steps) == 1  # one compiled step, reused for all 50 t
+    assert compiles.count("DDPMStep") == 1, compiles  # one compiled step graph, reused for 3 × 50 steps
     with pytest.raises(ValueError, match="unknown sampler"):
         create_sampler("euler", diffusion, model)
 
@@ -275,5 +332,17 @@ def test_calc_bpd_loop_closed_form_and_beats_a_bad_model():
     np.testing.assert_allclose(result["vb"][:, 0], decoder_bits, rtol=2e-3)
     np.testing.assert_allclose(result["total_bpd"], result["vb"].sum(axis=1) + result["prior_bpd"], rtol=1e-6)
 
-    bad = calc_bpd_loop(diffusion, ZeroModel(), X_STAR)
-    assert bad["total_bpd"][0] > result["total_bpd"][0] + 1.0
+    for bad_model in (ZeroModel(), RandomModel()):
+        bad = calc_bpd_loop(diffusion, bad_model, X_STAR)
+        assert bad["total_bpd"][0] > result["total_bpd"][0] + 1.0
+
+
+class RandomModel(nn.Cell):
+    """An untrained stand-in: a fixed random linear map of x."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, pad_mode="pad", padding=1, has_bias=True)
+
+    def construct(self, x, t):
+        return self.conv(x)

@@ -17,16 +17,21 @@ CASES = {"cosine_1000": "", "cosine_r50": "50", "cosine_ddim50": "ddim50"}
 
 
 def assert_close(ours, ref, rtol=1e-5):
-    """Max relative error of an array: max |ours − ref| / max |ref| ≤ rtol.
+    """Max relative error ≤ rtol, measured per example: max |ours − ref| / max |ref| over each example's values.
 
-    Measured against the array's scale rather than per element: several
-    outputs (DDIM's √(1 − ᾱ_{t−1} − σ²) at large t, sums of terms that cancel)
-    are exact only to the float32 rounding of their inputs, which makes the
-    elementwise ratio meaningless next to zero.
+    Per example because one batch mixes t = 0 (values ~1e-5) with t = T−1
+    (values ~1); not per element because several outputs (DDIM's
+    √(1 − ᾱ_{t−1} − σ²) at large t, sums of terms that cancel) are exact only
+    to the float32 rounding of their inputs, which makes an elementwise ratio
+    meaningless next to zero.
     """
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     assert ours.shape == ref.shape
-    error = np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30)
+    if ref.ndim == 1:  # one value per example
+        ours, ref = ours[:, None], ref[:, None]
+    ours, ref = ours.reshape(len(ref), -1), ref.reshape(len(ref), -1)
+    scale = np.maximum(np.abs(ref).max(axis=1), 1e-30)
+    error = (np.abs(ours - ref).max(axis=1) / scale).max()
     assert error <= rtol, f"max relative error {error:.3g} > {rtol:g}"
 
 
@@ -120,10 +125,9 @@ def test_variants(case, ref, variant, overrides, channels):
         assert_close(value, ref[f"{name}/{variant}/p_mean_variance/{key}"])
     losses_out = run(diffusion, "training_losses_from_output", model_out, ref["inputs/x_start"], x_t, t,
                      ref["inputs/noise"])
-    for value, key in zip(losses_out, ["loss", "mse", "vb"]):
-        ref_key = f"{name}/{variant}/training_losses/{key}"
-        if ref_key in ref:
-            assert_close(value, ref[ref_key])
+    keys = ["loss", "mse", "vb"] if variant == "predict_xstart" else ["loss"]
+    for value, key in zip(losses_out, keys):
+        assert_close(value, ref[f"{name}/{variant}/training_losses/{key}"])
     if channels == 3:  # fixed Σ: the loss is L_simple alone
         np.testing.assert_array_equal(losses_out[2], 0.0)
 
@@ -144,10 +148,9 @@ def test_training_losses(case, ref, variant, loss):
     diffusion = make(CASES[name], loss=loss)
     out = run(diffusion, "training_losses_from_output", ref["inputs/model_out"], ref["inputs/x_start"], x_t, t,
               ref["inputs/noise"])
-    for value, key in zip(out, ["loss", "mse", "vb"]):
-        ref_key = f"{name}/training_losses/{variant}/{key}"
-        if ref_key in ref:
-            assert_close(value, ref[ref_key])
+    keys = ["loss"] if variant == "kl" else ["loss", "mse", "vb"]
+    for value, key in zip(out, keys):
+        assert_close(value, ref[f"{name}/training_losses/{variant}/{key}"])
     if variant == "kl":
         np.testing.assert_array_equal(out[1], 0.0)
 
@@ -229,7 +232,11 @@ def test_discretized_gaussian_log_likelihood(ref):
 def test_approx_standard_normal_cdf_and_mean_flat(ref):
     assert_close(_graph(losses.approx_standard_normal_cdf, ref["losses/cdf_inputs"]),
                  ref["losses/approx_standard_normal_cdf"])
-    assert_close(_graph(losses.mean_flat, ref["inputs/model_out"]), ref["losses/mean_flat_of_model_out"])
+    # A mean of ±1 values nearly cancels, so float32 summation order alone moves it by ~1e-7 of the
+    # values' size: compare at the scale of what was summed.
+    ours = _graph(losses.mean_flat, ref["inputs/model_out"])
+    scale = np.abs(ref["inputs/model_out"]).mean()
+    assert np.abs(ours - ref["losses/mean_flat_of_model_out"]).max() <= 1e-5 * scale
 
 
 # --------------------------------------------------------------- whole loops

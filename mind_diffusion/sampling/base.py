@@ -23,7 +23,8 @@ class ModelStep(nn.Cell):
     """
 
     def __init__(self, diffusion, model, cond_names=()):
-        super().__init__()
+        # auto_prefix=False: wrapping must not rename the model's parameters (checkpoints keep their names).
+        super().__init__(auto_prefix=False)
         self.diffusion = diffusion
         self.model = model
         self.cond_names = tuple(cond_names)

@@ -41,8 +41,9 @@ class DDIMSampler(Sampler):
 
     def __init__(self, diffusion, model, eta=0.0, clip_denoised=True, progress=False):
         super().__init__(diffusion, model, clip_denoised, progress)
-        if eta < 0:
-            raise ValueError(f"DDIM eta must be >= 0, got {eta}")
+        if not 0.0 <= eta <= 1.0:
+            # Beyond 1, σ_t² can exceed 1 − ᾱ_{t−1} and √(1 − ᾱ_{t−1} − σ_t²) is undefined.
+            raise ValueError(f"DDIM eta must lie in [0, 1] (0 = deterministic, 1 = DDPM-like), got {eta}")
         self.eta = float(eta)
         self.needs_noise = self.eta > 0
         self._reverse_steps = {}
@@ -51,7 +52,12 @@ class DDIMSampler(Sampler):
         return DDIMStep(self.diffusion, self.model, cond_names, self.clip_denoised, self.eta)
 
     def invert(self, x_0, model_kwargs=None):
-        """Encode x_0 into x_T by running the η = 0 update backwards (t = 0 → T−1)."""
+        """Encode x_0 into x_T by running the η = 0 update backwards.
+
+        ``x_0`` is taken at the noise level of the first kept step (t = 0); the
+        result is at the level of the last one (t = K−1), where :meth:`sample`
+        starts, so ``sample(x_T=invert(x))`` walks back to ``x``.
+        """
         names = tuple(sorted(model_kwargs or {}))
         cond = tuple(_as_tensor(model_kwargs[n]) for n in names)
         if names not in self._reverse_steps:
@@ -59,7 +65,7 @@ class DDIMSampler(Sampler):
         step = self._reverse_steps[names]
         x = _as_tensor(np.asarray(x_0, dtype=np.float32) if not isinstance(x_0, ms.Tensor) else x_0)
         batch = x.shape[0]
-        for t in tqdm(range(self.diffusion.num_timesteps), desc="ddim-invert",
+        for t in tqdm(range(self.diffusion.num_timesteps - 1), desc="ddim-invert",
                       disable=not self.progress, leave=False):
             x, _ = step(x, ms.Tensor(np.full((batch,), t, np.int32)), *cond)
         return x

@@ -1,0 +1,267 @@
+"""Convert OpenAI PyTorch checkpoints (improved-diffusion, guided-diffusion, glide-text2im) to MindSpore.
+
+No torch needed: :mod:`mind_diffusion.torch_pickle` reads the zip checkpoint
+with a restricted unpickler. Our networks name every sub-cell like the
+PyTorch module it mirrors, so a MindSpore parameter name maps to a PyTorch
+key by identity except for the names MindSpore fixes for its own layers
+(:data:`RENAMES`, applied to the last component of a name):
+
+==================  =========================  ============
+MindSpore           layer                      PyTorch
+==================  =========================  ============
+``gamma``           GroupNorm / LayerNorm      ``weight``
+``beta``            GroupNorm / LayerNorm      ``bias``
+``embedding_table`` Embedding                  ``weight``
+==================  =========================  ============
+
+Every parameter of the target network must be present with exactly its
+shape; anything missing, mis-shaped or left over is reported by name.
+
+Command line::
+
+    python -m mind_diffusion.convert IN.pt OUT.ckpt --model-config CONFIG
+    python -m mind_diffusion.convert IN.pt --list
+
+Python::
+
+    torch_sd = load_torch_state_dict("model.pt")        # {torch key: np.ndarray}
+    model = build_model(config)                         # or any of our Cells
+    load_into(model, convert_state_dict(torch_sd, model))
+    export_torch_state_dict(model, "back.pt")           # ours -> torch zip layout
+"""
+import argparse
+import importlib
+import json
+import os
+import sys
+
+import mindspore as ms
+import numpy as np
+
+from .torch_pickle import CheckpointFormatError, load_state_dict, save_state_dict
+
+__all__ = [
+    "RENAMES",
+    "MODEL_BUILDERS",
+    "CheckpointFormatError",
+    "ConversionError",
+    "to_torch_name",
+    "load_torch_state_dict",
+    "convert_state_dict",
+    "load_into",
+    "to_torch_state_dict",
+    "export_torch_state_dict",
+    "build_model",
+    "load_model_config",
+    "main",
+]
+
+RENAMES = {"gamma": "weight", "beta": "bias", "embedding_table": "weight"}
+
+# config "kind" → "module:function" taking the rest of the config as keyword
+# arguments (the OpenAI scripts' argument names; a "unet" with "large_size" is
+# guided-diffusion's super-resolution model). Imported lazily so this library
+# module depends on no architecture; other model files register here.
+MODEL_BUILDERS = {
+    "unet": "models.unet:create_model",
+    "classifier": "models.classifier:create_classifier",
+    "text2im": "models.glide:create_model",  # glide-text2im base and (super_res=True) upsampler
+}
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not fit the network: lists the missing, mis-shaped and unexpected names."""
+
+    def __init__(self, missing=(), mismatched=(), unexpected=()):
+        self.missing = list(missing)
+        self.mismatched = list(mismatched)
+        self.unexpected = list(unexpected)
+        lines = ["checkpoint does not match the network:"]
+        if self.missing:
+            lines.append(f"  missing from the checkpoint ({len(self.missing)}): " + ", ".join(self.missing))
+        for name, ours, theirs in self.mismatched:
+            lines.append(f"  shape mismatch for {name}: network {ours}, checkpoint {theirs}")
+        if self.unexpected:
+            lines.append(f"  unexpected in the checkpoint ({len(self.unexpected)}): " + ", ".join(self.unexpected))
+        super().__init__("\n".join(lines))
+
+
+def to_torch_name(name):
+    """The PyTorch key of one of our parameter names (see :data:`RENAMES`)."""
+    head, _, last = name.rpartition(".")
+    last = RENAMES.get(last, last)
+    return f"{head}.{last}" if head else last
+
+
+def _is_state_dict(obj):
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, np.ndarray) for v in obj.values())
+
+
+def load_torch_state_dict(path):
+    """Read a PyTorch zip checkpoint's state dict as ``{key: np.ndarray}`` without torch.
+
+    Accepts a bare state dict or one nested under ``state_dict`` / ``model``.
+
+    :raises CheckpointFormatError: if the file is not such a checkpoint.
+    """
+    obj = load_state_dict(path)
+    if isinstance(obj, dict) and not _is_state_dict(obj):
+        obj = next((obj[k] for k in ("state_dict", "model") if _is_state_dict(obj.get(k))), obj)
+    if not _is_state_dict(obj):
+        raise CheckpointFormatError(f"{path}: holds no state dict of tensors")
+    return dict(obj)
+
+
+def convert_state_dict(torch_state_dict, cell, strict=True):
+    """Map a PyTorch state dict onto ``cell``'s parameters: ``{our name: array of our dtype}``.
+
+    Checks that every parameter of ``cell`` has a key of the same shape and,
+    with ``strict``, that no key is left over.
+
+    :raises ConversionError: naming every missing, mis-shaped and unexpected key.
+    """
+    converted, missing, mismatched = {}, [], []
+    used = set()
+    for param in cell.get_parameters():
+        key = to_torch_name(param.name)
+        if key not in torch_state_dict:
+            missing.append(key)
+            continue
+        used.add(key)
+        value = torch_state_dict[key]
+        if tuple(value.shape) != tuple(param.shape):
+            mismatched.append((key, tuple(param.shape), tuple(value.shape)))
+            continue
+        converted[param.name] = value.astype(_numpy_dtype(param.dtype))
+    unexpected = sorted(set(torch_state_dict) - used) if strict else []
+    if missing or mismatched or unexpected:
+        raise ConversionError(missing, mismatched, unexpected)
+    return converted
+
+
+def _numpy_dtype(dtype):
+    """The numpy dtype holding a MindSpore parameter dtype (float32 for bfloat16, which numpy lacks)."""
+    table = {ms.float16: np.float16, ms.float64: np.float64, ms.int32: np.int32, ms.int64: np.int64}
+    return table.get(dtype, np.float32)
+
+
+def load_into(cell, state_dict, strict=True):
+    """Set ``cell``'s parameters from ``{our name: array}``; with ``strict`` every parameter must be given.
+
+    :raises ConversionError: for missing or mis-shaped entries.
+    """
+    params = {p.name: p for p in cell.get_parameters()}
+    missing = sorted(set(params) - set(state_dict)) if strict else []
+    unexpected = sorted(set(state_dict) - set(params)) if strict else []
+    mismatched = [
+        (name, tuple(params[name].shape), tuple(np.shape(value)))
+        for name, value in state_dict.items()
+        if name in params and tuple(params[name].shape) != tuple(np.shape(value))
+    ]
+    if missing or mismatched or unexpected:
+        raise ConversionError(missing, mismatched, unexpected)
+    for name, value in state_dict.items():
+        if name in params:
+            params[name].set_data(ms.Tensor(np.asarray(value), dtype=params[name].dtype))
+
+
+def to_torch_state_dict(cell):
+    """``cell``'s parameters as ``{PyTorch key: np.ndarray}`` (the inverse of :func:`convert_state_dict`)."""
+    return {to_torch_name(p.name): p.asnumpy() for p in cell.get_parameters()}
+
+
+def export_torch_state_dict(cell, path):
+    """Write ``cell``'s parameters as a PyTorch zip checkpoint loadable by ``torch.load`` and by this module."""
+    save_state_dict(to_torch_state_dict(cell), path)
+
+
+def load_model_config(text_or_path):
+    """A model config from a JSON/YAML file or an inline JSON string: ``{"kind": ..., <builder args>}``."""
+    if os.path.exists(text_or_path):
+        with open(text_or_path, encoding="utf-8") as f:
+            text = f.read()
+        if text_or_path.endswith((".yaml", ".yml")):
+            import yaml
+
+            return dict(yaml.safe_load(text))
+    else:
+        text = text_or_path
+    try:
+        return dict(json.loads(text))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"model config is neither a file nor valid JSON: {error}") from None
+
+
+def build_model(config):
+    """Build the network a config describes: ``kind`` picks :data:`MODEL_BUILDERS`, the rest are its arguments."""
+    config = dict(config)
+    kind = config.pop("kind", "unet")
+    if kind not in MODEL_BUILDERS:
+        raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(sorted(MODEL_BUILDERS))}")
+    module_name, function_name = MODEL_BUILDERS[kind].split(":")
+    return getattr(importlib.import_module(module_name), function_name)(**config)
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m mind_diffusion.convert",
+        description=(
+            "Convert an OpenAI PyTorch checkpoint (improved-diffusion, guided-diffusion, glide-text2im; "
+            "torch.save zip format) to a MindSpore .ckpt, without torch. The network is built from "
+            "--model-config and every parameter is checked by name and shape."
+        ),
+        epilog=(
+            "The config is a JSON/YAML file or inline JSON: {\"kind\": KIND, ...} where KIND is one of "
+            f"{', '.join(sorted(MODEL_BUILDERS))} and the other keys are the OpenAI scripts' "
+            "create_model / create_classifier arguments, e.g. "
+            "'{\"kind\": \"unet\", \"image_size\": 64, \"num_channels\": 192, \"num_res_blocks\": 3, "
+            "\"learn_sigma\": true, \"class_cond\": true, \"attention_resolutions\": \"32,16,8\", "
+            "\"num_head_channels\": 64, \"use_scale_shift_norm\": true, \"resblock_updown\": true, "
+            "\"use_new_attention_order\": true}'. "
+            "Parameter names map by identity except GroupNorm/LayerNorm gamma/beta <-> weight/bias and "
+            "Embedding embedding_table <-> weight."
+        ),
+    )
+    parser.add_argument("input", help="PyTorch checkpoint (.pt) to read")
+    parser.add_argument("output", nargs="?", help="MindSpore checkpoint (.ckpt) to write")
+    parser.add_argument("--model-config", help="network config: JSON/YAML file or inline JSON (see below)")
+    parser.add_argument("--list", action="store_true", help="only print the checkpoint's keys, shapes and dtypes")
+    parser.add_argument(
+        "--non-strict", action="store_true", help="ignore checkpoint keys the network does not use"
+    )
+    return parser
+
+
+def main(argv=None):
+    """Command-line entry point; returns the process exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        torch_sd = load_torch_state_dict(args.input)
+    except (OSError, CheckpointFormatError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.list:
+        for key, value in torch_sd.items():
+            print(f"{key}\t{tuple(value.shape)}\t{value.dtype}")
+        return 0
+    if not args.output or not args.model_config:
+        parser.error("OUT.ckpt and --model-config are required unless --list is given")
+    try:
+        model = build_model(load_model_config(args.model_config))
+    except (ValueError, TypeError) as error:
+        print(f"error: bad --model-config: {error}", file=sys.stderr)
+        return 2
+    try:
+        converted = convert_state_dict(torch_sd, model, strict=not args.non_strict)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    load_into(model, converted)
+    ms.save_checkpoint(model, args.output)
+    print(f"wrote {len(converted)} parameters to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

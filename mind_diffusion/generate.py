@@ -1,0 +1,90 @@
+"""Sampling images from a trained model: prompts or labels in, [-1, 1] images out.
+
+Shared by the trainer's periodic sample grids, ``run_infer.sh`` and the
+benchmarks. The model is any network trained on ``diffusion``; for text models
+a tokenizer turns prompts into (tokens, mask), and a guidance scale other than
+1 wraps the model in classifier-free guidance. Compiled step graphs are cached
+per (sampler, steps, η, scale), and every batch has the same size (the last
+one is padded), so repeated calls reuse the graphs.
+"""
+import numpy as np
+import mindspore as ms
+
+from .sampling import create_sampler
+from .sampling.guidance import ClassifierFreeGuidance
+
+
+class ImageGenerator:
+    """Draws samples with the recipe's samplers.
+
+    :param model: ``model(x, t, **cond)`` trained on ``diffusion``.
+    :param diffusion: the trained (un-respaced) :class:`GaussianDiffusion`.
+    :param image_shape: (C, H, W) of the samples.
+    :param tokenizer: prompts → (tokens, mask), for text-conditioned models.
+    :param num_classes: > 0 for class-conditional models (labels are passed as ``y``).
+    """
+
+    def __init__(self, model, diffusion, image_shape, tokenizer=None, num_classes=0):
+        self.model = model
+        self.diffusion = diffusion
+        self.image_shape = tuple(image_shape)
+        self.tokenizer = tokenizer
+        self.num_classes = num_classes
+        self._samplers = {}
+
+    def _sampler(self, name, steps, eta, scale, clip_denoised, progress):
+        key = (name, steps, eta, scale, clip_denoised)
+        if key not in self._samplers:
+            diffusion = self.diffusion
+            if steps < diffusion.num_timesteps:
+                diffusion = diffusion.respace(str(steps))
+            model = self.model
+            if self.tokenizer is not None and scale not in (0.0, 1.0):
+                uncond_tokens, uncond_mask = self.tokenizer.unconditional(1)
+                model = ClassifierFreeGuidance(self.model, scale, uncond_tokens, uncond_mask,
+                                               eps_channels=self.image_shape[0])
+            self._samplers[key] = create_sampler(name, diffusion, model, eta=eta, clip_denoised=clip_denoised)
+        sampler = self._samplers[key]
+        sampler.progress = progress
+        return sampler
+
+    def conditioning(self, prompts=None, labels=None, scale=1.0):
+        """The model's keyword inputs for a batch of prompts or labels."""
+        if self.tokenizer is not None:
+            if prompts is None:
+                raise ValueError("this is a text-to-image model: give prompts")
+            # Scale 0 is the unconditional model: the empty caption, no second pass.
+            tokens, mask = self.tokenizer([""] * len(prompts) if scale == 0.0 else list(prompts))
+            return {"tokens": ms.Tensor(tokens), "mask": ms.Tensor(mask)}
+        if self.num_classes:
+            if labels is None:
+                raise ValueError(f"this is a class-conditional model ({self.num_classes} classes): give labels")
+            labels = np.asarray(labels, np.int32)
+            if labels.min() < 0 or labels.max() >= self.num_classes:
+                raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.min()}..{labels.max()}")
+            return {"y": ms.Tensor(labels)}
+        return {}
+
+    def sample(self, count, prompts=None, labels=None, sampler="ddim", steps=50, eta=0.0,
+               guidance_scale=1.0, batch_size=16, seed=0, clip_denoised=True, progress=False):
+        """``count`` images as float32 [count, C, H, W] in [-1, 1].
+
+        Prompts (or labels) are cycled to ``count``; sample i of the same seed
+        is the same image whatever ``count`` is, as long as the batch size is.
+        """
+        if prompts is not None:
+            prompts = [prompts[i % len(prompts)] for i in range(count)]
+        if labels is not None:
+            labels = [labels[i % len(labels)] for i in range(count)]
+        walker = self._sampler(sampler, min(int(steps), self.diffusion.num_timesteps), float(eta),
+                               float(guidance_scale), clip_denoised, progress)
+        batches = []
+        for start in range(0, count, batch_size):
+            index = [min(i, count - 1) for i in range(start, start + batch_size)]  # pad the last batch
+            cond = self.conditioning(None if prompts is None else [prompts[i] for i in index],
+                                     None if labels is None else [labels[i] for i in index],
+                                     float(guidance_scale))
+            images = walker.sample((batch_size,) + self.image_shape, model_kwargs=cond,
+                                   seed=seed * 1_000_003 + start)
+            batches.append(images.asnumpy()[:min(batch_size, count - start)])
+        return np.concatenate(batches)[:count]

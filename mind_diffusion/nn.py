@@ -1,0 +1,141 @@
+"""Building blocks shared by the diffusion networks in ``models/``.
+
+The helpers mirror the small utility layer of openai/improved-diffusion and
+guided-diffusion (``conv_nd``, ``linear``, ``zero_module``, ``normalization``,
+``timestep_embedding``) so that the networks built from them carry the same
+parameter layout as the released PyTorch checkpoints: every weight here has
+PyTorch's shape, and only the names MindSpore fixes for its own layers differ
+(``gamma``/``beta`` of a norm, ``embedding_table`` of an embedding; see
+:mod:`mind_diffusion.convert`).
+
+Everything here is graph-ready: no Python branching on tensor values.
+"""
+import math
+
+import mindspore as ms
+from mindspore import nn, ops
+from mindspore.common.initializer import HeUniform, Uniform, initializer
+
+__all__ = [
+    "timestep_embedding",
+    "GroupNorm32",
+    "normalization",
+    "Conv1x1",
+    "conv_nd",
+    "linear",
+    "zero_module",
+    "upsample_nearest_2x",
+    "GlobalAvgPool",
+]
+
+
+def timestep_embedding(timesteps, dim, max_period=10000):
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in DDPM's Transformer-style position code.
+
+    Row ``i`` is ``[cos(t_i f_0), ..., cos(t_i f_{h-1}), sin(t_i f_0), ..., sin(t_i f_{h-1})]``
+    with ``h = dim // 2`` and ``f_j = exp(-ln(max_period) j / h)``; an odd ``dim``
+    gets one trailing zero column (improved-diffusion's layout, computed in
+    float32 the same way so released weights see the same features).
+
+    :param timesteps: a 1-D Tensor of N timesteps (any real or integer dtype).
+    :param dim: the embedding width.
+    :param max_period: the longest period of the sinusoids.
+    :return: an [N x dim] float32 Tensor.
+    """
+    half = dim // 2
+    # The exponent is rounded to float32 as in the reference, but exp runs in
+    # float64: every ulp of a frequency moves the argument at t ≈ 1000 by ~1e-4
+    # rad, and MindSpore's float32 exp is less accurate than PyTorch's.
+    exponent = -math.log(max_period) * ops.arange(0, half, dtype=ms.float32) / half
+    frequencies = ops.exp(exponent.astype(ms.float64)).astype(ms.float32)
+    args = timesteps.astype(ms.float32)[:, None] * frequencies[None, :]
+    embedding = ops.cat([ops.cos(args), ops.sin(args)], axis=-1)
+    if dim % 2:
+        embedding = ops.cat([embedding, ops.zeros_like(embedding[:, :1])], axis=-1)
+    return embedding
+
+
+class GroupNorm32(nn.GroupNorm):
+    """Group normalisation computed in float32 whatever the input dtype (ADM's fp16 recipe).
+
+    Under float16/bfloat16 compute the statistics of a group would lose
+    precision, so the input is widened, normalised with float32 affine
+    parameters, and narrowed back to its own dtype. Accepts [N, C, *] inputs
+    of any rank (the classifier's ``spatial_v2`` head normalises [N, C]).
+    """
+
+    def construct(self, x):
+        normalised = ops.group_norm(x.astype(ms.float32), self.num_groups, self.gamma, self.beta, self.eps)
+        return normalised.astype(x.dtype)
+
+
+def normalization(channels):
+    """The standard normalisation layer of the ADM networks: GroupNorm with 32 groups."""
+    return GroupNorm32(32, channels)
+
+
+class Conv1x1(nn.Cell):
+    """A 1-D convolution with kernel size 1, i.e. a per-position linear map over channels.
+
+    Used for the attention projections (``qkv``, ``proj_out``, ``encoder_kv``).
+    The weight keeps PyTorch ``Conv1d``'s [out, in, 1] shape (MindSpore's
+    ``nn.Conv1d`` stores [out, in, 1, 1]), so checkpoints map without reshaping,
+    and the product runs as one batched matmul rather than a convolution.
+
+    Input [N, in, L] → output [N, out, L].
+    """
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_channels)  # PyTorch's default init, as the references train from it
+        self.weight = ms.Parameter(
+            initializer(HeUniform(negative_slope=math.sqrt(5)), (out_channels, in_channels, 1), ms.float32),
+            name="weight",
+        )
+        self.bias = ms.Parameter(initializer(Uniform(bound), (out_channels,), ms.float32), name="bias")
+
+    def construct(self, x):
+        weight = self.weight[:, :, 0].astype(x.dtype)
+        return ops.matmul(weight, x) + self.bias.astype(x.dtype)[:, None]
+
+
+def conv_nd(dims, in_channels, out_channels, kernel_size, stride=1, padding=0):
+    """A convolution with bias in PyTorch's layout: 2-D of any kernel, or 1-D with kernel 1 (:class:`Conv1x1`)."""
+    if dims == 2:
+        return nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad", padding=padding, has_bias=True
+        )
+    if dims == 1 and kernel_size == 1 and stride == 1 and padding == 0:
+        return Conv1x1(in_channels, out_channels)
+    raise ValueError(f"unsupported convolution: dims={dims}, kernel_size={kernel_size}, stride={stride}")
+
+
+def linear(in_features, out_features):
+    """A fully connected layer (weight [out, in], as PyTorch's ``nn.Linear``)."""
+    return nn.Dense(in_features, out_features)
+
+
+def zero_module(cell):
+    """Zero every parameter of ``cell`` and return it.
+
+    The papers zero-initialise each residual branch's last layer and the
+    output layer, so a fresh network starts as (near) identity blocks and
+    predicts zero.
+    """
+    for param in cell.get_parameters():
+        param.set_data(initializer("zeros", param.shape, param.dtype))
+    return cell
+
+
+def upsample_nearest_2x(x):
+    """Nearest-neighbour 2× upsampling of an [N, C, H, W] Tensor, exact (a broadcast, no interpolation)."""
+    n, c, h, w = x.shape
+    repeated = ops.broadcast_to(x[:, :, :, None, :, None], (n, c, h, 2, w, 2))
+    return repeated.reshape(n, c, 2 * h, 2 * w)
+
+
+class GlobalAvgPool(nn.Cell):
+    """Mean over the spatial axes, keeping them as size 1 (PyTorch's ``AdaptiveAvgPool2d((1, 1))``)."""
+
+    def construct(self, x):
+        return x.mean(axis=(2, 3), keep_dims=True)

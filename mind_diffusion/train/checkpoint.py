@@ -1,0 +1,126 @@
+"""Training checkpoints: everything a run needs to continue exactly, written atomically.
+
+A checkpoint is one MindSpore ``.ckpt`` file holding, under stable names:
+``model.<name>`` (the network), ``ema_<rate>.<name>`` (each EMA copy),
+``optimizer.<slot>.<name>`` and ``optimizer.global_step`` (AdamW's moments and
+step), ``schedule_sampler.*`` (the importance sampler's loss history) and
+``loss_scale*``, plus ``step`` and the resolved config as JSON. The run's
+random numbers are counter-based (seed, rank, step), so the step is all the
+RNG state there is. Files are written to a temporary name in the same folder
+and renamed into place, so a run killed mid-write leaves the previous
+checkpoint intact and never a half-written one under a checkpoint's name.
+"""
+import glob
+import json
+import os
+import re
+
+import mindspore as ms
+
+CHECKPOINT_PATTERN = re.compile(r"^ckpt_(\d{8})\.ckpt$")
+
+
+def checkpoint_path(run_dir, step):
+    return os.path.join(run_dir, f"ckpt_{step:08d}.ckpt")
+
+
+def list_checkpoints(run_dir):
+    """(step, path) of the run's complete checkpoints, oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(run_dir, "ckpt_*.ckpt")):
+        match = CHECKPOINT_PATTERN.match(os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir):
+    """Path of the newest checkpoint of a run folder, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def training_state(model, train_step):
+    """name → Parameter of everything a checkpoint saves, under the stable names above."""
+    state = {f"model.{name}": param for name, param in model.parameters_and_names()}
+    ema = train_step.ema
+    if ema is not None:
+        for rate, shadow in zip(ema.rates, ema.shadows):
+            for name, param in zip(ema.names, shadow):
+                state[f"ema_{rate:g}.{name}"] = param
+    optimizer = train_step.optimizer
+    names = {id(p): n for n, p in model.parameters_and_names()}
+    for slot in ("moments1", "moments2"):
+        moments = getattr(optimizer, slot, None)
+        if moments is None:
+            continue
+        for param, moment in zip(optimizer.parameters, moments):
+            state[f"optimizer.{slot}.{names[id(param)]}"] = moment
+    state["optimizer.global_step"] = optimizer.global_step
+    sampler = train_step.loss_net.schedule_sampler
+    for name, param in sampler.parameters_and_names():
+        state[f"schedule_sampler.{name}"] = param
+    state["loss_scale"] = train_step.loss_scale
+    state["loss_scale_good_steps"] = train_step.good_steps
+    return state
+
+
+def save_training_checkpoint(path, state, step, config_dict):
+    """Write a checkpoint atomically (temporary file + rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # MindSpore appends ".ckpt" to names without it; "partial_" keeps it out of list_checkpoints.
+    tmp = os.path.join(folder, f"partial_{os.path.basename(path)}")
+    params = [{"name": name, "data": param} for name, param in state.items()]
+    ms.save_checkpoint(params, tmp, append_dict={"step": int(step), "config": json.dumps(config_dict)})
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path):
+    """name → Parameter of a checkpoint file, with a clear error when it is not one."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        return ms.load_checkpoint(path)
+    except Exception as err:  # MindSpore raises ValueError/RuntimeError for foreign or truncated files
+        raise ValueError(f"{path!r} is not a readable MindSpore checkpoint ({err.__class__.__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def checkpoint_step(checkpoint):
+    return int(checkpoint["step"].asnumpy()) if "step" in checkpoint else 0
+
+
+def checkpoint_config(checkpoint):
+    """The config dict saved with a training checkpoint, or None."""
+    if "config" not in checkpoint:
+        return None
+    value = checkpoint["config"]
+    return json.loads(value if isinstance(value, str) else str(value))
+
+
+def restore_state(state, checkpoint, path, prefix=""):
+    """Copy checkpoint values into ``state`` (name → Parameter), checking names and shapes.
+
+    :raises ValueError: naming the missing or mis-shaped entries, e.g. a
+        checkpoint of another model.
+    """
+    missing, mismatched = [], []
+    for name, param in state.items():
+        key = prefix + name
+        if key not in checkpoint:
+            missing.append(key)
+            continue
+        value = checkpoint[key]
+        if tuple(value.shape) != tuple(param.shape):
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(param.shape)}")
+    if missing or mismatched:
+        lines = []
+        if missing:
+            lines.append(f"{len(missing)} missing (e.g. {', '.join(missing[:5])})")
+        if mismatched:
+            lines.append(f"{len(mismatched)} with another shape (e.g. {'; '.join(mismatched[:3])})")
+        raise ValueError(f"checkpoint {path!r} does not fit this model/config: " + "; ".join(lines)
+                         + ". Is it from another recipe? Pass the matching config, or start a new run.")
+    for name, param in state.items():
+        param.set_data(ms.Tensor(checkpoint[prefix + name].asnumpy(), param.dtype))
