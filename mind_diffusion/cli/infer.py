@@ -16,6 +16,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIPPED_CHECKPOINT = os.path.join(ROOT, "checkpoints", "demo.ckpt")
 
+if __package__ in (None, ""):  # run as a file (msrun launches files): make the project importable
+    sys.path.insert(0, ROOT)
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(

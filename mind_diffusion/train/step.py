@@ -13,18 +13,27 @@ from mindspore.nn.learning_rate_schedule import LearningRateSchedule
 
 
 class WarmupLR(LearningRateSchedule):
-    """lr · min(1, (step + 1) / warmup_steps): linear warm-up, then constant."""
+    """AdamW's step size: lr · min(1, (s + 1) / warmup_steps) · √(1 − β2^(s+1)) / (1 − β1^(s+1)).
 
-    def __init__(self, lr, warmup_steps):
+    The last factor is Adam's bias correction (Kingma & Ba 2015, Sec. 2):
+    MindSpore's ``nn.AdamWeightDecay`` (the AdamW with a CPU kernel) leaves it
+    out, so it is folded into the step size here and the optimizer matches
+    PyTorch's AdamW, as used by improved-diffusion, up to ε. Decoupled weight
+    decay is scaled by the same factor, which tends to 1 after a few thousand steps.
+    """
+
+    def __init__(self, lr, warmup_steps, betas=(0.9, 0.999)):
         super().__init__()
         self.lr = float(lr)
         self.warmup_steps = max(int(warmup_steps), 0)
+        self.beta1, self.beta2 = (float(b) for b in betas)
 
     def construct(self, global_step):
+        step = global_step.astype(ms.float32) + 1.0
+        correction = ops.sqrt(1.0 - ops.pow(self.beta2, step)) / (1.0 - ops.pow(self.beta1, step))
         if self.warmup_steps == 0:
-            return ops.full((), self.lr, dtype=ms.float32)
-        ramp = (global_step.astype(ms.float32) + 1.0) / self.warmup_steps
-        return self.lr * ops.minimum(ramp, 1.0)
+            return self.lr * correction
+        return self.lr * ops.minimum(step / self.warmup_steps, 1.0) * correction
 
 
 class EMA(nn.Cell):

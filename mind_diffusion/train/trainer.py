@@ -4,6 +4,7 @@ Everything that varies between steps enters the compiled :class:`TrainStep` as
 a Tensor; the loop itself only feeds batches, keeps the step's outputs on the
 device, and reads them back once per ``train.log_every`` steps.
 """
+import hashlib
 import json
 import logging
 import math
@@ -108,7 +109,7 @@ class Trainer:
         loss_net = DiffusionLoss(model, diffusion, self.schedule_sampler, self.cond_names)
         named = [(name, p) for name, p in model.parameters_and_names() if p.requires_grad]
         optimizer = nn.AdamWeightDecay([p for _, p in named], learning_rate=WarmupLR(train.lr, train.warmup_steps),
-                                       eps=1e-8, weight_decay=train.weight_decay)
+                                       beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=train.weight_decay)
         ema = EMA(named, train.ema_rate) if train.ema_rate else None
         self.train_step = TrainStep(loss_net, optimizer, ema, grad_clip=train.grad_clip,
                                     loss_scale=train.loss_scale if config.model.use_fp16 else 0.0,
@@ -175,9 +176,12 @@ class Trainer:
         bar = tqdm(total=train.total_steps, initial=start, desc=f"train {self.config.name}",
                    disable=not (progress and self.is_writer), dynamic_ncols=True)
         last_saved, nonfinite_streak, started = None, 0, time.perf_counter()
+        data_digest, items_seen = hashlib.sha1(), 0
         step = start
         while step < train.total_steps:
             batch = next(stream)
+            data_digest.update(np.ascontiguousarray(batch["index"]).tobytes())
+            items_seen += len(batch["index"])
             u, noise = step_randomness(self.config.seed, self.rank, step, train.batch_size, self.image_shape)
             cond = [ms.Tensor(batch[CONDITION_COLUMNS[name]]) for name in self.cond_names]
             log.add(self.train_step(ms.Tensor(batch["images"]), ms.Tensor(u), ms.Tensor(noise), *cond))
@@ -207,7 +211,18 @@ class Trainer:
                 if path:
                     logger.info("samples at step %d: %s", step, path)
         bar.close()
+        # One line per worker, so data-parallel runs can be checked: equal parameters, different data.
+        print(f"[rank {self.rank}] finished at step {step}: parameters sha1 {self.parameter_digest()}, "
+              f"{items_seen} items this session, data sha1 {data_digest.hexdigest()}", flush=True)
         return last_saved
+
+    def parameter_digest(self):
+        """SHA-1 of the model's parameters, in name order."""
+        digest = hashlib.sha1()
+        for name, param in sorted(self.model.parameters_and_names(), key=lambda item: item[0]):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(param.asnumpy()).tobytes())
+        return digest.hexdigest()
 
 
 def _trailing_false(flags, streak):

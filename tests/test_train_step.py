@@ -1,0 +1,151 @@
+"""The compiled train step's parts against hand computations: EMA, warm-up, clipping, loss scaling, skips."""
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import nn, ops
+
+from mind_diffusion.gaussian_diffusion import create_diffusion
+from mind_diffusion.resample import UniformSampler
+from mind_diffusion.train.step import EMA, DiffusionLoss, TrainStep, WarmupLR, ema_rates, ema_state
+from mind_diffusion.train.trainer import _trailing_false, step_randomness
+
+
+class Toy(nn.Cell):
+    """ε̂ = w ⊙ x_t + b: small enough to differentiate by hand."""
+
+    def __init__(self, poison=False):
+        super().__init__()
+        self.w = ms.Parameter(ms.Tensor(np.full((1, 3, 1, 1), 0.5, np.float32)), name="w")
+        self.b = ms.Parameter(ms.Tensor(np.zeros((1, 3, 1, 1), np.float32)), name="b")
+        self.poison = poison
+
+    def construct(self, x, t):
+        out = self.w * x + self.b
+        if self.poison:
+            out = out * ops.log(ops.zeros_like(out) - 1.0)  # NaN
+        return out
+
+
+def make_step(model, lr=0.1, warmup=0, clip=0.0, loss_scale=0.0, rates=(0.9,)):
+    diffusion = create_diffusion(30, "cosine")
+    loss_net = DiffusionLoss(model, diffusion, UniformSampler(30))
+    named = [(n, p) for n, p in model.parameters_and_names()]
+    optimizer = nn.AdamWeightDecay([p for _, p in named], learning_rate=WarmupLR(lr, warmup), eps=1e-8,
+                                   weight_decay=0.0)
+    return TrainStep(loss_net, optimizer, EMA(named, rates), grad_clip=clip, loss_scale=loss_scale), diffusion
+
+
+def batch(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, (4, 3, 4, 4)).astype(np.float32)
+    u, noise = step_randomness(0, 0, seed, 4, (3, 4, 4))
+    return ms.Tensor(x), ms.Tensor(u), ms.Tensor(noise)
+
+
+def test_warmup_lr_with_bias_correction():
+    schedule = WarmupLR(1e-3, 4)
+    values = [float(schedule(ms.Tensor(s, ms.int32)).asnumpy()) for s in range(6)]
+    correction = [np.sqrt(1 - 0.999 ** n) / (1 - 0.9 ** n) for n in range(1, 7)]
+    warmup = [0.25, 0.5, 0.75, 1, 1, 1]
+    # float32 1 − β2^s cancels (1 − 0.998001 keeps ~4 digits), hence 1e-4.
+    np.testing.assert_allclose(values, [1e-3 * w * c for w, c in zip(warmup, correction)], rtol=1e-4)
+    first = np.sqrt(1 - 0.999) / (1 - 0.9)
+    assert float(WarmupLR(2e-4, 0)(ms.Tensor(0, ms.int32)).asnumpy()) == pytest.approx(2e-4 * first, rel=1e-4)
+
+
+def test_first_step_is_adam_and_ema_follows():
+    """Adam's first step moves each weight by lr · sign(g) (bias-corrected m̂/√v̂ = g/|g|); EMA = r θ_0 + (1 − r) θ_1."""
+    model = Toy()
+    step, diffusion = make_step(model)
+    x, u, noise = batch()
+    before = model.w.asnumpy().copy()
+    # The gradient by hand: loss = mean_b mean((ε − w x_t − b)²), t = floor(u T).
+    t = np.minimum(np.floor(u.asnumpy() * 30).astype(int), 29)
+    abar = diffusion.schedule["alphas_cumprod"][t].reshape(-1, 1, 1, 1)
+    x_t = np.sqrt(abar) * x.asnumpy() + np.sqrt(1 - abar) * noise.asnumpy()
+    residual = noise.asnumpy() - (before * x_t)
+    grad_w = (-2 * residual * x_t).mean(axis=(2, 3)).mean(axis=0) / 3  # mean over C as well
+    loss, *_, finite = step(x, u, noise)
+    assert bool(finite.asnumpy())
+    np.testing.assert_allclose(float(loss.asnumpy()), (residual ** 2).mean(), rtol=1e-5)
+    after = model.w.asnumpy().reshape(-1)
+    np.testing.assert_allclose(after, before.reshape(-1) - 0.1 * np.sign(grad_w), rtol=1e-4)
+    shadow = step.ema.shadows[0][0].asnumpy().reshape(-1)
+    np.testing.assert_allclose(shadow, 0.9 * before.reshape(-1) + 0.1 * after, rtol=1e-6)
+
+
+def test_gradient_clipping_bounds_the_update_direction():
+    """With clipping the step is still Adam's sign step on the first iteration, but the moments see the clipped g."""
+    model = Toy()
+    step, _ = make_step(model, clip=1e-6)
+    step(*batch())
+    m = step.optimizer.moments1[0].asnumpy()
+    assert np.linalg.norm(m) <= 0.1 * 1e-6 * 1.0001  # m_1 = (1 − β1) g_clipped, ‖g_clipped‖ ≤ 1e-6
+
+
+def test_overflow_skips_the_update_and_halves_the_scale():
+    model = Toy(poison=True)
+    step, _ = make_step(model, loss_scale=1024.0)
+    before = model.w.asnumpy().copy()
+    *_, finite = step(*batch())
+    assert not bool(finite.asnumpy())
+    np.testing.assert_array_equal(model.w.asnumpy(), before)
+    np.testing.assert_array_equal(step.ema.shadows[0][0].asnumpy(), before)
+    assert float(step.loss_scale.asnumpy()) == 512.0
+    assert int(step.optimizer.global_step.asnumpy().reshape(-1)[0]) == 0
+
+
+def test_loss_scaling_does_not_change_a_finite_step():
+    plain, scaled = Toy(), Toy()
+    step_plain, _ = make_step(plain)
+    step_scaled, _ = make_step(scaled, loss_scale=4096.0)
+    for seed in range(3):
+        step_plain(*batch(seed))
+        step_scaled(*batch(seed))
+    np.testing.assert_allclose(scaled.w.asnumpy(), plain.w.asnumpy(), rtol=1e-5)
+    assert float(step_scaled.loss_scale.asnumpy()) == 4096.0
+
+
+def test_ema_names_and_helpers():
+    model = Toy()
+    ema = EMA(list(model.parameters_and_names()), [0.999, 0.9999])
+    checkpoint = {p.name: p for shadow in ema.shadows for p in shadow}
+    assert ema_rates(checkpoint) == [0.999, 0.9999]
+    assert set(ema_state(checkpoint, 0.9999)) == {"w", "b"}
+    with pytest.raises(KeyError, match="0.5"):
+        ema_state(checkpoint, 0.5)
+    with pytest.raises(ValueError, match="ema_rate"):
+        EMA(list(model.parameters_and_names()), [1.0])
+
+
+def test_step_randomness_is_counter_based():
+    a = step_randomness(3, 0, 10, 2, (1, 2, 2))
+    b = step_randomness(3, 0, 10, 2, (1, 2, 2))
+    c = step_randomness(3, 1, 10, 2, (1, 2, 2))
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[1], c[1])
+
+
+def test_nonfinite_streak():
+    assert _trailing_false(np.array([True, False, False]), 0) == 2
+    assert _trailing_false(np.array([False, False]), 5) == 7
+    assert _trailing_false(np.array([False, True]), 5) == 0
+
+
+def test_persistent_nan_stops_with_the_last_good_checkpoint(tmp_path):
+    """Every step skipped (a NaN weight) → TrainingDiverged naming the newest checkpoint on disk."""
+    from mind_diffusion.cli.factory import build_diffusion, build_model
+    from mind_diffusion.config import load_config
+    from mind_diffusion.train.trainer import MAX_NONFINITE_STREAK, Trainer, TrainingDiverged
+
+    steps = MAX_NONFINITE_STREAK + 5
+    config = load_config("configs/tiny.yaml", [f"train.total_steps={steps}", "train.save_every=1000",
+                                               "train.log_every=5"])
+    model, tokenizer = build_model(config.model)
+    trainer = Trainer(config, model, build_diffusion(config.diffusion, config.model), str(tmp_path),
+                      tokenizer=tokenizer)
+    trainer.save(3)  # a "last good" checkpoint
+    weight = dict(model.parameters_and_names())["out.2.bias"]
+    weight.set_data(ms.Tensor(np.full(weight.shape, np.nan, np.float32)))
+    with pytest.raises(TrainingDiverged, match="ckpt_00000003.ckpt"):
+        trainer.fit(progress=False)
