@@ -23,8 +23,8 @@ if [[ ${#args[@]} -gt 0 && "${args[0]}" != -* && "${args[0]}" != *=* ]]; then co
 extra=()
 if [[ $# -eq 0 ]]; then
   # The built-in default: a few minutes of the demo recipe on CPU, ending with a sample grid.
-  extra=(--set train.total_steps=300 --set train.log_every=25 --set train.save_every=300
-         --set sample.num_samples=16 --run-dir runs/demo_quick)
+  extra=(--set train.total_steps=200 --set train.batch_size=32 --set train.log_every=25
+         --set train.save_every=200 --set train.sample_every=0 --run-dir runs/demo_quick)
 fi
 for a in "${args[@]+"${args[@]}"}"; do
   if [[ "$a" == *=* && "$a" != -* ]]; then extra+=(--set "$a"); else extra+=("$a"); fi

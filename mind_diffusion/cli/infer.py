@@ -43,6 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     parser.add_argument("--ckpt", default=None, help="checkpoint (default: newest under runs/, else the demo one)")
     parser.add_argument("--ema-rate", type=float, default=None, help="which EMA copy to use (default: the slowest, i.e. largest rate)")
+    parser.add_argument("--raw", action="store_true", help="use the raw weights instead of an EMA copy")
     parser.add_argument("--out", default="outputs", help="folder for the PNG grid (default: %(default)s)")
     parser.add_argument("--device", default=None, choices=["CPU", "Ascend", "GPU"])
     return parser.parse_args(argv)
@@ -61,11 +62,11 @@ def find_checkpoint(explicit=None):
     raise FileNotFoundError("no checkpoint found: train one with `bash run_train.sh`, or pass --ckpt PATH")
 
 
-def model_weights(checkpoint, ema_rate=None):
-    """The network's weights from a checkpoint: an EMA copy when it has one, else the raw weights."""
+def model_weights(checkpoint, ema_rate=None, raw=False):
+    """The network's weights from a checkpoint: an EMA copy when it has one (unless ``raw``), else the raw weights."""
     from mind_diffusion.train.step import ema_rates, ema_state
     rates = ema_rates(checkpoint)
-    if rates:
+    if rates and not raw:
         return ema_state(checkpoint, rates[-1] if ema_rate is None else ema_rate)
     if ema_rate is not None:
         raise KeyError(f"this checkpoint has no EMA copies (asked for --ema-rate {ema_rate})")
@@ -109,7 +110,7 @@ def main(argv=None):
 
     model, tokenizer = build_model(config.model)
     try:
-        weights = model_weights(checkpoint, args.ema_rate)
+        weights = model_weights(checkpoint, args.ema_rate, args.raw)
         restore_state(dict(model.parameters_and_names()), {k: Tensor(v.asnumpy()) for k, v in weights.items()}, path)
     except (KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
