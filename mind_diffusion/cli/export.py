@@ -32,6 +32,8 @@ def main(argv=None):
     parser.add_argument("out", help="output .ckpt")
     parser.add_argument("--ema-rate", type=float, default=None, help="EMA copy to keep (default: the slowest)")
     parser.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change the recipe stored with the weights, e.g. sample.sampler=ddpm (repeatable)")
     parser.add_argument("--debias-ema", action="store_true",
                         help="remove the initial weights' r^n share from the EMA (for short runs)")
     args = parser.parse_args(argv)
@@ -47,6 +49,13 @@ def main(argv=None):
         print(f"error: {args.checkpoint!r} is not a mind_diffusion training checkpoint (no recipe inside)",
               file=sys.stderr)
         return 2
+    if args.overrides:
+        from mind_diffusion.config import ConfigError, config_from_dict, config_to_dict
+        try:
+            config = config_to_dict(config_from_dict(config, args.overrides))
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     dtype = np.float16 if args.fp16 else np.float32
     step = checkpoint_step(checkpoint)
     arrays = {name: value.asnumpy() for name, value in model_weights(checkpoint, args.ema_rate).items()}

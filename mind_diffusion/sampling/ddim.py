@@ -3,19 +3,28 @@ import numpy as np
 import mindspore as ms
 from tqdm.auto import tqdm
 
+from . import fused as _fused
 from .base import ModelStep, Sampler, _as_tensor
 
 
-class DDIMStep(ModelStep):
-    """One DDIM update x_t → x_{t-1} with σ_t scaled by η; returns (x_{t-1}, x̂_0)."""
+class DDIMStep(ModelStep, _fused.FusedStep):
+    """One DDIM update x_t → x_{t-1} with σ_t scaled by η; returns (x_{t-1}, x̂_0).
+
+    On CPU everything after the network is one fused C++ kernel (see
+    :mod:`mind_diffusion.sampling.fused`; ``self.fused`` says whether it is used),
+    else the pure-ops :meth:`GaussianDiffusion.ddim_sample_from_output`.
+    """
 
     def __init__(self, diffusion, model, cond_names=(), clip_denoised=True, eta=0.0):
         super().__init__(diffusion, model, cond_names)
         self.clip_denoised = clip_denoised
         self.eta = float(eta)
+        self._init_fused(_fused.ddim_kernel(diffusion, self.eta, clip_denoised), diffusion._learned_sigma)
 
     def construct(self, x, t, noise, *cond):
         output = self.model_output(x, t, cond)
+        if self.fused and _fused.fits(output, x, t, noise, self.fused_out_channels):
+            return self.fused_op(x, output, noise, t, self.fused_table)
         return self.diffusion.ddim_sample_from_output(output, x, t, noise, self.eta, self.clip_denoised)
 
 

@@ -1,0 +1,244 @@
+// Fused per-step kernels of the samplers (mind_diffusion.sampling.fused), for
+// MindSpore's CPU backend as ops.Custom(func_type="aot") operators.
+//
+// One call does all the per-pixel work of a step after the network: the
+// gather of the step's constants (from a [T, K] float32 table, by t), the
+// split of the network output into its mean and variance parts, x̂_0 (clipped
+// or not), the posterior mean μ_θ, σ_t and the noise term. It writes x_{t-1}
+// and x̂_0. The arithmetic is float32 in the same order as the pure-ops path
+// of GaussianDiffusion (and improved-diffusion), with accurate std::exp.
+//
+// Inputs:  x [B, C, ...] f32, model_out [B, C or 2C, ...] f32, noise [B, C, ...]
+//          f32, t [B] int32, table [T, K] f32.
+// Outputs: x_prev [B, C, ...] f32, pred_xstart [B, C, ...] f32.
+// The mode (mean type, variance type, clipping) is in the function's name:
+// one extern "C" entry point per supported combination.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
+
+namespace {
+
+// Columns of the DDPM table (see fused.py, ddpm_table).
+enum DdpmCol { kRecip = 0, kRecipM1, kCoef1, kCoef2, kMinLog, kMaxLog, kFixedLog, kMask, kDdpmCols };
+// Columns of the DDIM table (see fused.py, ddim_table).
+enum DdimCol { kDRecip = 0, kDRecipM1, kDCoef1, kDCoef2, kSqrtAbarPrev, kEpsCoef, kSigmaMask, kDdimCols };
+
+enum Mean { kEpsilon = 0, kStartX = 1, kPreviousX = 2 };
+enum Var { kFixedSmall = 0, kFixedLarge = 1, kLearned = 2, kLearnedRange = 3 };
+
+struct Args {
+  const float* x;
+  const float* out;
+  const float* noise;
+  const int32_t* t;
+  const float* table;
+  float* x_prev;
+  float* pred;
+  int64_t batch, channels, spatial, out_channels, steps, cols;
+};
+
+bool is(const char* dtype, const char* want) { return dtype != nullptr && std::strcmp(dtype, want) == 0; }
+
+// Checks shapes and dtypes and fills Args; false when they do not fit.
+bool unpack(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
+            int64_t want_cols, bool learned_sigma, Args* a) {
+  if (nparam != 7) return false;
+  for (int i : {0, 1, 2, 4, 5, 6}) {
+    if (!is(dtypes[i], "float32") && !is(dtypes[i], "float")) return false;
+  }
+  if (!is(dtypes[3], "int32") && !is(dtypes[3], "int")) return false;
+  int nd = ndims[0];
+  if (nd < 2 || ndims[1] != nd || ndims[2] != nd || ndims[3] != 1 || ndims[4] != 2) return false;
+  a->batch = shapes[0][0];
+  a->channels = shapes[0][1];
+  a->spatial = 1;
+  for (int d = 2; d < nd; ++d) a->spatial *= shapes[0][d];
+  a->out_channels = shapes[1][1];
+  if (shapes[1][0] != a->batch || a->out_channels != (learned_sigma ? 2 : 1) * a->channels) return false;
+  for (int d = 2; d < nd; ++d) {
+    if (shapes[1][d] != shapes[0][d]) return false;
+  }
+  for (int d = 0; d < nd; ++d) {
+    if (shapes[2][d] != shapes[0][d]) return false;
+  }
+  if (shapes[3][0] != a->batch) return false;
+  a->steps = shapes[4][0];
+  a->cols = shapes[4][1];
+  if (a->cols != want_cols) return false;
+  a->x = static_cast<const float*>(params[0]);
+  a->out = static_cast<const float*>(params[1]);
+  a->noise = static_cast<const float*>(params[2]);
+  a->t = static_cast<const int32_t*>(params[3]);
+  a->table = static_cast<const float*>(params[4]);
+  a->x_prev = static_cast<float*>(params[5]);
+  a->pred = static_cast<float*>(params[6]);
+  return true;
+}
+
+#define MD_INLINE inline __attribute__((always_inline))
+
+MD_INLINE float clip(float v) { return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v); }
+
+// e^x in float32 to ~1 ulp, written so that the loops around it vectorise
+// (Cody-Waite range reduction x = k ln 2 + r, |r| ≤ ln2 / 2, and Cephes' expf
+// polynomial). Arguments are clamped to the normal range [-87.3, 88.37].
+MD_INLINE float exp_f32(float x) {
+  x = x > 88.3762626647949f ? 88.3762626647949f : x;
+  x = x < -87.3365447505531f ? -87.3365447505531f : x;
+  const float shifter = 12582912.0f;  // 1.5 · 2^23: adding and subtracting it rounds to an integer
+  const float k = (x * 1.44269504088896341f + shifter) - shifter;
+  const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = (p * r) * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// The step's constants, read once per example.
+struct Row {
+  float recip, recipm1, coef1, coef2, c4, c5, c6, c7;
+  explicit Row(const float* c, int64_t cols)
+      : recip(c[0]), recipm1(c[1]), coef1(c[2]), coef2(c[3]), c4(c[4]), c5(c[5]), c6(c[6]),
+        c7(cols > 7 ? c[7] : 0.0f) {}
+};
+
+// x̂_0 from the mean part of the output, as GaussianDiffusion.p_mean_variance_from_output.
+template <int MEAN, bool CLIP>
+MD_INLINE float pred_xstart(float x, float m, const Row& c) {
+  float p;
+  if (MEAN == kEpsilon) {
+    p = c.recip * x - c.recipm1 * m;
+  } else if (MEAN == kStartX) {
+    p = m;
+  } else {
+    p = m / c.coef1 - c.coef2 / c.coef1 * x;
+  }
+  return CLIP ? clip(p) : p;
+}
+
+// x_{t-1} = μ_θ + 1[t>0] exp(½ log σ²) z (Ho et al. 2020, Algorithm 2; improved DDPM's Σ_θ).
+template <int MEAN, int VAR, bool CLIP>
+MD_INLINE void ddpm_row(const Row& c, int64_t n, const float* __restrict__ xb, const float* __restrict__ mb,
+                        const float* __restrict__ vb, const float* __restrict__ zb, float* __restrict__ ob,
+                        float* __restrict__ pb) {
+  const float min_log = c.c4, max_log = c.c5, mask = c.c7;
+  const float fixed_std = (VAR == kFixedSmall || VAR == kFixedLarge) ? std::exp(0.5f * c.c6) : 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = xb[i];
+    const float p = pred_xstart<MEAN, CLIP>(x, mb[i], c);
+    const float mean = MEAN == kPreviousX ? mb[i] : c.coef1 * p + c.coef2 * x;
+    float std;
+    if (VAR == kLearned) {
+      std = exp_f32(0.5f * vb[i]);
+    } else if (VAR == kLearnedRange) {
+      const float frac = (vb[i] + 1.0f) / 2.0f;
+      const float log_var = frac * max_log + (1.0f - frac) * min_log;
+      std = exp_f32(0.5f * log_var);
+    } else {
+      std = fixed_std;
+    }
+    pb[i] = p;
+    ob[i] = mean + mask * std * zb[i];
+  }
+}
+
+template <int MEAN, int VAR, bool CLIP>
+MD_INLINE int ddpm(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes) {
+  constexpr bool learned_sigma = VAR == kLearned || VAR == kLearnedRange;
+  Args a;
+  if (!unpack(nparam, params, ndims, shapes, dtypes, kDdpmCols, learned_sigma, &a)) return 1;
+  const int64_t plane = a.channels * a.spatial;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const int32_t step = a.t[b];
+    if (step < 0 || step >= a.steps) return 2;
+    const Row c(a.table + step * a.cols, a.cols);
+    const float* mb = a.out + b * a.out_channels * a.spatial;
+    ddpm_row<MEAN, VAR, CLIP>(c, plane, a.x + b * plane, mb, mb + plane, a.noise + b * plane,
+                              a.x_prev + b * plane, a.pred + b * plane);
+  }
+  return 0;
+}
+
+// x_{t-1} = √ᾱ_{t-1} x̂_0 + √(1 − ᾱ_{t-1} − σ_t²) ε̂ + 1[t>0] σ_t z (Song et al. 2021, Eq. 12).
+template <int MEAN, bool CLIP>
+MD_INLINE void ddim_row(const Row& c, int64_t n, const float* __restrict__ xb, const float* __restrict__ mb,
+                        const float* __restrict__ zb, float* __restrict__ ob, float* __restrict__ pb) {
+  const float sqrt_abar_prev = c.c4, eps_coef = c.c5, sigma_mask = c.c6;
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = xb[i];
+    const float p = pred_xstart<MEAN, CLIP>(x, mb[i], c);
+    const float eps = (c.recip * x - p) / c.recipm1;
+    const float mean = p * sqrt_abar_prev + eps_coef * eps;
+    pb[i] = p;
+    ob[i] = mean + sigma_mask * zb[i];
+  }
+}
+
+template <int MEAN, bool LEARNED_SIGMA, bool CLIP>
+MD_INLINE int ddim(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes) {
+  Args a;
+  if (!unpack(nparam, params, ndims, shapes, dtypes, kDdimCols, LEARNED_SIGMA, &a)) return 1;
+  const int64_t plane = a.channels * a.spatial;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const int32_t step = a.t[b];
+    if (step < 0 || step >= a.steps) return 2;
+    const Row c(a.table + step * a.cols, a.cols);
+    ddim_row<MEAN, CLIP>(c, plane, a.x + b * plane, a.out + b * a.out_channels * a.spatial, a.noise + b * plane,
+                         a.x_prev + b * plane, a.pred + b * plane);
+  }
+  return 0;
+}
+
+}  // namespace
+
+// Each entry point is compiled for AVX2 and for baseline x86-64 (or just the
+// baseline elsewhere); the loader picks the best the CPU has.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MD_ENTRY extern "C" __attribute__((target_clones("avx2", "default")))
+#else
+#define MD_ENTRY extern "C"
+#endif
+
+#define MD_DDPM(NAME, MEAN, VAR)                                                                    \
+  MD_ENTRY int md_ddpm_##NAME##_clip(int n, void** p, int* nd, int64_t** s, const char** d,       \
+                                       void*, void*) { return ddpm<MEAN, VAR, true>(n, p, nd, s, d); } \
+  MD_ENTRY int md_ddpm_##NAME##_noclip(int n, void** p, int* nd, int64_t** s, const char** d,     \
+                                         void*, void*) { return ddpm<MEAN, VAR, false>(n, p, nd, s, d); }
+
+#define MD_DDPM_MEAN(MNAME, MEAN)                       \
+  MD_DDPM(MNAME##_fixed_small, MEAN, kFixedSmall)       \
+  MD_DDPM(MNAME##_fixed_large, MEAN, kFixedLarge)       \
+  MD_DDPM(MNAME##_learned, MEAN, kLearned)              \
+  MD_DDPM(MNAME##_learned_range, MEAN, kLearnedRange)
+
+MD_DDPM_MEAN(epsilon, kEpsilon)
+MD_DDPM_MEAN(start_x, kStartX)
+MD_DDPM_MEAN(previous_x, kPreviousX)
+
+#define MD_DDIM(NAME, MEAN, LEARNED)                                                                \
+  MD_ENTRY int md_ddim_##NAME##_clip(int n, void** p, int* nd, int64_t** s, const char** d,       \
+                                       void*, void*) { return ddim<MEAN, LEARNED, true>(n, p, nd, s, d); } \
+  MD_ENTRY int md_ddim_##NAME##_noclip(int n, void** p, int* nd, int64_t** s, const char** d,     \
+                                         void*, void*) { return ddim<MEAN, LEARNED, false>(n, p, nd, s, d); }
+
+MD_DDIM(epsilon_fixed, kEpsilon, false)
+MD_DDIM(epsilon_learned, kEpsilon, true)
+MD_DDIM(start_x_fixed, kStartX, false)
+MD_DDIM(start_x_learned, kStartX, true)
+MD_DDIM(previous_x_fixed, kPreviousX, false)
+MD_DDIM(previous_x_learned, kPreviousX, true)
+
+// e^x as the kernels take it, over n values (for the tests).
+MD_ENTRY int md_exp_f32(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = exp_f32(x[i]);
+  return 0;
+}

@@ -1,0 +1,219 @@
+"""Fused CPU sampling steps: everything after the network in one custom kernel.
+
+On MindSpore's CPU backend every elementwise kernel costs ~15 µs to launch, and
+the pure-ops step of :class:`GaussianDiffusion` (gathers of the schedule
+constants, the split of the output, x̂_0, μ_θ, σ_t, clip, noise) launches
+about 30 of them — more than a small network's own forward. Here the whole
+per-pixel update x_t → (x_{t-1}, x̂_0) is one ``ops.Custom(func_type="aot")``
+operator, written in C++ (``csrc/step_kernel.cc``) and built with g++ on first
+use. It reads the step's constants from a per-step table [T, K] indexed by t
+inside the kernel, so a step is the network plus two kernels (the gather of
+the network's time input, and this one).
+
+The fused path is chosen when the step is built (in Python, never from tensor
+values) and only on the CPU backend; the pure-ops path stays the fallback:
+
+- ``MIND_DIFFUSION_FUSED=0`` (or ``false``/``off``/``no``) disables it;
+- any other device target, no g++, a failed build, or an
+  ``MS_CUSTOM_AOT_WHITE_LIST`` that excludes the cache directory falls back,
+  with one warning saying why (except for the env var and the device);
+- inside the graph, a network output that is not float32 or not shaped like
+  x (C or 2C channels) also takes the pure-ops path (decided from shapes and
+  dtypes, which are compile-time constants).
+
+The library is cached in ``$MIND_DIFFUSION_CACHE`` (default
+``$XDG_CACHE_HOME/mind_diffusion`` or ``~/.cache/mind_diffusion``) under a name
+that hashes the C++ source and the compiler flags, so editing the source
+rebuilds it; it is written to a temporary file and renamed into place, so
+parallel processes never load a half-written library.
+
+The arithmetic is float32 in the order of the pure-ops path (and of
+improved-diffusion), with accurate ``std::exp``; the per-step constants are
+the float64 schedule rounded once to float32, and DDIM's σ_t and
+√(1 − ᾱ_{t−1} − σ_t²) are computed per step in float32 from those rounded
+constants, as the reference does.
+"""
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+
+import numpy as np
+import mindspore as ms
+from mindspore import ops
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "step_kernel.cc")
+CXX_FLAGS = ("-std=c++17", "-O3", "-fno-trapping-math", "-ffp-contract=off", "-shared", "-fPIC")
+ENV_SWITCH = "MIND_DIFFUSION_FUSED"
+
+# Columns of the per-step tables; must match the enums in csrc/step_kernel.cc.
+DDPM_COLUMNS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
+                "posterior_mean_coef2", "min_log", "max_log", "fixed_log_variance", "nonzero_mask")
+DDIM_COLUMNS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
+                "posterior_mean_coef2", "sqrt_alphas_cumprod_prev", "eps_coef", "sigma_times_mask")
+
+_lock = threading.Lock()
+_library = {}  # "path" -> built .so path or None, "reason" -> why not
+
+
+def enabled_by_env():
+    """False when ``MIND_DIFFUSION_FUSED`` is set to 0/false/off/no."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def cache_dir():
+    """Where the built kernel library lives."""
+    root = os.environ.get("MIND_DIFFUSION_CACHE")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mind_diffusion")
+    return root
+
+
+def _build():
+    """Compile csrc/step_kernel.cc once per source/flags hash; returns (path or None, reason)."""
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    if compiler is None:
+        return None, "no C++ compiler (g++) on PATH"
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    digest = hashlib.sha256(source + " ".join(CXX_FLAGS).encode()).hexdigest()[:16]
+    directory = cache_dir()
+    target = os.path.join(directory, f"step_kernel-{digest}.so")
+    if os.path.isfile(target):
+        return target, "cached"
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".step_kernel-", suffix=".so", dir=directory)
+        os.close(fd)
+    except OSError as err:
+        return None, f"cannot write the kernel cache {directory}: {err}"
+    try:
+        result = subprocess.run([compiler, *CXX_FLAGS, "-o", tmp, SOURCE],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+        if result.returncode != 0:
+            return None, f"g++ failed ({result.returncode}): {result.stdout.strip()[-2000:]}"
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)  # atomic: other processes see the old state or the whole library
+        return target, "built"
+    except (OSError, subprocess.SubprocessError) as err:
+        return None, f"building the kernel failed: {err}"
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def library():
+    """Path of the built kernel library, or None (the reason is in :func:`status`)."""
+    with _lock:
+        if "path" not in _library:
+            path, reason = _build()
+            _library["path"], _library["reason"] = path, reason
+            if path is None:
+                warnings.warn(f"mind_diffusion: fused sampling step unavailable, using pure ops ({reason})",
+                              RuntimeWarning, stacklevel=3)
+        return _library["path"]
+
+
+def status():
+    """(use_fused, reason) for steps built now: whether the fused path is taken, and why (not)."""
+    if not enabled_by_env():
+        return False, f"disabled by {ENV_SWITCH}={os.environ.get(ENV_SWITCH)}"
+    target = ms.get_context("device_target")
+    if target != "CPU":
+        return False, f"device target {target} (the fused kernel is CPU-only)"
+    if library() is None:
+        return False, _library["reason"]
+    return True, f"fused C++ kernel ({os.path.basename(_library['path'])})"
+
+
+def _custom(function):
+    """The aot Custom operator for one entry point, or None when MindSpore refuses it."""
+    path = library()
+    try:
+        return ops.Custom(f"{path}:{function}", out_shape=lambda x, out, noise, t, table: (x, x),
+                          out_dtype=lambda x, out, noise, t, table: (x, x), func_type="aot")
+    except (TypeError, ValueError, RuntimeError) as err:  # e.g. MS_CUSTOM_AOT_WHITE_LIST excludes the cache
+        warnings.warn(f"mind_diffusion: fused sampling step unavailable, using pure ops ({err})",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _f32(values):
+    return np.asarray(values, np.float64).astype(np.float32)
+
+
+def _mean_columns(schedule):
+    """The four columns every step needs for x̂_0 (ε, x_0 or μ parametrisation), float64 → float32."""
+    return [_f32(schedule[name]) for name in DDPM_COLUMNS[:4]]
+
+
+def ddpm_table(diffusion):
+    """Per-step constants of the ancestral step, [T, 8] float32 (columns: :data:`DDPM_COLUMNS`)."""
+    s = diffusion.schedule
+    fixed = s["fixed_large_log_variance"] if diffusion._var == "fixed_large" else s["posterior_log_variance_clipped"]
+    columns = _mean_columns(s) + [_f32(s["posterior_log_variance_clipped"]), _f32(s["log_betas"]), _f32(fixed),
+                                  (np.arange(diffusion.num_timesteps) > 0).astype(np.float32)]
+    return np.stack(columns, axis=1)
+
+
+def ddim_table(diffusion, eta):
+    """Per-step constants of the DDIM step with stochasticity η, [T, 7] float32 (columns: :data:`DDIM_COLUMNS`).
+
+    σ_t = η √((1 − ᾱ_{t−1}) / (1 − ᾱ_t)) √(1 − ᾱ_t / ᾱ_{t−1}) and √(1 − ᾱ_{t−1} − σ_t²) are computed in
+    float32 from the float32-rounded ᾱ, in the reference's order (numpy's float32 sqrt and division are
+    correctly rounded, like the reference's).
+    """
+    s = diffusion.schedule
+    one = np.float32(1.0)
+    alpha_bar, alpha_bar_prev = _f32(s["alphas_cumprod"]), _f32(s["alphas_cumprod_prev"])
+    with np.errstate(invalid="ignore"):
+        sigma = (np.float32(eta) * np.sqrt((one - alpha_bar_prev) / (one - alpha_bar))
+                 * np.sqrt(one - alpha_bar / alpha_bar_prev))
+        eps_coef = np.sqrt(one - alpha_bar_prev - sigma * sigma)
+    mask = (np.arange(diffusion.num_timesteps) > 0).astype(np.float32)
+    columns = _mean_columns(s) + [np.sqrt(alpha_bar_prev), eps_coef, mask * sigma]
+    return np.stack(columns, axis=1).astype(np.float32)
+
+
+def _variant(diffusion, clip_denoised):
+    return diffusion._mean, "clip" if clip_denoised else "noclip"
+
+
+def ddpm_kernel(diffusion, clip_denoised):
+    """(op, table Tensor) computing one ancestral step, or None when the fused path is not taken."""
+    if not status()[0]:
+        return None
+    mean, clip = _variant(diffusion, clip_denoised)
+    op = _custom(f"md_ddpm_{mean}_{diffusion._var}_{clip}")
+    return None if op is None else (op, ms.Tensor(ddpm_table(diffusion), ms.float32))
+
+
+def ddim_kernel(diffusion, eta, clip_denoised):
+    """(op, table Tensor) computing one DDIM step with η, or None when the fused path is not taken."""
+    if not status()[0]:
+        return None
+    mean, clip = _variant(diffusion, clip_denoised)
+    sigma = "learned" if diffusion._learned_sigma else "fixed"
+    op = _custom(f"md_ddim_{mean}_{sigma}_{clip}")
+    return None if op is None else (op, ms.Tensor(ddim_table(diffusion, eta), ms.float32))
+
+
+def fits(output, x, t, noise, out_channels):
+    """Whether the kernel takes these tensors (float32 x/output/noise, int32 t, output with
+    ``out_channels`` channels); shapes and dtypes only, so graph mode resolves it at compile time."""
+    return (x.dtype == ms.float32 and output.dtype == ms.float32 and noise.dtype == ms.float32
+            and t.dtype == ms.int32 and output.ndim == x.ndim and x.ndim >= 2
+            and output.shape[1] == out_channels * x.shape[1])
+
+
+class FusedStep:
+    """Mixin of the step Cells: holds the fused operator and its table, chosen at construction."""
+
+    def _init_fused(self, kernel, learned_sigma):
+        self.fused = kernel is not None
+        self.fused_op = kernel[0] if kernel is not None else None
+        self.fused_table = kernel[1] if kernel is not None else None
+        self.fused_out_channels = 2 if learned_sigma else 1
