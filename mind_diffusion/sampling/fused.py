@@ -21,11 +21,9 @@ values) and only on the CPU backend; the pure-ops path stays the fallback:
   x (C or 2C channels) also takes the pure-ops path (decided from shapes and
   dtypes, which are compile-time constants).
 
-The library is cached in ``$MIND_DIFFUSION_CACHE`` (default
-``$XDG_CACHE_HOME/mind_diffusion`` or ``~/.cache/mind_diffusion``) under a name
-that hashes the C++ source and the compiler flags, so editing the source
-rebuilds it; it is written to a temporary file and renamed into place, so
-parallel processes never load a half-written library.
+The library is built and cached by :mod:`mind_diffusion.kernels.aot` (keyed
+by the source and the flags; parallel processes never load a half-written
+library).
 
 The arithmetic is float32 in the order of the pure-ops path (and of
 improved-diffusion), with accurate ``std::exp``; the per-step constants are
@@ -33,11 +31,7 @@ the float64 schedule rounded once to float32, and DDIM's σ_t and
 √(1 − ᾱ_{t−1} − σ_t²) are computed per step in float32 from those rounded
 constants, as the reference does.
 """
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
 
@@ -45,8 +39,10 @@ import numpy as np
 import mindspore as ms
 from mindspore import ops
 
+from mind_diffusion.kernels import aot
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "step_kernel.cc")
-CXX_FLAGS = ("-std=c++17", "-O3", "-fno-trapping-math", "-ffp-contract=off", "-shared", "-fPIC")
+CXX_FLAGS = aot.DEFAULT_FLAGS
 ENV_SWITCH = "MIND_DIFFUSION_FUSED"
 
 # Columns of the per-step tables; must match the enums in csrc/step_kernel.cc.
@@ -64,45 +60,9 @@ def enabled_by_env():
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def cache_dir():
-    """Where the built kernel library lives."""
-    root = os.environ.get("MIND_DIFFUSION_CACHE")
-    if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mind_diffusion")
-    return root
-
-
 def _build():
     """Compile csrc/step_kernel.cc once per source/flags hash; returns (path or None, reason)."""
-    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
-    if compiler is None:
-        return None, "no C++ compiler (g++) on PATH"
-    with open(SOURCE, "rb") as f:
-        source = f.read()
-    digest = hashlib.sha256(source + " ".join(CXX_FLAGS).encode()).hexdigest()[:16]
-    directory = cache_dir()
-    target = os.path.join(directory, f"step_kernel-{digest}.so")
-    if os.path.isfile(target):
-        return target, "cached"
-    try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".step_kernel-", suffix=".so", dir=directory)
-        os.close(fd)
-    except OSError as err:
-        return None, f"cannot write the kernel cache {directory}: {err}"
-    try:
-        result = subprocess.run([compiler, *CXX_FLAGS, "-o", tmp, SOURCE],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
-        if result.returncode != 0:
-            return None, f"g++ failed ({result.returncode}): {result.stdout.strip()[-2000:]}"
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, target)  # atomic: other processes see the old state or the whole library
-        return target, "built"
-    except (OSError, subprocess.SubprocessError) as err:
-        return None, f"building the kernel failed: {err}"
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return aot.build(SOURCE, CXX_FLAGS)
 
 
 def library():

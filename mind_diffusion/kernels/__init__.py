@@ -1,0 +1,1 @@
+"""Custom CPU operators written in C++ (``ops.Custom(func_type="aot")``) and their build."""

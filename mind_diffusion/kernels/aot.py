@@ -1,0 +1,66 @@
+"""Building the C++ sources of ``ops.Custom(func_type="aot")`` operators, once per machine.
+
+MindSpore's CPU backend launches every kernel for ~15 µs and some of its
+kernels are far slower than PyTorch's; a few hot paths are therefore C++
+operators built with g++ on first use. A library is cached in
+``$MIND_DIFFUSION_CACHE`` (default ``$XDG_CACHE_HOME/mind_diffusion`` or
+``~/.cache/mind_diffusion``) under a name that hashes its source and compiler
+flags, so an edited source rebuilds; it is compiled to a temporary file and
+renamed into place, so parallel processes (msrun workers, test runners) never
+load a half-written library.
+"""
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+DEFAULT_FLAGS = ("-std=c++17", "-O3", "-fno-trapping-math", "-ffp-contract=off", "-shared", "-fPIC")
+
+
+def cache_dir():
+    """Where built kernel libraries live."""
+    root = os.environ.get("MIND_DIFFUSION_CACHE")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mind_diffusion")
+    return root
+
+
+def build(source, flags=DEFAULT_FLAGS, link=()):
+    """Compile ``source`` into a shared library unless a build of the same source and flags exists.
+
+    :param source: path of the C++ file.
+    :param flags: compiler flags (must make a shared library).
+    :param link: extra arguments after the source, e.g. ``("-lpthread",)``.
+    :return: ``(path, "built" | "cached")``, or ``(None, reason)`` when no library can be had.
+    """
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    if compiler is None:
+        return None, "no C++ compiler (g++) on PATH"
+    with open(source, "rb") as f:
+        text = f.read()
+    digest = hashlib.sha256(text + " ".join((*flags, "|", *link)).encode()).hexdigest()[:16]
+    stem = os.path.splitext(os.path.basename(source))[0]
+    directory = cache_dir()
+    target = os.path.join(directory, f"{stem}-{digest}.so")
+    if os.path.isfile(target):
+        return target, "cached"
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem}-", suffix=".so", dir=directory)
+        os.close(fd)
+    except OSError as err:
+        return None, f"cannot write the kernel cache {directory}: {err}"
+    try:
+        result = subprocess.run([compiler, *flags, "-o", tmp, source, *link],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+        if result.returncode != 0:
+            return None, f"g++ failed ({result.returncode}): {result.stdout.strip()[-2000:]}"
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)  # atomic: other processes see no library or the whole one
+        return target, "built"
+    except (OSError, subprocess.SubprocessError) as err:
+        return None, f"building {stem} failed: {err}"
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
