@@ -3,7 +3,8 @@
 Shared by the trainer's periodic sample grids, ``run_infer.sh`` and the
 benchmarks. The model is any network trained on ``diffusion``; for text models
 a tokenizer turns prompts into (tokens, mask), and a guidance scale other than
-1 wraps the model in classifier-free guidance. Compiled step graphs are cached
+1 wraps the model in classifier-free guidance; a super-resolution model (GLIDE's
+upsampler) also takes the low-resolution images to enlarge. Compiled step graphs are cached
 per (sampler, steps, η, scale), and every batch has the same size (the last
 one is padded), so repeated calls reuse the graphs.
 """
@@ -22,10 +23,12 @@ class ImageGenerator:
     :param image_shape: (C, H, W) of the samples.
     :param tokenizer: prompts → (tokens, mask), for text-conditioned models.
     :param num_classes: > 0 for class-conditional models (labels are passed as ``y``).
+    :param low_res_size: > 0 for super-resolution models (``low_res`` [N, C, s, s] in [-1, 1]).
     """
 
-    def __init__(self, model, diffusion, image_shape, tokenizer=None, num_classes=0):
+    def __init__(self, model, diffusion, image_shape, tokenizer=None, num_classes=0, low_res_size=0):
         self.model = model
+        self.low_res_size = int(low_res_size)
         self.diffusion = diffusion
         self.image_shape = tuple(image_shape)
         self.tokenizer = tokenizer
@@ -48,14 +51,17 @@ class ImageGenerator:
         sampler.progress = progress
         return sampler
 
-    def conditioning(self, prompts=None, labels=None, scale=1.0):
-        """The model's keyword inputs for a batch of prompts or labels."""
+    def conditioning(self, prompts=None, labels=None, scale=1.0, low_res=None):
+        """The model's keyword inputs for a batch of prompts or labels (and low-res images)."""
         if self.tokenizer is not None:
             if prompts is None:
                 raise ValueError("this is a text-to-image model: give prompts")
             # Scale 0 is the unconditional model: the empty caption, no second pass.
             tokens, mask = self.tokenizer([""] * len(prompts) if scale == 0.0 else list(prompts))
-            return {"tokens": ms.Tensor(tokens), "mask": ms.Tensor(mask)}
+            cond = {"tokens": ms.Tensor(tokens), "mask": ms.Tensor(mask)}
+            if self.low_res_size:
+                cond["low_res"] = ms.Tensor(self._checked_low_res(low_res, len(prompts)))
+            return cond
         if self.num_classes:
             if labels is None:
                 raise ValueError(f"this is a class-conditional model ({self.num_classes} classes): give labels")
@@ -65,17 +71,30 @@ class ImageGenerator:
             return {"y": ms.Tensor(labels)}
         return {}
 
+    def _checked_low_res(self, low_res, count):
+        if low_res is None:
+            raise ValueError("this is a super-resolution model: give the low-resolution images to enlarge")
+        low_res = np.asarray(low_res, np.float32)
+        want = (count, self.image_shape[0], self.low_res_size, self.low_res_size)
+        if low_res.shape != want:
+            raise ValueError(f"low-resolution images must be {want} (N, C, H, W in [-1, 1]); got {low_res.shape}")
+        return low_res
+
     def sample(self, count, prompts=None, labels=None, sampler="ddim", steps=50, eta=0.0,
-               guidance_scale=1.0, batch_size=16, seed=0, clip_denoised=True, progress=False):
+               guidance_scale=1.0, batch_size=16, seed=0, clip_denoised=True, progress=False, low_res=None):
         """``count`` images as float32 [count, C, H, W] in [-1, 1].
 
-        Prompts (or labels) are cycled to ``count``; sample i of the same seed
-        is the same image whatever ``count`` is, as long as the batch size is.
+        Prompts (or labels, or low-resolution images) are cycled to ``count``;
+        sample i of the same seed is the same image whatever ``count`` is, as
+        long as the batch size is.
         """
         if prompts is not None:
             prompts = [prompts[i % len(prompts)] for i in range(count)]
         if labels is not None:
             labels = [labels[i % len(labels)] for i in range(count)]
+        if low_res is not None:
+            low_res = np.asarray(low_res, np.float32)
+            low_res = low_res[np.arange(count) % len(low_res)]
         walker = self._sampler(sampler, min(int(steps), self.diffusion.num_timesteps), float(eta),
                                float(guidance_scale), clip_denoised, progress)
         batches = []
@@ -83,7 +102,7 @@ class ImageGenerator:
             index = [min(i, count - 1) for i in range(start, start + batch_size)]  # pad the last batch
             cond = self.conditioning(None if prompts is None else [prompts[i] for i in index],
                                      None if labels is None else [labels[i] for i in index],
-                                     float(guidance_scale))
+                                     float(guidance_scale), None if low_res is None else low_res[index])
             images = walker.sample((batch_size,) + self.image_shape, model_kwargs=cond,
                                    seed=seed * 1_000_003 + start)
             batches.append(images.asnumpy()[:min(batch_size, count - start)])

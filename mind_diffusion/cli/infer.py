@@ -32,6 +32,9 @@ def parse_args(argv=None):
     parser.add_argument("prompt", nargs="?", default=None, help="caption for text-to-image models")
     parser.add_argument("--label", type=int, action="append", default=None,
                         help="class label for class-conditional models (repeatable)")
+    parser.add_argument("--low-res", default=None, metavar="IMAGE",
+                        help="image to enlarge, for super-resolution (glide_upsample) checkpoints; "
+                             "centre-cropped and resized to the model's low-res size")
     parser.add_argument("--scale", type=float, default=None,
                         help="classifier-free guidance scale s (0 = unconditional, 1 = plain conditional; "
                              "default: the recipe's sample.guidance_scale)")
@@ -124,13 +127,23 @@ def main(argv=None):
     scale = sample.guidance_scale if args.scale is None else args.scale
     image_shape = (config.model.in_channels, config.model.image_size, config.model.image_size)
     generator = ImageGenerator(model, build_diffusion(config.diffusion, config.model), image_shape, tokenizer,
-                               config.model.num_classes if config.model.class_cond else 0)
+                               config.model.num_classes if config.model.class_cond else 0,
+                               low_res_size=config.model.low_res_size)
+    low_res = None
+    if config.model.low_res_size:
+        from mind_diffusion.data import transforms
+        try:
+            image = transforms.center_crop_arr(transforms.load_rgb(args.low_res), config.model.low_res_size)
+        except transforms.UnreadableImage as err:
+            print(f"error: --low-res: {err}", file=sys.stderr)
+            return 2
+        low_res = transforms.to_model_input(image)[None]
     started = time.perf_counter()
     images = generator.sample(args.n, prompts=[args.prompt] if tokenizer else None, labels=args.label,
                               sampler=args.sampler or sample.sampler, steps=args.steps or sample.steps,
                               eta=sample.eta if args.eta is None else args.eta, guidance_scale=scale,
                               batch_size=min(args.batch, args.n), seed=args.seed,
-                              clip_denoised=sample.clip_denoised, progress=True)
+                              clip_denoised=sample.clip_denoised, progress=True, low_res=low_res)
     elapsed = time.perf_counter() - started
     name = f"{slug(args.prompt) if args.prompt else 'label_' + '_'.join(map(str, args.label or [])) or 'samples'}"
     out = save_grid(to_uint8(images), os.path.join(args.out, f"{name}_s{scale:g}_seed{args.seed}.png"),
@@ -142,7 +155,12 @@ def main(argv=None):
 
 
 def check_request(args, config, tokenizer):
-    """A message when the prompt/label do not fit the checkpoint's kind of model, else None."""
+    """A message when the prompt/label/low-res image do not fit the checkpoint's kind of model, else None."""
+    if config.model.low_res_size and not args.low_res:
+        return (f"this is a super-resolution checkpoint ({config.model.low_res_size} → {config.model.image_size} px): "
+                "give the image to enlarge with --low-res IMAGE")
+    if args.low_res and not config.model.low_res_size:
+        return "--low-res is for super-resolution (glide_upsample) checkpoints; this one generates from scratch"
     if tokenizer is not None:
         if args.prompt is None or not args.prompt.strip():
             return ("this is a text-to-image checkpoint: give a non-empty prompt, e.g. "

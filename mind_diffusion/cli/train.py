@@ -92,8 +92,9 @@ def main(argv=None):
     sampling_model, _ = build_model(config.model)
     image_shape = (config.model.in_channels, config.model.image_size, config.model.image_size)
     generator = ImageGenerator(sampling_model, diffusion, image_shape, tokenizer,
-                               config.model.num_classes if config.model.class_cond else 0)
-    prompts, labels = default_conditions(config)
+                               config.model.num_classes if config.model.class_cond else 0,
+                               low_res_size=config.model.low_res_size)
+    prompts, labels, low_res = default_conditions(config)
 
     def sample_grid(ema_state, step):
         own = dict(sampling_model.parameters_and_names())
@@ -103,7 +104,7 @@ def main(argv=None):
         images = generator.sample(s.num_samples, prompts=prompts, labels=labels, sampler=s.sampler,
                                   steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale,
                                   batch_size=min(s.batch_size, s.num_samples), seed=config.seed,
-                                  clip_denoised=s.clip_denoised)
+                                  clip_denoised=s.clip_denoised, low_res=low_res)
         return save_grid(to_uint8(images), os.path.join(run_dir, "samples", f"step_{step:08d}.png"),
                          scale=max(1, 128 // config.model.image_size))
 
@@ -124,8 +125,14 @@ def main(argv=None):
 
 
 def default_conditions(config):
-    """Prompts or labels for the periodic sample grids: the demo vocabulary in both languages."""
-    if config.model.arch in ("glide", "glide_upsample"):
+    """(prompts, labels, low_res) for the periodic sample grids: the demo vocabulary in both
+    languages; an upsampler enlarges the first training images, with their captions."""
+    if config.model.arch == "glide_upsample":
+        from mind_diffusion.data import preview_items
+        from mind_diffusion.data.transforms import box_downsample
+        images, texts, _ = preview_items(config.data, config.sample.num_samples)
+        return [text or "" for text in texts], None, box_downsample(images, config.model.low_res_size)
+    if config.model.arch == "glide":
         from mind_diffusion.data import demo
         rng = np.random.default_rng(config.seed)
         prompts = []
@@ -133,10 +140,10 @@ def default_conditions(config):
             shape = demo.SHAPES[i % len(demo.SHAPES)].name
             color = demo.COLORS[rng.integers(len(demo.COLORS))].name
             prompts.append(demo.make_caption(shape, color, lang="zh" if i % 2 else "en"))
-        return prompts, None
+        return prompts, None, None
     if config.model.class_cond:
-        return None, list(range(config.sample.num_samples))
-    return None, None
+        return None, list(range(config.sample.num_samples)), None
+    return None, None, None
 
 
 if __name__ == "__main__":

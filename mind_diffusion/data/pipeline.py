@@ -253,3 +253,26 @@ def create_dataset(data_cfg, batch_size, rank=0, world_size=1, tokenizer=None, s
                            data_cfg.caption_dropout, tokenizer, with_labels=data_cfg.class_cond)
     return BatchStream(source, batch_size, start_step, data_cfg.num_workers,
                        data_cfg.python_multiprocessing, class_names)
+
+
+def preview_items(data_cfg, count):
+    """The first ``count`` readable items of a data source, unshuffled, for sample grids.
+
+    :return: (images float32 [n, 3, S, S] in [-1, 1], captions (list of str or None), labels [n]);
+        n < ``count`` only when the source has fewer readable items.
+    """
+    items, _ = _items_for(data_cfg)
+    images, texts, labels = [], [], []
+    for index in range(len(items)):
+        if len(images) == count:
+            break
+        try:
+            image, text, label = items.load(index)
+        except transforms.UnreadableImage:
+            continue
+        images.append(transforms.to_model_input(image))
+        texts.append(text)
+        labels.append(label)
+    if not images:
+        raise RuntimeError(f"none of the {len(items)} images could be read; check data.path")
+    return np.stack(images), texts, np.asarray(labels, np.int32)

@@ -1,4 +1,4 @@
-"""Image transforms: decode, centre-crop and resize, flip, scale to [-1, 1].
+"""Image transforms: decode, centre-crop and resize, flip, scale to [-1, 1], box-downsample.
 
 The resize follows guided-diffusion's ``center_crop_arr``: halve with a box
 filter while the image is at least twice the target (cheap, alias-free), then
@@ -47,3 +47,20 @@ def horizontal_flip(array):
 def to_model_input(array):
     """uint8 HWC → float32 CHW in [-1, 1] (x / 127.5 − 1)."""
     return (array.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1).copy()
+
+
+def box_downsample(images, size):
+    """Average ``factor × factor`` pixel blocks: [..., C, H, W] → [..., C, size, size], H = W = factor · size.
+
+    The low-resolution input of a super-resolution model (GLIDE's upsampler)
+    made from a training image: the area average is what a camera of the lower
+    resolution would record, and it never aliases.
+    """
+    images = np.asarray(images)
+    height, width = images.shape[-2:]
+    if height != width or height % size:
+        raise ValueError(f"cannot box-downsample {height}x{width} images to {size}x{size}: "
+                         "the side must be a multiple of the target")
+    factor = height // size
+    blocks = images.reshape(images.shape[:-2] + (size, factor, size, factor))
+    return blocks.mean(axis=(-3, -1), dtype=np.float64).astype(images.dtype)

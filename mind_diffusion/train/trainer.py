@@ -17,7 +17,7 @@ from mindspore import nn
 from tqdm.auto import tqdm
 
 from ..config import config_to_dict, save_config
-from ..data import create_dataset
+from ..data import create_dataset, transforms
 from ..resample import create_named_schedule_sampler
 from .checkpoint import (checkpoint_path, checkpoint_step, latest_checkpoint, list_checkpoints,
                          read_checkpoint, restore_state, save_training_checkpoint, training_state)
@@ -123,7 +123,15 @@ class Trainer:
             names += ["tokens", "mask"]
         if self.config.model.class_cond:
             names.append("y")
+        if self.config.model.arch == "glide_upsample":
+            names.append("low_res")
         return tuple(names)
+
+    def _condition(self, batch, name):
+        """One conditioning input of a batch; an upsampler's low-res input is its target, box-downsampled."""
+        if name == "low_res":
+            return transforms.box_downsample(batch["images"], self.config.model.low_res_size)
+        return batch[CONDITION_COLUMNS[name]]
 
     @property
     def is_writer(self):
@@ -183,7 +191,7 @@ class Trainer:
             data_digest.update(np.ascontiguousarray(batch["index"]).tobytes())
             items_seen += len(batch["index"])
             u, noise = step_randomness(self.config.seed, self.rank, step, train.batch_size, self.image_shape)
-            cond = [ms.Tensor(batch[CONDITION_COLUMNS[name]]) for name in self.cond_names]
+            cond = [ms.Tensor(self._condition(batch, name)) for name in self.cond_names]
             log.add(self.train_step(ms.Tensor(batch["images"]), ms.Tensor(u), ms.Tensor(noise), *cond))
             step += 1
             bar.update(1)
