@@ -12,7 +12,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from mind_diffusion.nn import GlobalAvgPool, conv_nd, linear, normalization, timestep_embedding, zero_module
+from mind_diffusion.nn import GlobalAvgPool, conv_nd, linear, normalization_silu, timestep_embedding, zero_module
 from models.unet import (
     AttentionBlock,
     Downsample,
@@ -139,14 +139,14 @@ class EncoderUNetModel(nn.Cell):
         feature_size += ch
 
         if pool == "adaptive":
-            head = [normalization(ch), nn.SiLU(), GlobalAvgPool(), zero_module(conv_nd(2, ch, out_channels, 1)),
+            head = [*normalization_silu(ch), GlobalAvgPool(), zero_module(conv_nd(2, ch, out_channels, 1)),
                     nn.Flatten()]
         elif pool == "attention":
-            head = [normalization(ch), nn.SiLU(), AttentionPool2d(image_size // ds, ch, num_head_channels, out_channels)]
+            head = [*normalization_silu(ch), AttentionPool2d(image_size // ds, ch, num_head_channels, out_channels)]
         elif pool == "spatial":
             head = [nn.Dense(feature_size, 2048), nn.ReLU(), nn.Dense(2048, out_channels)]
         else:
-            head = [nn.Dense(feature_size, 2048), normalization(2048), nn.SiLU(), nn.Dense(2048, out_channels)]
+            head = [nn.Dense(feature_size, 2048), *normalization_silu(2048), nn.Dense(2048, out_channels)]
         self.out = nn.SequentialCell(head)
 
         for torso in (self.input_blocks, self.middle_block):

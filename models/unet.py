@@ -19,6 +19,7 @@ from mind_diffusion.nn import (
     conv_nd,
     linear,
     normalization,
+    normalization_silu,
     timestep_embedding,
     upsample_nearest_2x,
     zero_module,
@@ -162,7 +163,7 @@ class ResBlock(TimestepBlock):
         self.updown = up or down
 
         self.in_layers = nn.SequentialCell(
-            [normalization(channels), nn.SiLU(), conv_nd(2, channels, self.out_channels, 3, padding=1)]
+            [*normalization_silu(channels), conv_nd(2, channels, self.out_channels, 3, padding=1)]
         )
         if up:
             self.h_upd = Upsample(channels, False)
@@ -175,8 +176,7 @@ class ResBlock(TimestepBlock):
         self.emb_layers = nn.SequentialCell([nn.SiLU(), linear(emb_channels, emb_out_channels)])
         self.out_layers = nn.SequentialCell(
             [
-                normalization(self.out_channels),
-                nn.SiLU(),
+                *normalization_silu(self.out_channels),
                 nn.Dropout(p=dropout),
                 zero_module(conv_nd(2, self.out_channels, self.out_channels, 3, padding=1)),
             ]
@@ -200,8 +200,8 @@ class ResBlock(TimestepBlock):
             h = self.in_layers(x)
         emb_out = self.emb_layers(emb).astype(h.dtype)[:, :, None, None]
         if self.use_scale_shift_norm:
-            scale, shift = ops.chunk(emb_out, 2, axis=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
+            # AdaGN: SiLU(GN(h) (1 + scale) + shift), one fused op ([scale | shift] = emb_out).
+            h = self.out_layers[0](h, emb_out)
             h = self.out_layers[3](self.out_layers[2](self.out_layers[1](h)))
         else:
             h = self.out_layers(h + emb_out)
@@ -480,7 +480,7 @@ class UNetModel(nn.Cell):
         self.output_blocks = nn.CellList(output_blocks)
 
         self.out = nn.SequentialCell(
-            [normalization(ch), nn.SiLU(), zero_module(conv_nd(2, input_ch, out_channels, 3, padding=1))]
+            [*normalization_silu(ch), zero_module(conv_nd(2, input_ch, out_channels, 3, padding=1))]
         )
 
         for torso in (self.input_blocks, self.middle_block, self.output_blocks):
