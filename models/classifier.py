@@ -152,7 +152,8 @@ class EncoderUNetModel(nn.Cell):
         for torso in (self.input_blocks, self.middle_block):
             convert_convolutions(torso, self.dtype)
             if use_checkpoint:
-                torso.recompute()
+                for block in torso:  # per block: recompute() on the CellList itself breaks its indexing
+                    block.recompute()
 
     def construct(self, x, timesteps):
         """:param x: [N, C, H, W] noisy images; :param timesteps: [N]; returns [N, out_channels] float32 logits."""

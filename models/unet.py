@@ -486,7 +486,8 @@ class UNetModel(nn.Cell):
         for torso in (self.input_blocks, self.middle_block, self.output_blocks):
             convert_convolutions(torso, self.dtype)
             if use_checkpoint:
-                torso.recompute()
+                for block in torso:  # per block: recompute() on the CellList itself breaks its indexing
+                    block.recompute()
 
     def embed(self, timesteps, y=None):
         """The conditioning vector: MLP(sinusoidal(t)) plus the label embedding of ``y`` if class-conditional."""

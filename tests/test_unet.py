@@ -209,3 +209,28 @@ def test_compute_dtype_options():
     assert UNetModel(**TINY).dtype == ms.float32
     with pytest.raises(ValueError, match="contradicts"):
         UNetModel(**TINY, use_fp16=True, dtype=ms.bfloat16)
+
+
+def test_use_checkpoint_recomputes_with_the_same_gradients():
+    """Gradient checkpointing (ADM's use_checkpoint) changes memory, not the loss or any gradient."""
+    from mindspore import nn, ops
+
+    class Loss(nn.Cell):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def construct(self, x, t):
+            return (self.model(x, t) ** 2).mean()
+
+    grads = []
+    for use_checkpoint in (False, True):
+        model = UNetModel(**TINY, use_scale_shift_norm=True, use_checkpoint=use_checkpoint)
+        randomize_parameters(model, seed=5)
+        loss = Loss(model)
+        grad_fn = ms.jit(ms.value_and_grad(loss, None, loss.trainable_params()))
+        value, g = grad_fn(*_inputs())
+        grads.append((value.asnumpy(), [v.asnumpy() for v in g]))
+    np.testing.assert_allclose(grads[1][0], grads[0][0], rtol=1e-6)
+    for a, b in zip(grads[1][1], grads[0][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, np.abs(b).max()))
