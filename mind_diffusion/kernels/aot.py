@@ -64,3 +64,20 @@ def build(source, flags=DEFAULT_FLAGS, link=()):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def switched_off(switch, what):
+    """Why a C++ path is not taken before any build, or None.
+
+    :param switch: its environment variable; 0/false/off/no turn the path off (default on).
+    :param what: its name in messages, e.g. "fast GroupNorm".
+    :return: "disabled by SWITCH=value", "device target X (the WHAT is CPU-only)", or None.
+    """
+    value = os.environ.get(switch, "1")
+    if value.strip().lower() in ("0", "false", "off", "no"):
+        return f"disabled by {switch}={value}"
+    import mindspore as ms  # the build helpers above need no MindSpore
+    target = ms.get_context("device_target")
+    if target != "CPU":
+        return f"device target {target} (the {what} is CPU-only)"
+    return None

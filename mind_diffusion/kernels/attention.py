@@ -49,11 +49,6 @@ _lock = threading.Lock()
 _library = {}  # "path" -> built .so path or None, "reason" -> why not, "op" -> forward op or None
 
 
-def enabled_by_env():
-    """False when ``MIND_DIFFUSION_FAST_ATTENTION`` is set to 0/false/off/no."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
-
-
 def library():
     """Path of the built kernel library, or None (the reason is in :func:`status`)."""
     with _lock:
@@ -68,11 +63,9 @@ def library():
 
 def status():
     """(use_fast, reason): whether attention graphs built now take the C++ kernels, and why (not)."""
-    if not enabled_by_env():
-        return False, f"disabled by {ENV_SWITCH}={os.environ.get(ENV_SWITCH)}"
-    target = ms.get_context("device_target")
-    if target != "CPU":
-        return False, f"device target {target} (the fast attention is CPU-only)"
+    off = aot.switched_off(ENV_SWITCH, "fast attention")
+    if off:
+        return False, off
     if library() is None:
         return False, _library["reason"]
     return True, f"C++ kernels ({os.path.basename(_library['path'])})"

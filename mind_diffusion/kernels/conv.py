@@ -58,11 +58,6 @@ _library = {}  # "path" -> built .so path or None, "reason" -> why not, "info" -
 _ops = {}  # geometry -> forward Custom op (with its bprop), or None
 
 
-def enabled_by_env():
-    """False when ``MIND_DIFFUSION_FAST_CONV`` is set to 0/false/off/no."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
-
-
 def dnnl_dir():
     """The folder of the oneDNN library shipped with MindSpore, or None."""
     folder = os.path.join(os.path.dirname(os.path.abspath(ms.__file__)), "lib")
@@ -105,11 +100,9 @@ def library():
 
 def status():
     """(use_fast, reason): whether convolution Cells built now take the C++ kernels, and why (not)."""
-    if not enabled_by_env():
-        return False, f"disabled by {ENV_SWITCH}={os.environ.get(ENV_SWITCH)}"
-    target = ms.get_context("device_target")
-    if target != "CPU":
-        return False, f"device target {target} (the fast convolution is CPU-only)"
+    off = aot.switched_off(ENV_SWITCH, "fast convolution")
+    if off:
+        return False, off
     if library() is None:
         return False, _library["reason"]
     return True, f"C++ kernels ({os.path.basename(_library['path'])}; {_library['info']})"

@@ -55,11 +55,6 @@ _lock = threading.Lock()
 _library = {}  # "path" -> built .so path or None, "reason" -> why not
 
 
-def enabled_by_env():
-    """False when ``MIND_DIFFUSION_FUSED`` is set to 0/false/off/no."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
-
-
 def _build():
     """Compile csrc/step_kernel.cc once per source/flags hash; returns (path or None, reason)."""
     return aot.build(SOURCE, CXX_FLAGS)
@@ -79,11 +74,9 @@ def library():
 
 def status():
     """(use_fused, reason) for steps built now: whether the fused path is taken, and why (not)."""
-    if not enabled_by_env():
-        return False, f"disabled by {ENV_SWITCH}={os.environ.get(ENV_SWITCH)}"
-    target = ms.get_context("device_target")
-    if target != "CPU":
-        return False, f"device target {target} (the fused kernel is CPU-only)"
+    off = aot.switched_off(ENV_SWITCH, "fused kernel")
+    if off:
+        return False, off
     if library() is None:
         return False, _library["reason"]
     return True, f"fused C++ kernel ({os.path.basename(_library['path'])})"
