@@ -184,6 +184,8 @@ class DiffusionConfig:
     sigma_small: bool = option(False, "fixed variance β̃_t (posterior) instead of β_t; "
                                "used only when learn_sigma is false")
     predict_xstart: bool = option(False, "network predicts x_0 instead of ε")
+    predict_v: bool = option(False, "network predicts v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 instead of ε "
+                             "(Salimans & Ho 2022): its loss keeps weight on x_0 at high noise")
     loss: str = option("mse", "training loss: mse (L_simple), rescaled_mse (hybrid L_simple + "
                        "λ·L_vlb with λ·T/1000 rescaling when learn_sigma), kl (L_vlb) or rescaled_kl",
                        one_of("mse", "rescaled_mse", "kl", "rescaled_kl"))
@@ -580,6 +582,9 @@ def _check_heads(width, model):
 
 
 def _check_diffusion(diffusion):
+    if diffusion.predict_xstart and diffusion.predict_v:
+        _fail("diffusion.predict_v", "cannot be combined with diffusion.predict_xstart (the network "
+              "predicts one of x_0 and v); set one of them to false", diffusion.predict_v)
     if diffusion.timestep_respacing:
         try:
             space_timesteps(diffusion.steps, diffusion.timestep_respacing)

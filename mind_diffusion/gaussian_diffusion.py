@@ -3,7 +3,8 @@
 References: Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDPM);
 Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models"
 (learned Σ_θ, hybrid loss, respacing); Song et al. 2021, "Denoising Diffusion
-Implicit Models" (DDIM).
+Implicit Models" (DDIM); Salimans & Ho 2022, "Progressive Distillation for
+Fast Sampling of Diffusion Models" (v-prediction).
 
 One :class:`GaussianDiffusion` owns a process: its schedule constants are
 computed once in float64 and held as float32 Tensors, and every method is plain
@@ -29,6 +30,7 @@ class ModelMeanType(str, enum.Enum):
     PREVIOUS_X = "previous_x"  # μ_θ itself
     START_X = "start_x"        # x_0
     EPSILON = "epsilon"        # ε, the noise in x_t (DDPM's choice)
+    VELOCITY = "velocity"      # v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022)
 
 
 class ModelVarType(str, enum.Enum):
@@ -206,6 +208,20 @@ class GaussianDiffusion(nn.Cell):
         return ((self._extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - pred_xstart)
                 / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim))
 
+    def predict_xstart_from_v(self, x_t, t, v):
+        """x̂_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v̂, from a predicted velocity v = √ᾱ_t ε − √(1 − ᾱ_t) x_0."""
+        return (self._extract(self.sqrt_alphas_cumprod, t, x_t.ndim) * x_t
+                - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * v)
+
+    def velocity(self, x_start, t, noise):
+        """The v-prediction target v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022, Sec. 4).
+
+        Its squared error is the ε error plus the x_0 error: ‖v − v̂‖² = ‖ε − ε̂‖² + ‖x_0 − x̂_0‖²,
+        so unlike L_simple it keeps weight on x_0 at high noise, where ε hardly depends on it.
+        """
+        return (self._extract(self.sqrt_alphas_cumprod, t, x_start.ndim) * noise
+                - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * x_start)
+
     def predict_xstart_from_xprev(self, x_t, t, xprev):
         """x̂_0 from a predicted posterior mean μ̃_t, by inverting μ̃ = c1 x_0 + c2 x_t."""
         coef1 = self._extract(self.posterior_mean_coef1, t, x_t.ndim)
@@ -237,7 +253,7 @@ class GaussianDiffusion(nn.Cell):
         """p_θ(x_{t-1} | x_t) = N(μ_θ, Σ_θ) from a network output.
 
         :param model_output: the network's output for (x_t, t): the mean part
-            (ε, x_0 or μ, by the mean type) followed, when Σ is learned, by the
+            (ε, x_0, v or μ, by the mean type) followed, when Σ is learned, by the
             variance part on as many channels again.
         :param clip_denoised: clip x̂_0 to [−1, 1] before using it for μ_θ.
         :return: (mean, variance, log_variance, pred_xstart).
@@ -251,6 +267,8 @@ class GaussianDiffusion(nn.Cell):
         else:
             if self._mean == "start_x":
                 pred_xstart = self._clip(mean_output, clip_denoised)
+            elif self._mean == "velocity":
+                pred_xstart = self._clip(self.predict_xstart_from_v(x, t, mean_output), clip_denoised)
             else:
                 pred_xstart = self._clip(self.predict_xstart_from_eps(x, t, mean_output), clip_denoised)
             mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
@@ -319,7 +337,7 @@ class GaussianDiffusion(nn.Cell):
         """Per-example training loss for a network output at (x_t, t), x_t = q_sample(x_0, t, ε).
 
         mse / rescaled_mse: L_simple = ‖target − output‖² averaged over pixels,
-        target ε, x_0 or μ̃ by the mean type; with a learned Σ the bound's term is
+        target ε, x_0, v or μ̃ by the mean type; with a learned Σ the bound's term is
         added, computed with the mean part stop-gradiented so that L_vlb trains
         only Σ (improved DDPM, Sec. 3.1), and for rescaled_mse scaled by T/1000
         (λ = 0.001 at T = 1000). kl / rescaled_kl: the bound's term (× T for rescaled).
@@ -338,6 +356,8 @@ class GaussianDiffusion(nn.Cell):
             target, _, _ = self.q_posterior_mean_variance(x_start, x_t, t)
         elif self._mean == "start_x":
             target = x_start
+        elif self._mean == "velocity":
+            target = self.velocity(x_start, t, noise)
         else:
             target = noise
         mse = mean_flat(ops.square(target - mean_output))
@@ -383,7 +403,7 @@ class GaussianDiffusion(nn.Cell):
 
 
 def create_diffusion(steps=1000, noise_schedule="linear", betas=None, learn_sigma=False,
-                     sigma_small=False, predict_xstart=False, loss="mse",
+                     sigma_small=False, predict_xstart=False, predict_v=False, loss="mse",
                      rescale_timesteps=False, timestep_respacing=""):
     """A :class:`GaussianDiffusion` from the recipe-level choices of improved DDPM.
 
@@ -393,18 +413,26 @@ def create_diffusion(steps=1000, noise_schedule="linear", betas=None, learn_sigm
     :param learn_sigma: the network predicts Σ too (learned_range); else fixed
         β̃_t (``sigma_small``) or β_t.
     :param predict_xstart: the network predicts x_0 instead of ε.
+    :param predict_v: the network predicts v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 instead of ε.
     :param loss: a :class:`LossType` value.
     :param timestep_respacing: a respacing spec (``"50"``, ``"ddim25"``, ...) or "" for all T steps.
     """
+    if predict_xstart and predict_v:
+        raise ValueError("predict_xstart and predict_v both set: the network predicts one of x_0 and v")
     if betas is None:
         betas = schedules.get_named_beta_schedule(noise_schedule, steps)
+    mean_type = ModelMeanType.EPSILON
+    if predict_xstart:
+        mean_type = ModelMeanType.START_X
+    elif predict_v:
+        mean_type = ModelMeanType.VELOCITY
     if learn_sigma:
         var_type = ModelVarType.LEARNED_RANGE
     else:
         var_type = ModelVarType.FIXED_SMALL if sigma_small else ModelVarType.FIXED_LARGE
     diffusion = GaussianDiffusion(
         betas,
-        model_mean_type=ModelMeanType.START_X if predict_xstart else ModelMeanType.EPSILON,
+        model_mean_type=mean_type,
         model_var_type=var_type, loss_type=loss, rescale_timesteps=rescale_timesteps)
     if timestep_respacing:
         diffusion = diffusion.respace(timestep_respacing)

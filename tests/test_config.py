@@ -87,6 +87,8 @@ def test_cross_field_errors():
     assert ">= 40" in error_of({"model": {"class_cond": True, "num_classes": 10}})
     assert "model.channel_mult" in error_of({"model": {"image_size": 48}})
     assert "sample.steps" in error_of({"diffusion": {"steps": 10}})
+    message = error_of({"diffusion": {"predict_xstart": True, "predict_v": True}})
+    assert "diffusion.predict_v" in message and "diffusion.predict_xstart" in message
 
 
 def test_overrides_parse_as_yaml_and_validate_like_file_values():

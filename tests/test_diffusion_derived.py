@@ -206,6 +206,75 @@ def test_learned_variance_and_unscaled_losses_by_hand():
     np.testing.assert_allclose(mse, ((posterior_mean - output[:, :3]) ** 2).mean(axis=(1, 2, 3)), rtol=1e-5)
 
 
+def test_velocity_prediction_by_hand():
+    """v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022): the target, x̂_0 from v̂, and the loss, which
+    splits into the ε error plus the x_0 error (x̂_0, ε̂ both read off v̂ at the same x_t)."""
+    rng = np.random.default_rng(8)
+    diffusion = create_diffusion(60, "cosine", learn_sigma=True, predict_v=True, loss="rescaled_mse")
+    x_start = rng.uniform(-1, 1, (3, 2, 4, 4)).astype(np.float32)
+    noise = rng.standard_normal(x_start.shape).astype(np.float32)
+    t = np.array([0, 31, 59], np.int32)
+    abar = diffusion.schedule["alphas_cumprod"][t].reshape(-1, 1, 1, 1)
+    a, b = np.sqrt(abar), np.sqrt(1 - abar)
+    v_true = a * noise - b * x_start
+    np.testing.assert_allclose(run(diffusion, "velocity", x_start, t, noise), v_true, rtol=1e-5, atol=1e-6)
+
+    x_t = run(diffusion, "q_sample", x_start, t, noise)
+    error = 0.1 * rng.standard_normal(x_start.shape)
+    var_part = rng.uniform(-1, 1, x_start.shape)
+    output = np.concatenate([v_true + error, var_part], axis=1).astype(np.float32)
+    _, _, _, pred = run(diffusion, "p_mean_variance_from_output", output, x_t, t, clip_denoised=False)
+    v_hat = output[:, :2].astype(np.float64)
+    np.testing.assert_allclose(pred, a * x_t - b * v_hat, rtol=1e-5, atol=1e-6)
+    exact = np.concatenate([v_true, var_part], axis=1).astype(np.float32)
+    _, _, _, pred_exact = run(diffusion, "p_mean_variance_from_output", exact, x_t, t, clip_denoised=False)
+    np.testing.assert_allclose(pred_exact, x_start, atol=2e-6)
+
+    loss, mse, vb = run(diffusion, "training_losses_from_output", output, x_start, x_t, t, noise)
+    np.testing.assert_allclose(mse, (error ** 2).mean(axis=(1, 2, 3)), rtol=1e-4)
+    eps_hat = b * x_t + a * v_hat
+    split = ((noise - eps_hat) ** 2 + (x_start - (a * x_t - b * v_hat)) ** 2).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(mse, split, rtol=1e-4)
+    np.testing.assert_allclose(loss, mse + vb, rtol=1e-6)
+    with pytest.raises(ValueError, match="predict_xstart and predict_v"):
+        create_diffusion(10, "linear", predict_xstart=True, predict_v=True)
+
+
+class DiracVelocity(nn.Cell):
+    """The exact v-predictor for data = the single image x*: v = √ᾱ_t ε − √(1 − ᾱ_t) x*, with ε read off x_t."""
+
+    def __init__(self, alphas_cumprod):
+        super().__init__()
+        self.sqrt_abar = ms.Tensor(np.sqrt(alphas_cumprod), ms.float32)
+        self.sqrt_one_minus_abar = ms.Tensor(np.sqrt(1 - alphas_cumprod), ms.float32)
+        self.x_star = ms.Tensor(X_STAR)
+
+    def construct(self, x, t):
+        index = ops.round(t).astype(ms.int32)
+        a = ops.gather(self.sqrt_abar, index, 0).reshape(-1, 1, 1, 1)
+        b = ops.gather(self.sqrt_one_minus_abar, index, 0).reshape(-1, 1, 1, 1)
+        return a * (x - a * self.x_star) / b - b * self.x_star
+
+
+@pytest.mark.parametrize("fused_step", ["1", "0"])
+def test_velocity_samplers_reach_the_point(monkeypatch, fused_step):
+    """DDIM (η = 0) with the exact v-predictor follows √ᾱ_t x* + √(1 − ᾱ_t) e; DDPM ends at x*."""
+    monkeypatch.setenv("MIND_DIFFUSION_FUSED", fused_step)
+    base = create_diffusion(100, "cosine", predict_v=True)
+    model = DiracVelocity(base.schedule["alphas_cumprod"])
+    diffusion = base.respace("ddim10")
+    shape = (2,) + X_STAR.shape[1:]
+    e = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
+    abar = diffusion.schedule["alphas_cumprod"]
+    x_T = (math.sqrt(abar[-1]) * X_STAR + math.sqrt(1 - abar[-1]) * e).astype(np.float32)
+    ddim = DDIMSampler(diffusion, model, eta=0.0)
+    np.testing.assert_allclose(ddim.sample(shape, x_T=x_T).asnumpy(), np.broadcast_to(X_STAR, shape), atol=2e-5)
+    x_1 = math.sqrt(abar[0]) * X_STAR + math.sqrt(1 - abar[0]) * e
+    np.testing.assert_allclose(ddim.invert(x_1.astype(np.float32)).asnumpy(), x_T, atol=1e-4)
+    ddpm = create_sampler("ddpm", diffusion, model)
+    np.testing.assert_allclose(ddpm.sample(shape, seed=3).asnumpy(), np.broadcast_to(X_STAR, shape), atol=2e-5)
+
+
 def test_one_step_process_is_refused():
     with pytest.raises(ValueError, match="at least 2 steps"):
         create_diffusion(100, "cosine", timestep_respacing="1")

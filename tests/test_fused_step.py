@@ -101,7 +101,7 @@ def compare(pure, fast, rtol):
 
 @pytest.mark.parametrize("clip", [True, False])
 @pytest.mark.parametrize("var", ["fixed_small", "fixed_large", "learned", "learned_range"])
-@pytest.mark.parametrize("mean", ["epsilon", "start_x", "previous_x"])
+@pytest.mark.parametrize("mean", ["epsilon", "start_x", "previous_x", "velocity"])
 def test_ddpm_step_matches_pure_ops(monkeypatch, mean, var, clip):
     diffusion, model = make(mean, var)
     pure, fast = pure_and_fused(monkeypatch, lambda: DDPMStep(diffusion, model, clip_denoised=clip))
@@ -112,7 +112,7 @@ def test_ddpm_step_matches_pure_ops(monkeypatch, mean, var, clip):
 
 @pytest.mark.parametrize("clip", [True, False])
 @pytest.mark.parametrize("var", ["fixed_small", "learned_range"])
-@pytest.mark.parametrize("mean", ["epsilon", "start_x", "previous_x"])
+@pytest.mark.parametrize("mean", ["epsilon", "start_x", "previous_x", "velocity"])
 def test_ddim_step_matches_pure_ops(monkeypatch, mean, var, clip):
     diffusion, model = make(mean, var)
     pure, fast = pure_and_fused(monkeypatch, lambda: DDIMStep(diffusion, model, clip_denoised=clip, eta=0.5))

@@ -46,5 +46,5 @@ def build_diffusion(diffusion_cfg, model_cfg):
     return create_diffusion(
         steps=diffusion_cfg.steps, noise_schedule=diffusion_cfg.noise_schedule,
         learn_sigma=model_cfg.learn_sigma, sigma_small=diffusion_cfg.sigma_small,
-        predict_xstart=diffusion_cfg.predict_xstart, loss=diffusion_cfg.loss,
+        predict_xstart=diffusion_cfg.predict_xstart, predict_v=diffusion_cfg.predict_v, loss=diffusion_cfg.loss,
         rescale_timesteps=diffusion_cfg.rescale_timesteps, timestep_respacing=diffusion_cfg.timestep_respacing)

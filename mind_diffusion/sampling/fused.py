@@ -45,7 +45,9 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "step_
 CXX_FLAGS = aot.DEFAULT_FLAGS
 ENV_SWITCH = "MIND_DIFFUSION_FUSED"
 
-# Columns of the per-step tables; must match the enums in csrc/step_kernel.cc.
+# Columns of the per-step tables; must match the enums in csrc/step_kernel.cc. The first two are
+# (a, b) of x̂_0 = a·x_t − b·output: these for ε (and unused by x_0/μ), VELOCITY_COLUMNS for v.
+VELOCITY_COLUMNS = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
 DDPM_COLUMNS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
                 "posterior_mean_coef2", "min_log", "max_log", "fixed_log_variance", "nonzero_mask")
 DDIM_COLUMNS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
@@ -98,16 +100,19 @@ def _f32(values):
     return np.asarray(values, np.float64).astype(np.float32)
 
 
-def _mean_columns(schedule):
-    """The four columns every step needs for x̂_0 (ε, x_0 or μ parametrisation), float64 → float32."""
-    return [_f32(schedule[name]) for name in DDPM_COLUMNS[:4]]
+def _mean_columns(diffusion):
+    """The four columns every step needs for x̂_0 (ε, x_0, μ or v parametrisation), float64 → float32."""
+    names = DDPM_COLUMNS[:4]
+    if diffusion._mean == "velocity":
+        names = VELOCITY_COLUMNS + names[2:]
+    return [_f32(diffusion.schedule[name]) for name in names]
 
 
 def ddpm_table(diffusion):
     """Per-step constants of the ancestral step, [T, 8] float32 (columns: :data:`DDPM_COLUMNS`)."""
     s = diffusion.schedule
     fixed = s["fixed_large_log_variance"] if diffusion._var == "fixed_large" else s["posterior_log_variance_clipped"]
-    columns = _mean_columns(s) + [_f32(s["posterior_log_variance_clipped"]), _f32(s["log_betas"]), _f32(fixed),
+    columns = _mean_columns(diffusion) + [_f32(s["posterior_log_variance_clipped"]), _f32(s["log_betas"]), _f32(fixed),
                                   (np.arange(diffusion.num_timesteps) > 0).astype(np.float32)]
     return np.stack(columns, axis=1)
 
@@ -127,7 +132,7 @@ def ddim_table(diffusion, eta):
                  * np.sqrt(one - alpha_bar / alpha_bar_prev))
         eps_coef = np.sqrt(one - alpha_bar_prev - sigma * sigma)
     mask = (np.arange(diffusion.num_timesteps) > 0).astype(np.float32)
-    columns = _mean_columns(s) + [np.sqrt(alpha_bar_prev), eps_coef, mask * sigma]
+    columns = _mean_columns(diffusion) + [np.sqrt(alpha_bar_prev), eps_coef, mask * sigma]
     return np.stack(columns, axis=1).astype(np.float32)
 
 

@@ -43,8 +43,10 @@ class ClassifierFreeGuidance(nn.Cell):
             constant; build another wrapper (same model) for another scale.
         uncond_tokens, uncond_mask: the empty-caption tokens [1, L] or [L] and
             their mask, e.g. ``ByteTokenizer(L).unconditional(1)``.
-        eps_channels: how many leading output channels are ε (3 for RGB images,
-            4 for a latent-diffusion latent).
+        eps_channels: how many leading output channels are the prediction (3 for
+            RGB images, 4 for a latent-diffusion latent). For a v- or x_0-predicting
+            network the same mix applies to v̂ or x̂_0: at a fixed x_t each of them is
+            an affine function of ε̂, so mixing them equals mixing ε̂.
     """
 
     def __init__(self, model, guidance_scale, uncond_tokens, uncond_mask, eps_channels=3):

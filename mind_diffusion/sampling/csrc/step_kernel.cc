@@ -20,12 +20,14 @@
 
 namespace {
 
-// Columns of the DDPM table (see fused.py, ddpm_table).
-enum DdpmCol { kRecip = 0, kRecipM1, kCoef1, kCoef2, kMinLog, kMaxLog, kFixedLog, kMask, kDdpmCols };
+// Columns of the DDPM table (see fused.py, ddpm_table). The first two are (a, b) of
+// x̂_0 = a x_t − b m for a network output m: (1/√ᾱ, √(1/ᾱ − 1)) for ε and the other
+// mean types, (√ᾱ, √(1 − ᾱ)) for v.
+enum DdpmCol { kA = 0, kB, kCoef1, kCoef2, kMinLog, kMaxLog, kFixedLog, kMask, kDdpmCols };
 // Columns of the DDIM table (see fused.py, ddim_table).
-enum DdimCol { kDRecip = 0, kDRecipM1, kDCoef1, kDCoef2, kSqrtAbarPrev, kEpsCoef, kSigmaMask, kDdimCols };
+enum DdimCol { kDA = 0, kDB, kDCoef1, kDCoef2, kSqrtAbarPrev, kEpsCoef, kSigmaMask, kDdimCols };
 
-enum Mean { kEpsilon = 0, kStartX = 1, kPreviousX = 2 };
+enum Mean { kEpsilon = 0, kStartX = 1, kPreviousX = 2, kVelocity = 3 };
 enum Var { kFixedSmall = 0, kFixedLarge = 1, kLearned = 2, kLearnedRange = 3 };
 
 struct Args {
@@ -105,9 +107,9 @@ MD_INLINE float exp_f32(float x) {
 
 // The step's constants, read once per example.
 struct Row {
-  float recip, recipm1, coef1, coef2, c4, c5, c6, c7;
+  float a, b, coef1, coef2, c4, c5, c6, c7;
   explicit Row(const float* c, int64_t cols)
-      : recip(c[0]), recipm1(c[1]), coef1(c[2]), coef2(c[3]), c4(c[4]), c5(c[5]), c6(c[6]),
+      : a(c[0]), b(c[1]), coef1(c[2]), coef2(c[3]), c4(c[4]), c5(c[5]), c6(c[6]),
         c7(cols > 7 ? c[7] : 0.0f) {}
 };
 
@@ -115,8 +117,8 @@ struct Row {
 template <int MEAN, bool CLIP>
 MD_INLINE float pred_xstart(float x, float m, const Row& c) {
   float p;
-  if (MEAN == kEpsilon) {
-    p = c.recip * x - c.recipm1 * m;
+  if (MEAN == kEpsilon || MEAN == kVelocity) {
+    p = c.a * x - c.b * m;  // (x_t − √(1 − ᾱ) ε̂) / √ᾱ, or √ᾱ x_t − √(1 − ᾱ) v̂
   } else if (MEAN == kStartX) {
     p = m;
   } else {
@@ -176,7 +178,8 @@ MD_INLINE void ddim_row(const Row& c, int64_t n, const float* __restrict__ xb, c
   for (int64_t i = 0; i < n; ++i) {
     const float x = xb[i];
     const float p = pred_xstart<MEAN, CLIP>(x, mb[i], c);
-    const float eps = (c.recip * x - p) / c.recipm1;
+    // ε̂ = (x_t / √ᾱ − x̂_0) / √(1/ᾱ − 1), or (x_t − √ᾱ x̂_0) / √(1 − ᾱ) from the v table's columns
+    const float eps = MEAN == kVelocity ? (x - c.a * p) / c.b : (c.a * x - p) / c.b;
     const float mean = p * sqrt_abar_prev + eps_coef * eps;
     pb[i] = p;
     ob[i] = mean + sigma_mask * zb[i];
@@ -223,6 +226,7 @@ MD_INLINE int ddim(int nparam, void** params, int* ndims, int64_t** shapes, cons
 MD_DDPM_MEAN(epsilon, kEpsilon)
 MD_DDPM_MEAN(start_x, kStartX)
 MD_DDPM_MEAN(previous_x, kPreviousX)
+MD_DDPM_MEAN(velocity, kVelocity)
 
 #define MD_DDIM(NAME, MEAN, LEARNED)                                                                \
   MD_ENTRY int md_ddim_##NAME##_clip(int n, void** p, int* nd, int64_t** s, const char** d,       \
@@ -236,6 +240,8 @@ MD_DDIM(start_x_fixed, kStartX, false)
 MD_DDIM(start_x_learned, kStartX, true)
 MD_DDIM(previous_x_fixed, kPreviousX, false)
 MD_DDIM(previous_x_learned, kPreviousX, true)
+MD_DDIM(velocity_fixed, kVelocity, false)
+MD_DDIM(velocity_learned, kVelocity, true)
 
 // e^x as the kernels take it, over n values (for the tests).
 MD_ENTRY int md_exp_f32(const float* x, float* y, int64_t n) {
