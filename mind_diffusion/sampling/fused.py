@@ -25,11 +25,14 @@ The library is built and cached by :mod:`mind_diffusion.kernels.aot` (keyed
 by the source and the flags; parallel processes never load a half-written
 library).
 
-The arithmetic is float32 in the order of the pure-ops path (and of
-improved-diffusion), with accurate ``std::exp``; the per-step constants are
-the float64 schedule rounded once to float32, and DDIM's σ_t and
-√(1 − ᾱ_{t−1} − σ_t²) are computed per step in float32 from those rounded
-constants, as the reference does.
+The arithmetic of x̂_0 and μ_θ is float32 in the order of the pure-ops path (and
+of improved-diffusion); σ_t = exp(P + Q·v) with P, Q per step (see
+:func:`log_std_line`) and an exp accurate to 1 ulp, which matches the pure-ops
+σ to float32 rounding. The per-step constants are the float64 schedule rounded
+once to float32, and DDIM's σ_t and √(1 − ᾱ_{t−1} − σ_t²) are computed per step
+in float32 from those rounded constants, as the reference does. The library
+carries AVX-512, AVX2 and baseline builds of every entry point; the loader picks
+the best one the CPU runs.
 """
 import os
 import threading
@@ -49,7 +52,7 @@ ENV_SWITCH = "MIND_DIFFUSION_FUSED"
 # (a, b) of x̂_0 = a·x_t − b·output: these for ε (and unused by x_0/μ), VELOCITY_COLUMNS for v.
 VELOCITY_COLUMNS = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
 DDPM_COLUMNS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
-                "posterior_mean_coef2", "min_log", "max_log", "fixed_log_variance", "nonzero_mask")
+                "posterior_mean_coef2", "log_std_offset", "log_std_slope", "nonzero_mask")
 DDIM_COLUMNS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
                 "posterior_mean_coef2", "sqrt_alphas_cumprod_prev", "eps_coef", "sigma_times_mask")
 
@@ -108,12 +111,30 @@ def _mean_columns(diffusion):
     return [_f32(diffusion.schedule[name]) for name in names]
 
 
-def ddpm_table(diffusion):
-    """Per-step constants of the ancestral step, [T, 8] float32 (columns: :data:`DDPM_COLUMNS`)."""
+def log_std_line(diffusion):
+    """(P, Q) per step, float64, with log σ_t = P + Q·v for the network's variance output v.
+
+    learned: log σ² = v, so P = 0, Q = ½. learned_range (improved DDPM, Eq. 15): log σ² =
+    f log β_t + (1 − f) log β̃_t with f = (v + 1)/2, so P = (log β_t + log β̃_t)/4 and
+    Q = (log β_t − log β̃_t)/4. Fixed Σ: P = ½ log σ_t², Q = 0. The kernel then spends one
+    multiply-add and one exp per pixel on σ.
+    """
     s = diffusion.schedule
+    steps = diffusion.num_timesteps
+    if diffusion._var == "learned":
+        return np.zeros(steps), np.full(steps, 0.5)
+    if diffusion._var == "learned_range":
+        min_log, max_log = s["posterior_log_variance_clipped"], s["log_betas"]
+        return (max_log + min_log) / 4.0, (max_log - min_log) / 4.0
     fixed = s["fixed_large_log_variance"] if diffusion._var == "fixed_large" else s["posterior_log_variance_clipped"]
-    columns = _mean_columns(diffusion) + [_f32(s["posterior_log_variance_clipped"]), _f32(s["log_betas"]), _f32(fixed),
-                                  (np.arange(diffusion.num_timesteps) > 0).astype(np.float32)]
+    return fixed / 2.0, np.zeros(steps)
+
+
+def ddpm_table(diffusion):
+    """Per-step constants of the ancestral step, [T, 7] float32 (columns: :data:`DDPM_COLUMNS`)."""
+    offset, slope = log_std_line(diffusion)
+    columns = _mean_columns(diffusion) + [_f32(offset), _f32(slope),
+                                          (np.arange(diffusion.num_timesteps) > 0).astype(np.float32)]
     return np.stack(columns, axis=1)
 
 

@@ -23,7 +23,8 @@ namespace {
 // Columns of the DDPM table (see fused.py, ddpm_table). The first two are (a, b) of
 // x̂_0 = a x_t − b m for a network output m: (1/√ᾱ, √(1/ᾱ − 1)) for ε and the other
 // mean types, (√ᾱ, √(1 − ᾱ)) for v.
-enum DdpmCol { kA = 0, kB, kCoef1, kCoef2, kMinLog, kMaxLog, kFixedLog, kMask, kDdpmCols };
+// Columns 4-5 give log σ_t = P + Q·v for the network's variance output v (Q = 0 for a fixed Σ).
+enum DdpmCol { kA = 0, kB, kCoef1, kCoef2, kLogStdOffset, kLogStdSlope, kMask, kDdpmCols };
 // Columns of the DDIM table (see fused.py, ddim_table).
 enum DdimCol { kDA = 0, kDB, kDCoef1, kDCoef2, kSqrtAbarPrev, kEpsCoef, kSigmaMask, kDdimCols };
 
@@ -107,10 +108,9 @@ MD_INLINE float exp_f32(float x) {
 
 // The step's constants, read once per example.
 struct Row {
-  float a, b, coef1, coef2, c4, c5, c6, c7;
-  explicit Row(const float* c, int64_t cols)
-      : a(c[0]), b(c[1]), coef1(c[2]), coef2(c[3]), c4(c[4]), c5(c[5]), c6(c[6]),
-        c7(cols > 7 ? c[7] : 0.0f) {}
+  float a, b, coef1, coef2, c4, c5, c6;
+  explicit Row(const float* c)
+      : a(c[0]), b(c[1]), coef1(c[2]), coef2(c[3]), c4(c[4]), c5(c[5]), c6(c[6]) {}
 };
 
 // x̂_0 from the mean part of the output, as GaussianDiffusion.p_mean_variance_from_output.
@@ -127,27 +127,21 @@ MD_INLINE float pred_xstart(float x, float m, const Row& c) {
   return CLIP ? clip(p) : p;
 }
 
-// x_{t-1} = μ_θ + 1[t>0] exp(½ log σ²) z (Ho et al. 2020, Algorithm 2; improved DDPM's Σ_θ).
+// x_{t-1} = μ_θ + 1[t>0] σ_t z (Ho et al. 2020, Algorithm 2; improved DDPM's Σ_θ). log σ_t is affine in
+// the network's variance output v, P + Q·v, with P and Q per step from the table (fused.py, ddpm_table):
+// one multiply-add and one exp per pixel.
 template <int MEAN, int VAR, bool CLIP>
 MD_INLINE void ddpm_row(const Row& c, int64_t n, const float* __restrict__ xb, const float* __restrict__ mb,
                         const float* __restrict__ vb, const float* __restrict__ zb, float* __restrict__ ob,
                         float* __restrict__ pb) {
-  const float min_log = c.c4, max_log = c.c5, mask = c.c7;
-  const float fixed_std = (VAR == kFixedSmall || VAR == kFixedLarge) ? std::exp(0.5f * c.c6) : 0.0f;
+  const float log_std_offset = c.c4, log_std_slope = c.c5, mask = c.c6;
+  constexpr bool learned_sigma = VAR == kLearned || VAR == kLearnedRange;
+  const float fixed_std = learned_sigma ? 0.0f : std::exp(log_std_offset);
   for (int64_t i = 0; i < n; ++i) {
     const float x = xb[i];
     const float p = pred_xstart<MEAN, CLIP>(x, mb[i], c);
     const float mean = MEAN == kPreviousX ? mb[i] : c.coef1 * p + c.coef2 * x;
-    float std;
-    if (VAR == kLearned) {
-      std = exp_f32(0.5f * vb[i]);
-    } else if (VAR == kLearnedRange) {
-      const float frac = (vb[i] + 1.0f) / 2.0f;
-      const float log_var = frac * max_log + (1.0f - frac) * min_log;
-      std = exp_f32(0.5f * log_var);
-    } else {
-      std = fixed_std;
-    }
+    const float std = learned_sigma ? exp_f32(log_std_offset + log_std_slope * vb[i]) : fixed_std;
     pb[i] = p;
     ob[i] = mean + mask * std * zb[i];
   }
@@ -162,7 +156,7 @@ MD_INLINE int ddpm(int nparam, void** params, int* ndims, int64_t** shapes, cons
   for (int64_t b = 0; b < a.batch; ++b) {
     const int32_t step = a.t[b];
     if (step < 0 || step >= a.steps) return 2;
-    const Row c(a.table + step * a.cols, a.cols);
+    const Row c(a.table + step * a.cols);
     const float* mb = a.out + b * a.out_channels * a.spatial;
     ddpm_row<MEAN, VAR, CLIP>(c, plane, a.x + b * plane, mb, mb + plane, a.noise + b * plane,
                               a.x_prev + b * plane, a.pred + b * plane);
@@ -194,7 +188,7 @@ MD_INLINE int ddim(int nparam, void** params, int* ndims, int64_t** shapes, cons
   for (int64_t b = 0; b < a.batch; ++b) {
     const int32_t step = a.t[b];
     if (step < 0 || step >= a.steps) return 2;
-    const Row c(a.table + step * a.cols, a.cols);
+    const Row c(a.table + step * a.cols);
     ddim_row<MEAN, CLIP>(c, plane, a.x + b * plane, a.out + b * a.out_channels * a.spatial, a.noise + b * plane,
                          a.x_prev + b * plane, a.pred + b * plane);
   }
@@ -206,7 +200,7 @@ MD_INLINE int ddim(int nparam, void** params, int* ndims, int64_t** shapes, cons
 // Each entry point is compiled for AVX2 and for baseline x86-64 (or just the
 // baseline elsewhere); the loader picks the best the CPU has.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MD_ENTRY extern "C" __attribute__((target_clones("avx2", "default")))
+#define MD_ENTRY extern "C" __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define MD_ENTRY extern "C"
 #endif
