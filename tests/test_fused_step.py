@@ -189,6 +189,25 @@ def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [path.split("/")[-1]]  # no temporary left behind
 
 
+@pytest.mark.parametrize("var", ["fixed_small", "fixed_large", "learned", "learned_range"])
+def test_log_std_line_is_the_variance_rule(var):
+    """log σ_t = P + Q·v equals ½ log Σ_θ of improved DDPM's rule for each variance type, in float64."""
+    diffusion, _ = make("epsilon", var)
+    s = diffusion.schedule
+    offset, slope = fused.log_std_line(diffusion)
+    v = np.linspace(-1.5, 1.5, 7)[:, None]
+    if var == "learned":
+        log_variance = v + 0 * s["betas"]
+    elif var == "learned_range":
+        frac = (v + 1) / 2
+        log_variance = frac * s["log_betas"] + (1 - frac) * s["posterior_log_variance_clipped"]
+    elif var == "fixed_large":
+        log_variance = np.broadcast_to(s["fixed_large_log_variance"], (7, T))
+    else:
+        log_variance = np.broadcast_to(s["posterior_log_variance_clipped"], (7, T))
+    np.testing.assert_allclose(offset + slope * v, log_variance / 2, rtol=1e-12, atol=1e-12)
+
+
 def test_kernel_exp_is_accurate():
     lib = ctypes.CDLL(fused.library())
     x = np.linspace(-80.0, 80.0, 2_000_001, dtype=np.float32)

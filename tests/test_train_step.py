@@ -149,3 +149,25 @@ def test_persistent_nan_stops_with_the_last_good_checkpoint(tmp_path):
     weight.set_data(ms.Tensor(np.full(weight.shape, np.nan, np.float32)))
     with pytest.raises(TrainingDiverged, match="ckpt_00000003.ckpt"):
         trainer.fit(progress=False)
+
+
+def test_resume_refuses_a_checkpoint_of_other_network_or_diffusion_settings():
+    """Same shapes would load silently; a changed target (here ε → v) or network must be named instead."""
+    from types import SimpleNamespace
+
+    from mind_diffusion.config import config_from_dict, config_to_dict
+    from mind_diffusion.train.trainer import Trainer
+
+    saved = config_to_dict(config_from_dict({"diffusion": {"noise_schedule": "cosine"}}))
+    same = SimpleNamespace(config=config_from_dict({"diffusion": {"noise_schedule": "cosine"},
+                                                    "train": {"lr": 3e-4}}))
+    Trainer._check_same_process(same, saved, "ckpt_00000010.ckpt")  # train.* may change
+    Trainer._check_same_process(same, None, "old.ckpt")  # no config saved: nothing to compare
+    other = SimpleNamespace(config=config_from_dict({"diffusion": {"noise_schedule": "cosine",
+                                                                   "predict_v": True},
+                                                     "model": {"num_channels": 32}}))
+    with pytest.raises(ValueError) as info:
+        Trainer._check_same_process(other, saved, "ckpt_00000010.ckpt")
+    message = str(info.value)
+    assert "diffusion.predict_v: False in the checkpoint, True here" in message
+    assert "model.num_channels" in message and "config.yaml" in message

@@ -49,7 +49,8 @@ CXX_FLAGS = aot.DEFAULT_FLAGS
 ENV_SWITCH = "MIND_DIFFUSION_FUSED"
 
 # Columns of the per-step tables; must match the enums in csrc/step_kernel.cc. The first two are
-# (a, b) of x̂_0 = a·x_t − b·output: these for ε (and unused by x_0/μ), VELOCITY_COLUMNS for v.
+# (a, b) of x̂_0 = a·x_t − b·output for ε (x_0- and μ-predicting steps read them only for DDIM's ε̂),
+# VELOCITY_COLUMNS instead for v.
 VELOCITY_COLUMNS = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
 DDPM_COLUMNS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
                 "posterior_mean_coef2", "log_std_offset", "log_std_slope", "nonzero_mask")

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from ..config import config_to_dict, save_config
 from ..data import create_dataset, transforms
 from ..resample import create_named_schedule_sampler
-from .checkpoint import (checkpoint_path, checkpoint_step, latest_checkpoint, list_checkpoints,
-                         read_checkpoint, restore_state, save_training_checkpoint, training_state)
+from .checkpoint import (checkpoint_config, checkpoint_path, checkpoint_step, latest_checkpoint,
+                         list_checkpoints, read_checkpoint, restore_state, save_training_checkpoint, training_state)
 from .step import EMA, DiffusionLoss, TrainStep, WarmupLR
 
 logger = logging.getLogger("mind_diffusion.train")
@@ -153,10 +153,25 @@ class Trainer:
         if not path:
             return 0
         checkpoint = read_checkpoint(path)
+        self._check_same_process(checkpoint_config(checkpoint), path)
         restore_state(self.state, checkpoint, path)
         step = checkpoint_step(checkpoint)
         logger.info("resumed from %s at step %d", path, step)
         return step
+
+    def _check_same_process(self, saved, path):
+        """Refuse to resume a checkpoint whose network or diffusion settings differ from this config:
+        the weights would load (same shapes) but train towards another target."""
+        if saved is None:
+            return
+        current = json.loads(json.dumps(config_to_dict(self.config)))
+        changed = [f"{section}.{key}: {saved[section].get(key)!r} in the checkpoint, {value!r} here"
+                   for section in ("model", "diffusion") if section in saved
+                   for key, value in current[section].items() if saved[section].get(key, value) != value]
+        if changed:
+            raise ValueError(f"cannot resume {path}: it was trained with other settings ("
+                             + "; ".join(changed) + "). Resume with the config it was trained with (its "
+                             "run folder's config.yaml) or start a new run with --run-dir")
 
     def save(self, step):
         if not self.is_writer:

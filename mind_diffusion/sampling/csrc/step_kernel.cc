@@ -5,8 +5,11 @@
 // gather of the step's constants (from a [T, K] float32 table, by t), the
 // split of the network output into its mean and variance parts, x̂_0 (clipped
 // or not), the posterior mean μ_θ, σ_t and the noise term. It writes x_{t-1}
-// and x̂_0. The arithmetic is float32 in the same order as the pure-ops path
-// of GaussianDiffusion (and improved-diffusion), with accurate std::exp.
+// and x̂_0. x̂_0 and μ_θ are float32 in the same order as the pure-ops path of
+// GaussianDiffusion (and improved-diffusion); σ_t is exp(P + Q·v) with per-step
+// P, Q (fused.log_std_line) and an exp accurate to 1 ulp, and DDIM's ε̂ for a
+// v-predicting network is (x_t − √ᾱ x̂_0)/√(1 − ᾱ): equal to the pure-ops values
+// up to float32 rounding.
 //
 // Inputs:  x [B, C, ...] f32, model_out [B, C or 2C, ...] f32, noise [B, C, ...]
 //          f32, t [B] int32, table [T, K] f32.
@@ -197,7 +200,7 @@ MD_INLINE int ddim(int nparam, void** params, int* ndims, int64_t** shapes, cons
 
 }  // namespace
 
-// Each entry point is compiled for AVX2 and for baseline x86-64 (or just the
+// Each entry point is compiled for AVX-512, AVX2 and baseline x86-64 (or just the
 // baseline elsewhere); the loader picks the best the CPU has.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define MD_ENTRY extern "C" __attribute__((target_clones("avx512f", "avx2", "default")))
