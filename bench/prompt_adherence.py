@@ -44,12 +44,12 @@ def main():
 
     import mindspore as ms
     from mind_diffusion.cli.factory import build_diffusion, build_model
-    from mind_diffusion.cli.infer import find_checkpoint, model_weights
+    from mind_diffusion.cli.infer import find_checkpoint
     from mind_diffusion.config import config_from_dict
     from mind_diffusion.evaluation.judge import adherence
     from mind_diffusion.generate import ImageGenerator
     from mind_diffusion.imaging import save_grid, to_uint8
-    from mind_diffusion.train.checkpoint import checkpoint_config, read_checkpoint, restore_state
+    from mind_diffusion.train.checkpoint import checkpoint_config, model_weights, read_checkpoint, restore_state
 
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device("CPU")

@@ -230,6 +230,9 @@ class TrainConfig:
     ema_rate: List[float] = option([0.9999], "EMA decay rates, one averaged copy of the "
                                    "parameters each, e.g. [0.9999]",
                                    in_range(0.0, 1.0, high_inclusive=False))
+    init_from: str = option("", "start from the network weights of this checkpoint (its EMA copy if it "
+                            "has one, e.g. an export) instead of random ones; the step, optimizer "
+                            "and data order start fresh. \"\" = random initialisation")
     total_steps: int = option(100000, "optimizer steps to train", at_least(1))
     log_every: int = option(100, "steps between log lines", at_least(1))
     sample_every: int = option(0, "steps between sample grids; 0 = never", at_least(0))

@@ -39,7 +39,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import mindspore as ms
-    from mind_diffusion.cli.infer import model_weights
+    from mind_diffusion.train.checkpoint import model_weights
     from mind_diffusion.train.checkpoint import checkpoint_config, checkpoint_step, read_checkpoint, \
         save_training_checkpoint
 
@@ -71,7 +71,8 @@ def main(argv=None):
 
 
 def debiased_ema(arrays, checkpoint, config_dict, ema_rate, step):
-    """(θ̄_n − r^n θ_0) / (1 − r^n), with θ_0 rebuilt from the recipe's seed (see the module docstring)."""
+    """(θ̄_n − r^n θ_0) / (1 − r^n), with θ_0 rebuilt from the recipe's seed (see the module docstring),
+    or read from ``train.init_from`` when the run started from another checkpoint."""
     import mindspore as ms
     from mind_diffusion.cli.factory import build_model
     from mind_diffusion.config import config_from_dict
@@ -82,9 +83,14 @@ def debiased_ema(arrays, checkpoint, config_dict, ema_rate, step):
         raise ValueError("--debias-ema needs a training checkpoint with an EMA copy, after at least one step")
     rate = rates[-1] if ema_rate is None else ema_rate
     config = config_from_dict(config_dict)
-    ms.set_seed(config.seed)  # the trainer's initialisation: the same seed, the model built first
-    initial, _ = build_model(config.model)
-    initial = {name: param.asnumpy() for name, param in initial.parameters_and_names()}
+    if config.train.init_from:  # the run started from another network's weights: those are θ_0
+        from mind_diffusion.train.checkpoint import model_weights, read_checkpoint
+        initial = {name: value.asnumpy().astype(np.float64)
+                   for name, value in model_weights(read_checkpoint(config.train.init_from)).items()}
+    else:
+        ms.set_seed(config.seed)  # the trainer's initialisation: the same seed, the model built first
+        initial, _ = build_model(config.model)
+        initial = {name: param.asnumpy() for name, param in initial.parameters_and_names()}
     weight = rate ** step
     return {name: (value.astype(np.float64) - weight * initial[name]) / (1.0 - weight)
             for name, value in arrays.items()}

@@ -65,17 +65,6 @@ def find_checkpoint(explicit=None):
     raise FileNotFoundError("no checkpoint found: train one with `bash run_train.sh`, or pass --ckpt PATH")
 
 
-def model_weights(checkpoint, ema_rate=None, raw=False):
-    """The network's weights from a checkpoint: an EMA copy when it has one (unless ``raw``), else the raw weights."""
-    from mind_diffusion.train.step import ema_rates, ema_state
-    rates = ema_rates(checkpoint)
-    if rates and not raw:
-        return ema_state(checkpoint, rates[-1] if ema_rate is None else ema_rate)
-    if ema_rate is not None:
-        raise KeyError(f"this checkpoint has no EMA copies (asked for --ema-rate {ema_rate})")
-    return {name[len("model."):]: value for name, value in checkpoint.items() if name.startswith("model.")}
-
-
 def slug(text, limit=40):
     cleaned = re.sub(r"[^\w]+", "_", text or "", flags=re.UNICODE).strip("_")
     return cleaned[:limit] or "samples"
@@ -96,7 +85,7 @@ def main(argv=None):
     from mind_diffusion.config import ConfigError, config_from_dict
     from mind_diffusion.generate import ImageGenerator
     from mind_diffusion.imaging import save_grid, to_uint8
-    from mind_diffusion.train.checkpoint import checkpoint_config, read_checkpoint, restore_state
+    from mind_diffusion.train.checkpoint import checkpoint_config, model_weights, read_checkpoint, restore_state
 
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device(pick_device(args.device))

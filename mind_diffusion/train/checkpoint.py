@@ -99,7 +99,27 @@ def checkpoint_config(checkpoint):
     return json.loads(value if isinstance(value, str) else str(value))
 
 
-def restore_state(state, checkpoint, path, prefix=""):
+def model_weights(checkpoint, ema_rate=None, raw=False):
+    """The network's weights from a checkpoint: an EMA copy when it has one (unless ``raw``), else the raw weights."""
+    from .step import ema_rates, ema_state
+    rates = ema_rates(checkpoint)
+    if rates and not raw:
+        return ema_state(checkpoint, rates[-1] if ema_rate is None else ema_rate)
+    if ema_rate is not None:
+        raise KeyError(f"this checkpoint has no EMA copies (asked for --ema-rate {ema_rate})")
+    return {name[len("model."):]: value for name, value in checkpoint.items() if name.startswith("model.")}
+
+
+def load_initial_weights(model, path):
+    """Start a run from another run's network (``train.init_from``): its EMA copy, else its raw weights.
+
+    :raises FileNotFoundError: no such file; ValueError: the weights do not fit ``model``.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"train.init_from: {path!r} is not a file; give a checkpoint "
+                                "(a training checkpoint or an export such as checkpoints/demo.ckpt)")
+    restore_state(dict(model.parameters_and_names()), model_weights(read_checkpoint(path)), path)
+
     """Copy checkpoint values into ``state`` (name → Parameter), checking names and shapes.
 
     :raises ValueError: naming the missing or mis-shaped entries, e.g. a

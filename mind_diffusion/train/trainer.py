@@ -20,7 +20,7 @@ from ..config import config_to_dict, save_config
 from ..data import create_dataset, transforms
 from ..resample import create_named_schedule_sampler
 from .checkpoint import (checkpoint_config, checkpoint_path, checkpoint_step, latest_checkpoint,
-                         list_checkpoints, read_checkpoint, restore_state, save_training_checkpoint, training_state)
+                         list_checkpoints, load_initial_weights, read_checkpoint, restore_state, save_training_checkpoint, training_state)
 from .step import EMA, DiffusionLoss, TrainStep, WarmupLR
 
 logger = logging.getLogger("mind_diffusion.train")
@@ -106,6 +106,9 @@ class Trainer:
         self.cond_names = self._condition_names()
         self.schedule_sampler = create_named_schedule_sampler(config.diffusion.schedule_sampler,
                                                               diffusion.num_timesteps)
+        if train.init_from:
+            # before the EMA copies are made, so that they start from these weights too
+            load_initial_weights(model, train.init_from)
         loss_net = DiffusionLoss(model, diffusion, self.schedule_sampler, self.cond_names)
         named = [(name, p) for name, p in model.parameters_and_names() if p.requires_grad]
         optimizer = nn.AdamWeightDecay([p for _, p in named], learning_rate=WarmupLR(train.lr, train.warmup_steps),
