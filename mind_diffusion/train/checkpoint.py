@@ -120,6 +120,8 @@ def load_initial_weights(model, path):
                                 "(a training checkpoint or an export such as checkpoints/demo.ckpt)")
     restore_state(dict(model.parameters_and_names()), model_weights(read_checkpoint(path)), path)
 
+
+def restore_state(state, checkpoint, path, prefix=""):
     """Copy checkpoint values into ``state`` (name → Parameter), checking names and shapes.
 
     :raises ValueError: naming the missing or mis-shaped entries, e.g. a
