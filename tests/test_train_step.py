@@ -171,3 +171,37 @@ def test_resume_refuses_a_checkpoint_of_other_network_or_diffusion_settings():
     message = str(info.value)
     assert "diffusion.predict_v: False in the checkpoint, True here" in message
     assert "model.num_channels" in message and "config.yaml" in message
+
+
+def test_init_from_loads_the_ema_copy_and_debiasing_subtracts_it(tmp_path):
+    """train.init_from starts the network (and so its EMA copies) at another checkpoint's EMA weights;
+    the exporter's debiasing then takes θ_0 from that checkpoint, not from the recipe's seed."""
+    from mind_diffusion.cli.export import debiased_ema
+    from mind_diffusion.config import config_from_dict, config_to_dict
+    from mind_diffusion.train.checkpoint import load_initial_weights, read_checkpoint
+
+    rng = np.random.default_rng(0)
+    start = {"weight": rng.standard_normal((3, 2)).astype(np.float32), "bias": rng.standard_normal(3).astype(np.float32)}
+    path = str(tmp_path / "start.ckpt")
+    records = [{"name": f"ema_0.99.{k}", "data": ms.Tensor(v)} for k, v in start.items()]
+    records += [{"name": f"model.{k}", "data": ms.Tensor(np.zeros_like(v))} for k, v in start.items()]
+    ms.save_checkpoint(records, path)
+    model = nn.Dense(2, 3)
+    load_initial_weights(model, path)
+    np.testing.assert_array_equal(model.weight.asnumpy(), start["weight"])  # the EMA copy, not model.*
+    np.testing.assert_array_equal(model.bias.asnumpy(), start["bias"])
+    with pytest.raises(FileNotFoundError, match="train.init_from"):
+        load_initial_weights(model, str(tmp_path / "missing.ckpt"))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_initial_weights(nn.Dense(2, 4), path)
+
+    # θ̄_n = r^n θ_0 + (1 − r^n) θ*  →  debiasing returns θ* exactly (up to float64 rounding).
+    rate, steps = 0.9, 7
+    target = {k: rng.standard_normal(v.shape) for k, v in start.items()}
+    averaged = {k: rate ** steps * start[k].astype(np.float64) + (1 - rate ** steps) * target[k] for k in start}
+    config = config_to_dict(config_from_dict({"train": {"init_from": path, "ema_rate": [rate]}}))
+    run_checkpoint = {f"ema_0.9.{k}": None for k in start}
+    out = debiased_ema(averaged, run_checkpoint, config, None, steps)
+    for k in start:
+        np.testing.assert_allclose(out[k], target[k], rtol=1e-9, atol=1e-9)
+    assert read_checkpoint(path)  # the start checkpoint is only read
