@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 
 DEFAULT_FLAGS = ("-std=c++17", "-O3", "-fno-trapping-math", "-ffp-contract=off", "-shared", "-fPIC")
 
@@ -81,3 +82,31 @@ def switched_off(switch, what):
     if target != "CPU":
         return f"device target {target} (the {what} is CPU-only)"
     return None
+
+
+def load_once(cache, lock, build, unavailable):
+    """The library path in ``cache``, built once per process by ``build()``.
+
+    :param cache: the caller's module-level dict; gets "path", "reason" and "info".
+    :param build: () → (path or None, reason) or (path or None, reason, info).
+    :param unavailable: start of the one RuntimeWarning when the build fails,
+        e.g. "fast GroupNorm unavailable, using pure ops".
+    """
+    with lock:
+        if "path" not in cache:
+            path, reason, *info = build()
+            cache.update(path=path, reason=reason, info=info[0] if info else None)
+            if path is None:
+                warnings.warn(f"mind_diffusion: {unavailable} ({reason})", RuntimeWarning, stacklevel=4)
+        return cache["path"]
+
+
+def library_status(switch, what, cache, library, label="C++ kernels"):
+    """(use_fast, reason) of a C++ path: off by env or device, not built (why), or which library."""
+    off = switched_off(switch, what)
+    if off:
+        return False, off
+    if library() is None:
+        return False, cache["reason"]
+    info = f"; {cache['info']}" if cache.get("info") else ""
+    return True, f"{label} ({os.path.basename(cache['path'])}{info})"

@@ -51,24 +51,13 @@ _library = {}  # "path" -> built .so path or None, "reason" -> why not, "op" -> 
 
 def library():
     """Path of the built kernel library, or None (the reason is in :func:`status`)."""
-    with _lock:
-        if "path" not in _library:
-            path, reason = aot.build(SOURCE, CXX_FLAGS, LINK)
-            _library["path"], _library["reason"] = path, reason
-            if path is None:
-                warnings.warn(f"mind_diffusion: fast attention unavailable, using pure ops ({reason})",
-                              RuntimeWarning, stacklevel=3)
-        return _library["path"]
+    return aot.load_once(_library, _lock, lambda: aot.build(SOURCE, CXX_FLAGS, LINK),
+                         "fast attention unavailable, using pure ops")
 
 
 def status():
     """(use_fast, reason): whether attention graphs built now take the C++ kernels, and why (not)."""
-    off = aot.switched_off(ENV_SWITCH, "fast attention")
-    if off:
-        return False, off
-    if library() is None:
-        return False, _library["reason"]
-    return True, f"C++ kernels ({os.path.basename(_library['path'])})"
+    return aot.library_status(ENV_SWITCH, "fast attention", _library, library)
 
 
 def _make():

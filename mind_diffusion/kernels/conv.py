@@ -88,24 +88,12 @@ def _build():
 
 def library():
     """Path of the built kernel library, or None (the reason is in :func:`status`)."""
-    with _lock:
-        if "path" not in _library:
-            path, reason, info = _build()
-            _library.update(path=path, reason=reason, info=info)
-            if path is None:
-                warnings.warn(f"mind_diffusion: fast convolution unavailable, using MindSpore's ({reason})",
-                              RuntimeWarning, stacklevel=3)
-        return _library["path"]
+    return aot.load_once(_library, _lock, lambda: _build(), "fast convolution unavailable, using MindSpore's")
 
 
 def status():
     """(use_fast, reason): whether convolution Cells built now take the C++ kernels, and why (not)."""
-    off = aot.switched_off(ENV_SWITCH, "fast convolution")
-    if off:
-        return False, off
-    if library() is None:
-        return False, _library["reason"]
-    return True, f"C++ kernels ({os.path.basename(_library['path'])}; {_library['info']})"
+    return aot.library_status(ENV_SWITCH, "fast convolution", _library, library)
 
 
 def call_counts():

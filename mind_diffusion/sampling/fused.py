@@ -68,24 +68,12 @@ def _build():
 
 def library():
     """Path of the built kernel library, or None (the reason is in :func:`status`)."""
-    with _lock:
-        if "path" not in _library:
-            path, reason = _build()
-            _library["path"], _library["reason"] = path, reason
-            if path is None:
-                warnings.warn(f"mind_diffusion: fused sampling step unavailable, using pure ops ({reason})",
-                              RuntimeWarning, stacklevel=3)
-        return _library["path"]
+    return aot.load_once(_library, _lock, lambda: _build(), "fused sampling step unavailable, using pure ops")
 
 
 def status():
     """(use_fused, reason) for steps built now: whether the fused path is taken, and why (not)."""
-    off = aot.switched_off(ENV_SWITCH, "fused kernel")
-    if off:
-        return False, off
-    if library() is None:
-        return False, _library["reason"]
-    return True, f"fused C++ kernel ({os.path.basename(_library['path'])})"
+    return aot.library_status(ENV_SWITCH, "fused kernel", _library, library, label="fused C++ kernel")
 
 
 def _custom(function):
