@@ -129,6 +129,24 @@ def test_ddim_step_eta(monkeypatch, eta, clip):
         np.testing.assert_array_equal(sample, sample_0)
 
 
+@pytest.mark.parametrize("switch", ["0", "1"])
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_step_without_pred_xstart_is_the_pair_steps_x_prev(monkeypatch, kind, switch):
+    """The sampling loop's step returns x_{t-1} alone (one kernel output, one graph output), bit for bit
+    the first output of the step that also returns x̂_0, on the fused path and the pure-ops one."""
+    diffusion, model = make("velocity", "learned_range")
+    monkeypatch.setenv(fused.ENV_SWITCH, switch)
+    if kind == "ddpm":
+        pair, single = (DDPMStep(diffusion, model, pred_xstart=keep) for keep in (True, False))
+    else:
+        pair, single = (DDIMStep(diffusion, model, eta=0.5, pred_xstart=keep) for keep in (True, False))
+    assert pair.fused == single.fused == (switch == "1")
+    x, t, noise = inputs()
+    alone = single(x, t, noise)
+    assert isinstance(alone, ms.Tensor) and alone.shape == SHAPE
+    np.testing.assert_array_equal(alone.asnumpy(), pair(x, t, noise)[0].asnumpy())
+
+
 def test_respaced_loops_match_pure_ops(monkeypatch):
     diffusion = GaussianDiffusion(schedules.get_named_beta_schedule("cosine", 1000),
                                   model_var_type="learned_range").respace("ddim10")

@@ -20,14 +20,17 @@ class ModelStep(nn.Cell):
     :param diffusion: the process the sampler walks.
     :param model: ``model(x, t_model, **cond)``.
     :param cond_names: names of the conditioning tensors, in the order the step receives them.
+    :param pred_xstart: also return x̂_0; a sampling loop that discards it builds its step
+        without, since every graph output is allocated and handed back on each call.
     """
 
-    def __init__(self, diffusion, model, cond_names=()):
+    def __init__(self, diffusion, model, cond_names=(), pred_xstart=True):
         # auto_prefix=False: wrapping must not rename the model's parameters (checkpoints keep their names).
         super().__init__(auto_prefix=False)
         self.diffusion = diffusion
         self.model = model
         self.cond_names = tuple(cond_names)
+        self.pred_xstart = bool(pred_xstart)
 
     def model_output(self, x, t, cond):
         kwargs = {}
@@ -35,12 +38,19 @@ class ModelStep(nn.Cell):
             kwargs[name] = value
         return self.model(x, self.diffusion.model_timesteps(t), **kwargs)
 
+    def outputs(self, sample, pred_xstart):
+        """What the step returns: (x_next, x̂_0), or x_next alone (a constant choice at compile time)."""
+        if self.pred_xstart:
+            return sample, pred_xstart
+        return sample
+
 
 class Sampler:
     """Runs a step graph from t = T−1 down to 0.
 
     Subclasses set ``needs_noise`` and build their step in :meth:`make_step`; the
-    step is called as ``step(x, t, noise, *cond)`` and returns (x_prev, x̂_0).
+    step is called as ``step(x, t, noise, *cond)`` and returns x_{t-1}, or
+    (x_{t-1}, x̂_0) when built with ``pred_xstart``.
 
     :param diffusion: a :class:`GaussianDiffusion` (respace it first for fewer steps).
     :param model: ``model(x, t, **cond) -> output``.
@@ -58,14 +68,17 @@ class Sampler:
         self.progress = progress
         self._steps = {}
 
-    def make_step(self, cond_names):
+    def make_step(self, cond_names, pred_xstart):
         raise NotImplementedError
 
-    def step_graph(self, cond_names):
-        """The compiled step for this set of conditioning names (built once, then reused)."""
-        key = tuple(cond_names)
+    def step_graph(self, cond_names, pred_xstart=False):
+        """The compiled step for these conditioning names (built once, then reused).
+
+        It returns x_{t-1}, or (x_{t-1}, x̂_0) with ``pred_xstart``.
+        """
+        key = (tuple(cond_names), bool(pred_xstart))
         if key not in self._steps:
-            self._steps[key] = self.make_step(key)
+            self._steps[key] = self.make_step(*key)
         return self._steps[key]
 
     def sample(self, shape, model_kwargs=None, seed=0, x_T=None, noises=None):
@@ -94,7 +107,7 @@ class Sampler:
                 noise = ms.Tensor(np.asarray(noises[k], dtype=np.float32))
             else:
                 noise = ms.Tensor(rng.standard_normal(shape, dtype=np.float32))
-            x, _ = step(x, t, noise, *cond)
+            x = step(x, t, noise, *cond)
         return x
 
 

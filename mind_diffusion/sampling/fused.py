@@ -76,12 +76,25 @@ def status():
     return aot.library_status(ENV_SWITCH, "fused kernel", _library, library, label="fused C++ kernel")
 
 
-def _custom(function):
-    """The aot Custom operator for one entry point, or None when MindSpore refuses it."""
+def _x_prev_only(x, out, noise, t, table):
+    return x
+
+
+def _x_prev_and_pred(x, out, noise, t, table):
+    return x, x
+
+
+def _custom(function, pred_xstart):
+    """The aot Custom operator for one entry point, or None when MindSpore refuses it.
+
+    With ``pred_xstart`` it has two outputs (x_{t-1}, x̂_0), else only x_{t-1}: an output the
+    sampling loop discards would still be allocated and returned by the graph, which costs about
+    as much as the kernel's own work at 16×3×32×32.
+    """
     path = library()
+    outputs = _x_prev_and_pred if pred_xstart else _x_prev_only
     try:
-        return ops.Custom(f"{path}:{function}", out_shape=lambda x, out, noise, t, table: (x, x),
-                          out_dtype=lambda x, out, noise, t, table: (x, x), func_type="aot")
+        return ops.Custom(f"{path}:{function}", out_shape=outputs, out_dtype=outputs, func_type="aot")
     except (TypeError, ValueError, RuntimeError) as err:  # e.g. MS_CUSTOM_AOT_WHITE_LIST excludes the cache
         warnings.warn(f"mind_diffusion: fused sampling step unavailable, using pure ops ({err})",
                       RuntimeWarning, stacklevel=3)
@@ -150,22 +163,28 @@ def _variant(diffusion, clip_denoised):
     return diffusion._mean, "clip" if clip_denoised else "noclip"
 
 
-def ddpm_kernel(diffusion, clip_denoised):
-    """(op, table Tensor) computing one ancestral step, or None when the fused path is not taken."""
+def ddpm_kernel(diffusion, clip_denoised, pred_xstart=True):
+    """(op, table Tensor) computing one ancestral step, or None when the fused path is not taken.
+
+    The op returns (x_{t-1}, x̂_0), or x_{t-1} alone when ``pred_xstart`` is false.
+    """
     if not status()[0]:
         return None
     mean, clip = _variant(diffusion, clip_denoised)
-    op = _custom(f"md_ddpm_{mean}_{diffusion._var}_{clip}")
+    op = _custom(f"md_ddpm_{mean}_{diffusion._var}_{clip}", pred_xstart)
     return None if op is None else (op, ms.Tensor(ddpm_table(diffusion), ms.float32))
 
 
-def ddim_kernel(diffusion, eta, clip_denoised):
-    """(op, table Tensor) computing one DDIM step with η, or None when the fused path is not taken."""
+def ddim_kernel(diffusion, eta, clip_denoised, pred_xstart=True):
+    """(op, table Tensor) computing one DDIM step with η, or None when the fused path is not taken.
+
+    The op returns (x_{t-1}, x̂_0), or x_{t-1} alone when ``pred_xstart`` is false.
+    """
     if not status()[0]:
         return None
     mean, clip = _variant(diffusion, clip_denoised)
     sigma = "learned" if diffusion._learned_sigma else "fixed"
-    op = _custom(f"md_ddim_{mean}_{sigma}_{clip}")
+    op = _custom(f"md_ddim_{mean}_{sigma}_{clip}", pred_xstart)
     return None if op is None else (op, ms.Tensor(ddim_table(diffusion, eta), ms.float32))
 
 

@@ -13,7 +13,10 @@
 //
 // Inputs:  x [B, C, ...] f32, model_out [B, C or 2C, ...] f32, noise [B, C, ...]
 //          f32, t [B] int32, table [T, K] f32.
-// Outputs: x_prev [B, C, ...] f32, pred_xstart [B, C, ...] f32.
+// Outputs: x_prev [B, C, ...] f32 and, when the operator declares a second
+//          output, pred_xstart [B, C, ...] f32 (a sampling loop that discards
+//          x̂_0 declares one output: MindSpore then neither allocates nor
+//          returns it, and the kernel does not store it).
 // The mode (mean type, variance type, clipping) is in the function's name:
 // one extern "C" entry point per supported combination.
 #include <cmath>
@@ -41,7 +44,7 @@ struct Args {
   const int32_t* t;
   const float* table;
   float* x_prev;
-  float* pred;
+  float* pred;  // nullptr when x̂_0 is not an output
   int64_t batch, channels, spatial, out_channels, steps, cols;
 };
 
@@ -50,9 +53,9 @@ bool is(const char* dtype, const char* want) { return dtype != nullptr && std::s
 // Checks shapes and dtypes and fills Args; false when they do not fit.
 bool unpack(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
             int64_t want_cols, bool learned_sigma, Args* a) {
-  if (nparam != 7) return false;
-  for (int i : {0, 1, 2, 4, 5, 6}) {
-    if (!is(dtypes[i], "float32") && !is(dtypes[i], "float")) return false;
+  if (nparam != 6 && nparam != 7) return false;
+  for (int i = 0; i < nparam; ++i) {
+    if (i != 3 && !is(dtypes[i], "float32") && !is(dtypes[i], "float")) return false;
   }
   if (!is(dtypes[3], "int32") && !is(dtypes[3], "int")) return false;
   int nd = ndims[0];
@@ -66,8 +69,12 @@ bool unpack(int nparam, void** params, int* ndims, int64_t** shapes, const char*
   for (int d = 2; d < nd; ++d) {
     if (shapes[1][d] != shapes[0][d]) return false;
   }
-  for (int d = 0; d < nd; ++d) {
-    if (shapes[2][d] != shapes[0][d]) return false;
+  for (int i : {2, 5, 6}) {  // noise and the outputs are shaped like x
+    if (i >= nparam) break;
+    if (ndims[i] != nd) return false;
+    for (int d = 0; d < nd; ++d) {
+      if (shapes[i][d] != shapes[0][d]) return false;
+    }
   }
   if (shapes[3][0] != a->batch) return false;
   a->steps = shapes[4][0];
@@ -79,7 +86,7 @@ bool unpack(int nparam, void** params, int* ndims, int64_t** shapes, const char*
   a->t = static_cast<const int32_t*>(params[3]);
   a->table = static_cast<const float*>(params[4]);
   a->x_prev = static_cast<float*>(params[5]);
-  a->pred = static_cast<float*>(params[6]);
+  a->pred = nparam == 7 ? static_cast<float*>(params[6]) : nullptr;
   return true;
 }
 
@@ -133,7 +140,7 @@ MD_INLINE float pred_xstart(float x, float m, const Row& c) {
 // x_{t-1} = μ_θ + 1[t>0] σ_t z (Ho et al. 2020, Algorithm 2; improved DDPM's Σ_θ). log σ_t is affine in
 // the network's variance output v, P + Q·v, with P and Q per step from the table (fused.py, ddpm_table):
 // one multiply-add and one exp per pixel.
-template <int MEAN, int VAR, bool CLIP>
+template <int MEAN, int VAR, bool CLIP, bool PRED>
 MD_INLINE void ddpm_row(const Row& c, int64_t n, const float* __restrict__ xb, const float* __restrict__ mb,
                         const float* __restrict__ vb, const float* __restrict__ zb, float* __restrict__ ob,
                         float* __restrict__ pb) {
@@ -145,7 +152,7 @@ MD_INLINE void ddpm_row(const Row& c, int64_t n, const float* __restrict__ xb, c
     const float p = pred_xstart<MEAN, CLIP>(x, mb[i], c);
     const float mean = MEAN == kPreviousX ? mb[i] : c.coef1 * p + c.coef2 * x;
     const float std = learned_sigma ? exp_f32(log_std_offset + log_std_slope * vb[i]) : fixed_std;
-    pb[i] = p;
+    if (PRED) pb[i] = p;
     ob[i] = mean + mask * std * zb[i];
   }
 }
@@ -161,14 +168,18 @@ MD_INLINE int ddpm(int nparam, void** params, int* ndims, int64_t** shapes, cons
     if (step < 0 || step >= a.steps) return 2;
     const Row c(a.table + step * a.cols);
     const float* mb = a.out + b * a.out_channels * a.spatial;
-    ddpm_row<MEAN, VAR, CLIP>(c, plane, a.x + b * plane, mb, mb + plane, a.noise + b * plane,
-                              a.x_prev + b * plane, a.pred + b * plane);
+    const int64_t at = b * plane;
+    if (a.pred != nullptr) {
+      ddpm_row<MEAN, VAR, CLIP, true>(c, plane, a.x + at, mb, mb + plane, a.noise + at, a.x_prev + at, a.pred + at);
+    } else {
+      ddpm_row<MEAN, VAR, CLIP, false>(c, plane, a.x + at, mb, mb + plane, a.noise + at, a.x_prev + at, nullptr);
+    }
   }
   return 0;
 }
 
 // x_{t-1} = √ᾱ_{t-1} x̂_0 + √(1 − ᾱ_{t-1} − σ_t²) ε̂ + 1[t>0] σ_t z (Song et al. 2021, Eq. 12).
-template <int MEAN, bool CLIP>
+template <int MEAN, bool CLIP, bool PRED>
 MD_INLINE void ddim_row(const Row& c, int64_t n, const float* __restrict__ xb, const float* __restrict__ mb,
                         const float* __restrict__ zb, float* __restrict__ ob, float* __restrict__ pb) {
   const float sqrt_abar_prev = c.c4, eps_coef = c.c5, sigma_mask = c.c6;
@@ -178,7 +189,7 @@ MD_INLINE void ddim_row(const Row& c, int64_t n, const float* __restrict__ xb, c
     // ε̂ = (x_t / √ᾱ − x̂_0) / √(1/ᾱ − 1), or (x_t − √ᾱ x̂_0) / √(1 − ᾱ) from the v table's columns
     const float eps = MEAN == kVelocity ? (x - c.a * p) / c.b : (c.a * x - p) / c.b;
     const float mean = p * sqrt_abar_prev + eps_coef * eps;
-    pb[i] = p;
+    if (PRED) pb[i] = p;
     ob[i] = mean + sigma_mask * zb[i];
   }
 }
@@ -192,8 +203,13 @@ MD_INLINE int ddim(int nparam, void** params, int* ndims, int64_t** shapes, cons
     const int32_t step = a.t[b];
     if (step < 0 || step >= a.steps) return 2;
     const Row c(a.table + step * a.cols);
-    ddim_row<MEAN, CLIP>(c, plane, a.x + b * plane, a.out + b * a.out_channels * a.spatial, a.noise + b * plane,
-                         a.x_prev + b * plane, a.pred + b * plane);
+    const float* mb = a.out + b * a.out_channels * a.spatial;
+    const int64_t at = b * plane;
+    if (a.pred != nullptr) {
+      ddim_row<MEAN, CLIP, true>(c, plane, a.x + at, mb, a.noise + at, a.x_prev + at, a.pred + at);
+    } else {
+      ddim_row<MEAN, CLIP, false>(c, plane, a.x + at, mb, a.noise + at, a.x_prev + at, nullptr);
+    }
   }
   return 0;
 }
