@@ -88,18 +88,36 @@ class LossSecondMomentResampler(ScheduleSampler):
         Examples are taken in order, so repeated timesteps in one batch are
         recorded one after the other. In data-parallel training pass the
         all-gathered (t, losses) of every rank so that all ranks stay equal.
+
+        Vectorised over the batch (one graph whatever its size): a row holds the
+        last min(n, H) of the n losses seen at its t, oldest first. With c ≤ H
+        stored and m new ones, the new row's slot s holds element s + max(0, c + m − H)
+        of (stored losses, then the new ones in batch order); every example computes
+        its t's new row, and the examples sharing a t write the same row.
         """
-        slots = ops.arange(self.history_per_term).reshape(1, -1)
-        for i in range(t.shape[0]):
-            index = t[i:i + 1]
-            loss = losses[i:i + 1].astype(ms.float32).reshape(1, 1)
-            row = ops.gather(self.loss_history, index, 0)
-            count = ops.gather(self.loss_counts, index, 0)
-            shifted = ops.concat((row[:, 1:], loss), axis=1)
-            filled = ops.where(slots == count.reshape(-1, 1), loss, row)
-            full = (count >= self.history_per_term).reshape(-1, 1)
-            ops.scatter_update(self.loss_history, index, ops.where(full, shifted, filled))
-            ops.scatter_update(self.loss_counts, index, ops.minimum(count + 1, self.history_per_term))
+        size = self.history_per_term
+        t = t.reshape(-1)
+        losses = losses.astype(ms.float32).reshape(-1)
+        batch = t.shape[0]
+        order = ops.arange(batch, dtype=ms.int32)
+        same = t.reshape(-1, 1) == t.reshape(1, -1)  # [B, B]: examples i and j share a timestep
+        earlier = order.reshape(-1, 1) > order.reshape(1, -1)  # j comes before i
+        rank = ops.logical_and(same, earlier).astype(ms.int32).sum(axis=1, dtype=ms.int32)  # i's place among its t's new losses
+        new = same.astype(ms.int32).sum(axis=1, dtype=ms.int32)  # m: new losses at i's t
+        row = ops.gather(self.loss_history, t, 0)  # [B, H]
+        count = ops.gather(self.loss_counts, t, 0)  # c ≤ H
+        total = count + new
+        element = ops.arange(size, dtype=ms.int32).reshape(1, -1) + ops.maximum(total - size, 0).reshape(-1, 1)  # [B, H]
+        stored = ops.gather_elements(row, 1, ops.minimum(element, size - 1))
+        wanted = (element - count.reshape(-1, 1)).reshape(batch, size, 1)  # rank of the new loss a slot takes
+        takes = ops.logical_and(same.reshape(batch, 1, batch), rank.reshape(1, 1, batch) == wanted)
+        # where, not a product: a non-finite loss must not leak into the slots that do not take it
+        fresh = ops.where(takes, losses.reshape(1, 1, batch), ops.zeros((), ms.float32)).sum(axis=2)
+        count_column = count.reshape(-1, 1)
+        value = ops.where(element < count_column, stored,
+                          ops.where(element < total.reshape(-1, 1), fresh, row))
+        ops.scatter_update(self.loss_history, t, value)
+        ops.scatter_update(self.loss_counts, t, ops.minimum(total, size))
         return t
 
 

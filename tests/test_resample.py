@@ -83,6 +83,33 @@ def test_loss_second_moment_history_and_weights():
     assert (reference.counts == history).all(), "the test must reach the warmed-up regime"
 
 
+@pytest.mark.parametrize("batch", [1, 40])
+def test_history_with_more_repeats_than_slots(batch):
+    """Batches where one timestep takes more new losses than its history holds (only the last H stay, in
+    order), timesteps absent from a batch, and a NaN loss that must stay in its own row."""
+    steps, history = 5, 3
+    sampler = LossSecondMomentResampler(steps, history_per_term=history, uniform_prob=0.0)
+    reference = ReferenceHistory(steps, history, 0.0)
+    update = Update(sampler)
+    rng = np.random.default_rng(1)
+    for round_ in range(6 if batch > 1 else 40):
+        ts = rng.integers(0, steps - 1, batch).astype(np.int32)  # t = steps − 1 never drawn until the end
+        losses = rng.uniform(0.1, 3.0, batch).astype(np.float32)
+        update(ms.Tensor(ts), ms.Tensor(losses))
+        reference.update(ts, losses)
+        np.testing.assert_array_equal(sampler.loss_history.asnumpy(), reference.history.astype(np.float32))
+        np.testing.assert_array_equal(sampler.loss_counts.asnumpy(), reference.counts)
+    ts = np.full(batch, steps - 1, np.int32)
+    ts[0] = 0
+    losses = np.full(batch, 2.0, np.float32)
+    losses[0] = np.nan
+    update(ms.Tensor(ts), ms.Tensor(losses))
+    reference.update(ts, losses)
+    got = sampler.loss_history.asnumpy()
+    np.testing.assert_array_equal(got, reference.history.astype(np.float32))  # NaN where the reference has it
+    assert np.isfinite(got[1:]).all()
+
+
 def _warmed_sampler(losses_per_t, uniform_prob=0.01):
     steps = len(losses_per_t)
     sampler = LossSecondMomentResampler(steps, history_per_term=2, uniform_prob=uniform_prob)
