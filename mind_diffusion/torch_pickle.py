@@ -238,7 +238,7 @@ def save_state_dict(state_dict, path, archive_name="archive"):
     """
     arrays = []
     for name, array in state_dict.items():
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")  # not ascontiguousarray: it makes a 0-d array 1-d
         if array.dtype not in _STORAGE_NAMES:
             raise TypeError(f"{name}: dtype {array.dtype} has no PyTorch storage type here")
         arrays.append((name, array.astype(array.dtype.newbyteorder("<"))))

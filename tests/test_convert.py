@@ -153,7 +153,7 @@ def test_writer_round_trips_and_lays_out_like_torch(tmp_path):
     back = load_state_dict(path)
     assert list(back) == list(sd) and isinstance(back, collections.OrderedDict)
     for key, value in sd.items():
-        assert back[key].dtype == value.dtype
+        assert back[key].dtype == value.dtype and back[key].shape == value.shape, key
         np.testing.assert_array_equal(back[key], value)
     with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
         names = archive.namelist()
@@ -166,6 +166,35 @@ def test_writer_round_trips_and_lays_out_like_torch(tmp_path):
                         if op.name == "GLOBAL"}
     assert globals_used == {"collections OrderedDict", "torch._utils _rebuild_tensor_v2", "torch FloatStorage",
                             "torch HalfStorage", "torch LongStorage", "torch BoolStorage", "torch DoubleStorage"}
+
+
+def test_torch_reads_what_we_write_and_we_read_what_torch_writes(tmp_path):
+    """Against PyTorch itself where it is installed (it is not a dependency): torch.load(weights_only=True)
+    gets our names, dtypes, shapes (0-d included) and values; our reader gets torch.save's, views
+    into a shared storage and transposed (strided) tensors included."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    sd = {"w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "h": rng.normal(size=(5,)).astype(np.float16),
+          "count": np.array(7, np.int64), "i": np.arange(6, dtype=np.int32).reshape(2, 3),
+          "b": np.array([True, False]), "u": np.array([0, 255], np.uint8), "none": np.zeros((0, 2), np.float64),
+          "fortran": np.asfortranarray(rng.normal(size=(3, 5)).astype(np.float32))}
+    save_state_dict(sd, tmp_path / "ours.pt")
+    loaded = torch.load(tmp_path / "ours.pt", weights_only=True)
+    assert list(loaded) == list(sd)
+    for key, value in sd.items():
+        assert loaded[key].numpy().dtype == value.dtype and tuple(loaded[key].shape) == value.shape, key
+        np.testing.assert_array_equal(loaded[key].numpy(), value)
+
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    theirs = collections.OrderedDict(base=base, rows=base[1:3], transposed=base.t(),
+                                     scalar=torch.tensor(3.0, dtype=torch.float64), half=torch.randn(5).half())
+    torch.save(theirs, tmp_path / "theirs.pt")
+    back = load_state_dict(tmp_path / "theirs.pt")
+    assert list(back) == list(theirs)
+    for key, value in theirs.items():
+        expected = value.numpy()
+        assert back[key].dtype == expected.dtype and back[key].shape == expected.shape, key
+        np.testing.assert_array_equal(back[key], expected)
 
 
 def test_reads_the_guided_diffusion_checkpoint_written_by_torch():
