@@ -21,6 +21,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
+from mind_diffusion.kernels.dropout import Dropout
+
 # Large enough that exp() underflows to exactly 0 in float32, small enough to stay finite.
 MASKED_LOGIT = -1e9
 
@@ -90,7 +92,7 @@ class CrossAttention(nn.Cell):
         self.to_q = nn.Dense(query_dim, inner_dim, has_bias=False)
         self.to_k = nn.Dense(context_dim, inner_dim, has_bias=False)
         self.to_v = nn.Dense(context_dim, inner_dim, has_bias=False)
-        self.to_out = nn.SequentialCell([nn.Dense(inner_dim, query_dim), nn.Dropout(p=dropout)])
+        self.to_out = nn.SequentialCell([nn.Dense(inner_dim, query_dim), Dropout(p=dropout)])
 
     def construct(self, x, context=None, context_mask=None):
         context = x if context is None else context
@@ -120,7 +122,7 @@ class FeedForward(nn.Cell):
     def __init__(self, dim, mult=4, dropout=0.0):
         super().__init__()
         inner_dim = dim * mult
-        self.net = nn.SequentialCell([GEGLU(dim, inner_dim), nn.Dropout(p=dropout), nn.Dense(inner_dim, dim)])
+        self.net = nn.SequentialCell([GEGLU(dim, inner_dim), Dropout(p=dropout), nn.Dense(inner_dim, dim)])
 
     def construct(self, x):
         return self.net(x)

@@ -15,6 +15,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mind_diffusion.kernels import attention as attention_kernels
+from mind_diffusion.kernels.dropout import Dropout
 from mind_diffusion.nn import (
     Conv1x1,
     conv_nd,
@@ -178,7 +179,7 @@ class ResBlock(TimestepBlock):
         self.out_layers = nn.SequentialCell(
             [
                 *normalization_silu(self.out_channels),
-                nn.Dropout(p=dropout),
+                Dropout(p=dropout),
                 zero_module(conv_nd(2, self.out_channels, self.out_channels, 3, padding=1)),
             ]
         )

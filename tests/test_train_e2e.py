@@ -89,9 +89,9 @@ def test_bad_checkpoints_and_configs_are_named(tiny_run, tmp_path):
 
 
 def test_sigkill_and_resume_match_an_uninterrupted_run(tmp_path):
-    # With the importance sampler, so its loss history must resume exactly too.
+    # With the importance sampler and dropout, so the loss history and the dropout masks must resume exactly too.
     common = [TINY, "train.total_steps=120", "train.save_every=10", "train.log_every=10",
-              "diffusion.schedule_sampler=loss-second-moment", "--no-progress"]
+              "diffusion.schedule_sampler=loss-second-moment", "model.dropout=0.1", "--no-progress"]
     straight = str(tmp_path / "straight")
     launch("run_train.sh", "1", *common, "--run-dir", straight)
 

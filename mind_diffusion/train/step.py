@@ -132,6 +132,9 @@ class TrainStep(nn.Cell):
     def __init__(self, loss_net, optimizer, ema=None, grad_clip=0.0, loss_scale=0.0, world_size=1):
         super().__init__()
         self.loss_net = loss_net
+        # Training mode for the whole network (MindSpore's Cells start in eval mode): dropout
+        # is applied, and the layers that have a training-only fast path (attention) take it.
+        self.set_train(True)
         self.optimizer = optimizer
         self.ema = ema
         self.weights = optimizer.parameters

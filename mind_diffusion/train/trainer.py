@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import config_to_dict, save_config
 from ..data import create_dataset, transforms
+from ..kernels.dropout import seed_step
 from ..resample import create_named_schedule_sampler
 from .checkpoint import (checkpoint_config, checkpoint_path, checkpoint_step, latest_checkpoint,
                          list_checkpoints, load_initial_weights, read_checkpoint, restore_state, save_training_checkpoint, training_state)
@@ -209,6 +210,7 @@ class Trainer:
             data_digest.update(np.ascontiguousarray(batch["index"]).tobytes())
             items_seen += len(batch["index"])
             u, noise = step_randomness(self.config.seed, self.rank, step, train.batch_size, self.image_shape)
+            seed_step(self.config.seed, self.rank, step)  # the step's dropout masks
             cond = [ms.Tensor(self._condition(batch, name)) for name in self.cond_names]
             log.add(self.train_step(ms.Tensor(batch["images"]), ms.Tensor(u), ms.Tensor(noise), *cond))
             step += 1
