@@ -146,3 +146,31 @@ def test_disabled_by_env_uses_nn_dropout(monkeypatch):
     layer.set_train(True)
     y = layer(ms.Tensor(np.ones((64, 64), np.float32))).asnumpy()
     assert set(np.unique(y)) <= {0.0, 2.0} and 0.4 < (y != 0).mean() < 0.6
+
+
+def test_op_once_makes_each_operator_once_and_warns_once_when_refused():
+    """kernels.aot.op_once, which every C++ path uses to make its Custom operators."""
+    import threading
+    import warnings
+    from mind_diffusion.kernels import aot
+
+    ops_cache, library_cache, lock, made = {}, {}, threading.Lock(), []
+
+    def make():
+        made.append(1)
+        return "op"
+
+    assert aot.op_once(ops_cache, library_cache, lock, "a", make, "x unavailable") == "op"
+    assert aot.op_once(ops_cache, library_cache, lock, "a", make, "x unavailable") == "op"
+    assert len(made) == 1
+
+    def refuse():
+        raise RuntimeError("excluded by MS_CUSTOM_AOT_WHITE_LIST")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for key in ("b", "c", "b"):
+            assert aot.op_once(ops_cache, library_cache, lock, key, refuse, "x unavailable, using y") is None
+    assert [str(w.message) for w in caught] == [
+        "mind_diffusion: x unavailable, using y (excluded by MS_CUSTOM_AOT_WHITE_LIST)"]
+    assert ops_cache == {"a": "op", "b": None, "c": None}

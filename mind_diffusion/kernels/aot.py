@@ -17,6 +17,10 @@ import tempfile
 import warnings
 
 DEFAULT_FLAGS = ("-std=c++17", "-O3", "-fno-trapping-math", "-ffp-contract=off", "-shared", "-fPIC")
+# Every source is compiled with csrc/ on the include path for the shared header, whose text
+# is part of every library's hash.
+INCLUDE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+SHARED_HEADER = os.path.join(INCLUDE_DIR, "md_kernel.h")
 
 
 def cache_dir():
@@ -28,7 +32,7 @@ def cache_dir():
 
 
 def build(source, flags=DEFAULT_FLAGS, link=()):
-    """Compile ``source`` into a shared library unless a build of the same source and flags exists.
+    """Compile ``source`` into a shared library unless a build of the same source, shared header and flags exists.
 
     :param source: path of the C++ file.
     :param flags: compiler flags (must make a shared library).
@@ -38,8 +42,8 @@ def build(source, flags=DEFAULT_FLAGS, link=()):
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
     if compiler is None:
         return None, "no C++ compiler (g++) on PATH"
-    with open(source, "rb") as f:
-        text = f.read()
+    with open(source, "rb") as f, open(SHARED_HEADER, "rb") as h:
+        text = f.read() + h.read()
     digest = hashlib.sha256(text + " ".join((*flags, "|", *link)).encode()).hexdigest()[:16]
     stem = os.path.splitext(os.path.basename(source))[0]
     directory = cache_dir()
@@ -53,7 +57,7 @@ def build(source, flags=DEFAULT_FLAGS, link=()):
     except OSError as err:
         return None, f"cannot write the kernel cache {directory}: {err}"
     try:
-        result = subprocess.run([compiler, *flags, "-o", tmp, source, *link],
+        result = subprocess.run([compiler, *flags, "-I", INCLUDE_DIR, "-o", tmp, source, *link],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
         if result.returncode != 0:
             return None, f"g++ failed ({result.returncode}): {result.stdout.strip()[-2000:]}"
@@ -110,3 +114,30 @@ def library_status(switch, what, cache, library, label="C++ kernels"):
         return False, cache["reason"]
     info = f"; {cache['info']}" if cache.get("info") else ""
     return True, f"{label} ({os.path.basename(cache['path'])}{info})"
+
+
+def op_once(ops_cache, library_cache, lock, key, make, unavailable):
+    """The Custom operator under ``key``, made once per process by ``make()``.
+
+    Returns None when MindSpore refuses to make it (e.g. an ``MS_CUSTOM_AOT_WHITE_LIST``
+    that excludes the kernel cache): the caller then takes its fallback. The first refusal
+    of a library warns once, ``"mind_diffusion: {unavailable} (why)"``; later ones are silent.
+
+    :param ops_cache: the caller's dict of operators (None for refused ones).
+    :param library_cache: the caller's :func:`load_once` dict; records the refusal.
+    """
+    with lock:
+        if key in ops_cache:
+            return ops_cache[key]
+    try:
+        op = make()
+    except (TypeError, ValueError, RuntimeError) as err:
+        with lock:
+            warn = "refused" not in library_cache
+            library_cache["refused"] = str(err)
+        if warn:
+            warnings.warn(f"mind_diffusion: {unavailable} ({err})", RuntimeWarning, stacklevel=3)
+        op = None
+    with lock:
+        ops_cache[key] = op
+    return op

@@ -29,7 +29,6 @@ fallback and serves float16:
 """
 import os
 import threading
-import warnings
 
 import mindspore as ms
 from mindspore import ops
@@ -46,7 +45,8 @@ LINK = ("-pthread",)
 ENV_SWITCH = "MIND_DIFFUSION_FAST_ATTENTION"
 
 _lock = threading.Lock()
-_library = {}  # "path" -> built .so path or None, "reason" -> why not, "op" -> forward op or None
+_library = {}  # "path" -> built .so path or None, "reason" -> why not
+_ops = {}  # "op" -> the forward Custom op (with its bprop), or None
 
 
 def library():
@@ -87,19 +87,7 @@ def forward_op():
     """
     if not status()[0]:
         return None
-    with _lock:
-        if "op" in _library:
-            return _library["op"]
-    try:
-        op = _make()
-    except (TypeError, ValueError, RuntimeError) as err:  # e.g. MS_CUSTOM_AOT_WHITE_LIST excludes the cache
-        warnings.warn(f"mind_diffusion: fast attention unavailable, using pure ops ({err})",
-                      RuntimeWarning, stacklevel=2)
-        op = None
-    with _lock:
-        _library["op"] = op
-    return op
-
+    return aot.op_once(_ops, _library, _lock, "op", _make, "fast attention unavailable, using pure ops")
 
 
 class _Choice:

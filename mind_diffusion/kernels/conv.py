@@ -40,7 +40,6 @@ The library is built once per source/flags hash by :mod:`mind_diffusion.kernels.
 import ctypes
 import os
 import threading
-import warnings
 
 import numpy as np
 import mindspore as ms
@@ -168,22 +167,8 @@ def forward_op(geometry):
     if geometry is None or not status()[0]:
         return None
     key = tuple(geometry)
-    with _lock:
-        if key in _ops:
-            return _ops[key]
-    try:
-        op = _make(key)
-    except (TypeError, ValueError, RuntimeError) as err:  # e.g. MS_CUSTOM_AOT_WHITE_LIST excludes the cache
-        with _lock:
-            warn = "refused" not in _library  # one warning, not one per geometry
-            _library["refused"] = str(err)
-        if warn:
-            warnings.warn(f"mind_diffusion: fast convolution unavailable, using MindSpore's ({err})",
-                          RuntimeWarning, stacklevel=2)
-        op = None
-    with _lock:
-        _ops[key] = op
-    return op
+    return aot.op_once(_ops, _library, _lock, key, lambda: _make(key),
+                       "fast convolution unavailable, using MindSpore's")
 
 
 def geometry_tensor(geometry):

@@ -24,7 +24,6 @@ backend; ``nn.Dropout`` stays the fallback (its masks do not resume):
 """
 import os
 import threading
-import warnings
 
 import numpy as np
 import mindspore as ms
@@ -38,7 +37,7 @@ ENV_SWITCH = "MIND_DIFFUSION_FAST_DROPOUT"
 
 _lock = threading.Lock()
 _library = {}  # "path" -> built .so path or None, "reason" -> why not
-_op = {}  # "op" -> the Custom op with its bprop, or None when MindSpore refused it
+_ops = {}  # "op" -> the Custom op with its bprop, or None when MindSpore refused it
 
 
 def library():
@@ -73,18 +72,7 @@ def dropout_op():
     """
     if not status()[0]:
         return None
-    with _lock:
-        if "op" in _op:
-            return _op["op"]
-    try:
-        op = _make()
-    except (TypeError, ValueError, RuntimeError) as err:  # e.g. MS_CUSTOM_AOT_WHITE_LIST excludes the cache
-        warnings.warn(f"mind_diffusion: counter-based dropout unavailable, using nn.Dropout ({err})",
-                      RuntimeWarning, stacklevel=2)
-        op = None
-    with _lock:
-        _op["op"] = op
-    return op
+    return aot.op_once(_ops, _library, _lock, "op", _make, "counter-based dropout unavailable, using nn.Dropout")
 
 
 def seed_step(seed, rank, step):

@@ -32,7 +32,6 @@ The library is built once per source/flags hash by :mod:`mind_diffusion.kernels.
 """
 import os
 import threading
-import warnings
 
 import mindspore as ms
 from mindspore import ops
@@ -110,19 +109,4 @@ def forward_op(groups, silu=False, scale_shift=False):
     if not status()[0]:
         return None
     key = (int(groups), bool(silu), bool(scale_shift))
-    with _lock:
-        if key in _ops:
-            return _ops[key]
-    try:
-        op = _make(*key)
-    except (TypeError, ValueError, RuntimeError) as err:  # e.g. MS_CUSTOM_AOT_WHITE_LIST excludes the cache
-        with _lock:
-            warn = "refused" not in _library  # one warning, not one per variant
-            _library["refused"] = str(err)
-        if warn:
-            warnings.warn(f"mind_diffusion: fast GroupNorm unavailable, using pure ops ({err})",
-                          RuntimeWarning, stacklevel=2)
-        op = None
-    with _lock:
-        _ops[key] = op
-    return op
+    return aot.op_once(_ops, _library, _lock, key, lambda: _make(*key), "fast GroupNorm unavailable, using pure ops")

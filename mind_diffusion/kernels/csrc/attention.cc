@@ -40,19 +40,16 @@
 // (MD_AVX2_FMA), and chosen at run time; the library needs no -march
 // and the cached build is safe to share between machines. The module adds
 // -ffp-contract=fast so a·b + c becomes one FMA.
-#include <sched.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <thread>
 #include <vector>
 
-namespace {
+#include "md_kernel.h"
 
-#define MD_INLINE inline __attribute__((always_inline))
+namespace {
 
 // The hot loops are compiled twice, for AVX2 + FMA and for baseline x86-64, and picked
 // at run time (see dispatch below). Not target_clones: its "arch=haswell" clone is chosen
@@ -65,7 +62,7 @@ namespace {
 #define MD_AVX2_FMA
 #endif
 
-bool is_f32(const char* d) { return d != nullptr && (std::strcmp(d, "float32") == 0 || std::strcmp(d, "float") == 0); }
+using md::is_f32;
 
 // e^x in float32 to ~1 ulp for x ≤ 0 (softmax arguments), branch-free so the loop around
 // it vectorises: x = k ln2 + r with |r| ≤ ln2/2 (ln2 split in two so k ln2 is exact), e^r
@@ -293,44 +290,9 @@ void backward_rows(const Job& j, int64_t b, int64_t e) {
 // Threads: one per ~4 MFLOP of work (starting one costs tens of µs), at most the CPUs
 // this process may run on (MIND_DIFFUSION_ATTENTION_THREADS instead if set), at most 16.
 int threads_for(int64_t tasks, int64_t flops) {
-  static const int limit = [] {
-    int cpus = static_cast<int>(std::thread::hardware_concurrency());
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0) cpus = CPU_COUNT(&set);
-    if (const char* env = std::getenv("MIND_DIFFUSION_ATTENTION_THREADS")) {
-      const int want = std::atoi(env);
-      if (want > 0) cpus = want;
-    }
-    return std::max(1, std::min(cpus, 16));
-  }();
+  static const int limit = md::thread_limit("MIND_DIFFUSION_ATTENTION_THREADS");
   const int64_t by_work = std::max<int64_t>(1, flops / (4 << 20));
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(limit), tasks, by_work})));
-}
-
-// Runs fn(begin, end) over [0, tasks) in contiguous chunks, the last on this thread
-// (and any chunk whose thread cannot be started: no exception may cross extern "C").
-template <typename F>
-void parallel_for(int64_t tasks, int64_t flops, F fn) {
-  const int workers = threads_for(tasks, flops);
-  if (workers <= 1) {
-    fn(int64_t{0}, tasks);
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(workers - 1);
-  const int64_t chunk = (tasks + workers - 1) / workers;
-  for (int w = 0; w < workers - 1; ++w) {
-    const int64_t begin = w * chunk, end = std::min(tasks, begin + chunk);
-    if (begin >= end) continue;
-    try {
-      pool.emplace_back([=] { fn(begin, end); });
-    } catch (...) {
-      fn(begin, end);
-    }
-  }
-  const int64_t begin = (workers - 1) * chunk;
-  if (begin < tasks) fn(begin, tasks);
-  for (auto& t : pool) t.join();
+  return static_cast<int>(std::min<int64_t>({static_cast<int64_t>(limit), tasks, by_work}));
 }
 
 bool is_3d(int ndim, const int64_t* shape, const char* dtype, int64_t a, int64_t b, int64_t c) {
@@ -366,7 +328,8 @@ int forward(int nparam, void** p, int* nd, int64_t** sh, const char** dt) {
     std::fill(j.out, j.out + j.r * j.d * j.t, std::nanf(""));
     return 0;
   }
-  parallel_for(j.r, 4 * j.r * j.d * j.t * j.s, [&j](int64_t b, int64_t e) { forward_rows(j, b, e); });
+  md::parallel_for(j.r, threads_for(j.r, 4 * j.r * j.d * j.t * j.s),
+                   [&j](int64_t b, int64_t e) { forward_rows(j, b, e); });
   return 0;
 }
 
@@ -394,7 +357,8 @@ int backward(int nparam, void** p, int* nd, int64_t** sh, const char** dt) {
     std::fill(j.dv, j.dv + j.r * j.d * j.s, 0.0f);
     return 0;
   }
-  parallel_for(j.r, 8 * j.r * j.d * j.t * j.s, [&j](int64_t b, int64_t e) { backward_rows(j, b, e); });
+  md::parallel_for(j.r, threads_for(j.r, 8 * j.r * j.d * j.t * j.s),
+                   [&j](int64_t b, int64_t e) { backward_rows(j, b, e); });
   return 0;
 }
 

@@ -42,7 +42,6 @@
 // md_conv2d_probe() checks at run time that the library is v3 and that an
 // engine and a stream can be made.
 #include <pthread.h>
-#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -60,6 +59,8 @@
 #include <thread>
 #include <tuple>
 #include <vector>
+
+#include "md_kernel.h"
 
 // ---------------------------------------------------------------------------
 // The part of oneDNN's v3 C API used here (see the note at the top).
@@ -247,14 +248,6 @@ class Pool final : public ThreadpoolIface {
   uint64_t generation_ = 0;
 };
 
-int pool_threads() {
-  const char* env = std::getenv("MIND_DIFFUSION_CONV_THREADS");
-  if (env != nullptr && std::atoi(env) > 0) return std::min(std::atoi(env), 64);
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, std::min(CPU_COUNT(&set), 16));
-  return std::max(1u, std::min(std::thread::hardware_concurrency(), 16u));
-}
-
 struct Context {
   bool ok = false;
   handle engine = nullptr;
@@ -269,7 +262,7 @@ const Context& context() {
     const Version* v = dnnl_version();
     if (v == nullptr || v->major != 3 || (v->cpu_runtime != kRuntimeThreadpool)) return c;
     if (dnnl_engine_create(&c->engine, kEngineCpu, 0) != kSuccess) return c;
-    c->pool = new Pool(pool_threads());
+    c->pool = new Pool(md::thread_limit("MIND_DIFFUSION_CONV_THREADS"));
     c->ok = true;
     return c;
   }();
@@ -600,13 +593,9 @@ bool prepare(const Reorder& r, const Desc& plain_md, void* data, const Desc& wan
   return lease->ptr != nullptr && reorder(r, plain_md, data, want, lease->ptr);
 }
 
-bool is_f32(const char* dtype) {
-  return dtype != nullptr && (std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "float") == 0);
-}
+using md::is_f32;
 
-bool is_i64(const char* dtype) {
-  return dtype != nullptr && (std::strcmp(dtype, "int64") == 0 || std::strcmp(dtype, "int64_t") == 0);
-}
+bool is_i64(const char* dtype) { return md::is_dtype(dtype, "int64") || md::is_dtype(dtype, "int64_t"); }
 
 // Reads and checks the operands common to the three kernels: x (0), w (1), g (3) and the
 // [N, O, OH, OW] tensor at y_index (y or dy), all float32 but g (int64 [6]); fills the shape key.

@@ -13,12 +13,11 @@
 // so the same mask). One pass; the hash vectorises (32-bit multiplies and
 // shifts).
 #include <cstdint>
-#include <cstring>
 #include <initializer_list>
 
-namespace {
+#include "md_kernel.h"
 
-#define MD_INLINE inline __attribute__((always_inline))
+namespace {
 
 // SplitMix64's finaliser: a bijective 64-bit mix.
 MD_INLINE uint64_t mix64(uint64_t z) {
@@ -50,15 +49,13 @@ MD_INLINE uint32_t element_bits(uint32_t k0, uint32_t k1, uint64_t i) {
   return mix32(mix32(lo ^ k0) ^ (k1 + hi * 0x9E3779B9u));
 }
 
-MD_INLINE bool is(const char* dtype, const char* want) { return dtype != nullptr && std::strcmp(dtype, want) == 0; }
-
 // Each entry point's whole body is inlined, so every CPU clone vectorises it for its own ISA.
 MD_INLINE int run(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes) {
   if (nparam != 4) return 1;
   for (int i : {0, 2, 3}) {
-    if (!is(dtypes[i], "float32") && !is(dtypes[i], "float")) return 1;
+    if (!md::is_f32(dtypes[i])) return 1;
   }
-  if (!is(dtypes[1], "int64")) return 1;
+  if (!md::is_dtype(dtypes[1], "int64")) return 1;
   int64_t n = 1;
   for (int d = 0; d < ndims[0]; ++d) n *= shapes[0][d];
   const float* in = static_cast<const float*>(params[0]);
@@ -82,13 +79,7 @@ MD_INLINE int run(int nparam, void** params, int* ndims, int64_t** shapes, const
 
 }  // namespace
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MD_ENTRY extern "C" __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MD_ENTRY extern "C"
-#endif
-
 // x · m / (1 − p); the backward calls it on dy.
-MD_ENTRY int md_dropout(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void*, void*) {
+MD_ENTRY_CLONES int md_dropout(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void*, void*) {
   return run(nparam, params, ndims, shapes, dtypes);
 }

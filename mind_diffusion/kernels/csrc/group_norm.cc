@@ -38,19 +38,16 @@
 // and the cached build is safe to share between machines. Reductions use
 // `#pragma omp simd reduction` (-fopenmp-simd: the pragma only, no OpenMP
 // runtime), which lets g++ split a sum over SIMD lanes.
-#include <sched.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <thread>
 #include <vector>
 
-namespace {
+#include "md_kernel.h"
 
-#define MD_INLINE inline __attribute__((always_inline))
+namespace {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define MD_CLONES __attribute__((target_clones("avx2", "default")))
@@ -58,7 +55,7 @@ namespace {
 #define MD_CLONES
 #endif
 
-bool is_f32(const char* d) { return d != nullptr && (std::strcmp(d, "float32") == 0 || std::strcmp(d, "float") == 0); }
+using md::is_f32;
 bool is_f64(const char* d) { return d != nullptr && (std::strcmp(d, "float64") == 0 || std::strcmp(d, "double") == 0); }
 
 // e^x in float32 to ~1 ulp, branch-free so loops around it vectorise: x = k ln2 + r
@@ -105,44 +102,9 @@ struct Job {
 // what a pass over 64K elements takes), at most the CPUs this process may run on
 // (MIND_DIFFUSION_NORM_THREADS instead if set), and at most 16.
 int threads_for(int64_t tasks, int64_t elements) {
-  static const int limit = [] {
-    int cpus = static_cast<int>(std::thread::hardware_concurrency());
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0) cpus = CPU_COUNT(&set);
-    if (const char* env = std::getenv("MIND_DIFFUSION_NORM_THREADS")) {
-      const int want = std::atoi(env);
-      if (want > 0) cpus = want;
-    }
-    return std::max(1, std::min(cpus, 16));
-  }();
+  static const int limit = md::thread_limit("MIND_DIFFUSION_NORM_THREADS");
   const int64_t by_work = std::max<int64_t>(1, elements / 65536);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(limit), tasks, by_work})));
-}
-
-// Runs fn(begin, end) over [0, tasks) in contiguous chunks, the last on this thread
-// (and any chunk whose thread cannot be started: no exception may cross extern "C").
-template <typename F>
-void parallel_for(int64_t tasks, int64_t elements, F fn) {
-  const int workers = threads_for(tasks, elements);
-  if (workers <= 1) {
-    fn(int64_t{0}, tasks);
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(workers - 1);
-  const int64_t chunk = (tasks + workers - 1) / workers;
-  for (int w = 0; w < workers - 1; ++w) {
-    const int64_t begin = w * chunk, end = std::min(tasks, begin + chunk);
-    if (begin >= end) continue;
-    try {
-      pool.emplace_back([=] { fn(begin, end); });
-    } catch (...) {
-      fn(begin, end);
-    }
-  }
-  const int64_t begin = (workers - 1) * chunk;
-  if (begin < tasks) fn(begin, tasks);
-  for (auto& t : pool) t.join();
+  return static_cast<int>(std::min<int64_t>({static_cast<int64_t>(limit), tasks, by_work}));
 }
 
 // ---------------------------------------------------------------- forward
@@ -353,7 +315,7 @@ int forward(int nparam, void** p, int* nd, int64_t** sh, const char** dt) {
   j.mean = static_cast<double*>(p[kIn + 1]);
   j.rstd = static_cast<double*>(p[kIn + 2]);
   if (j.n == 0 || j.s == 0) return 0;
-  parallel_for(j.n * j.g, j.n * j.c * j.s, [&j](int64_t b, int64_t e) {
+  md::parallel_for(j.n * j.g, threads_for(j.n * j.g, j.n * j.c * j.s), [&j](int64_t b, int64_t e) {
     if (SILU) forward_silu(j, b, e); else forward_plain(j, b, e);
   });
   return 0;
@@ -390,7 +352,7 @@ int backward(int nparam, void** p, int* nd, int64_t** sh, const char** dt) {
   j.sum_g = sums.data();
   j.sum_gxhat = sums.data() + j.n * j.c;
   if (j.s > 0) {
-    parallel_for(j.n * j.g, j.n * j.c * j.s, [&j](int64_t b, int64_t e) {
+    md::parallel_for(j.n * j.g, threads_for(j.n * j.g, j.n * j.c * j.s), [&j](int64_t b, int64_t e) {
       if (SILU) backward_silu(j, b, e); else backward_plain(j, b, e);
     });
   }

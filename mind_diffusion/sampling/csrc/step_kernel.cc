@@ -24,6 +24,8 @@
 #include <cstring>
 #include <initializer_list>
 
+#include "md_kernel.h"
+
 namespace {
 
 // Columns of the DDPM table (see fused.py, ddpm_table). The first two are (a, b) of
@@ -48,16 +50,14 @@ struct Args {
   int64_t batch, channels, spatial, out_channels, steps, cols;
 };
 
-bool is(const char* dtype, const char* want) { return dtype != nullptr && std::strcmp(dtype, want) == 0; }
-
 // Checks shapes and dtypes and fills Args; false when they do not fit.
 bool unpack(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
             int64_t want_cols, bool learned_sigma, Args* a) {
   if (nparam != 6 && nparam != 7) return false;
   for (int i = 0; i < nparam; ++i) {
-    if (i != 3 && !is(dtypes[i], "float32") && !is(dtypes[i], "float")) return false;
+    if (i != 3 && !md::is_f32(dtypes[i])) return false;
   }
-  if (!is(dtypes[3], "int32") && !is(dtypes[3], "int")) return false;
+  if (!md::is_i32(dtypes[3])) return false;
   int nd = ndims[0];
   if (nd < 2 || ndims[1] != nd || ndims[2] != nd || ndims[3] != 1 || ndims[4] != 2) return false;
   a->batch = shapes[0][0];
@@ -89,8 +89,6 @@ bool unpack(int nparam, void** params, int* ndims, int64_t** shapes, const char*
   a->pred = nparam == 7 ? static_cast<float*>(params[6]) : nullptr;
   return true;
 }
-
-#define MD_INLINE inline __attribute__((always_inline))
 
 MD_INLINE float clip(float v) { return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v); }
 
@@ -216,18 +214,11 @@ MD_INLINE int ddim(int nparam, void** params, int* ndims, int64_t** shapes, cons
 
 }  // namespace
 
-// Each entry point is compiled for AVX-512, AVX2 and baseline x86-64 (or just the
-// baseline elsewhere); the loader picks the best the CPU has.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MD_ENTRY extern "C" __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MD_ENTRY extern "C"
-#endif
-
+// Each entry point is compiled for AVX-512, AVX2 and baseline x86-64 (MD_ENTRY_CLONES, md_kernel.h).
 #define MD_DDPM(NAME, MEAN, VAR)                                                                    \
-  MD_ENTRY int md_ddpm_##NAME##_clip(int n, void** p, int* nd, int64_t** s, const char** d,       \
+  MD_ENTRY_CLONES int md_ddpm_##NAME##_clip(int n, void** p, int* nd, int64_t** s, const char** d,       \
                                        void*, void*) { return ddpm<MEAN, VAR, true>(n, p, nd, s, d); } \
-  MD_ENTRY int md_ddpm_##NAME##_noclip(int n, void** p, int* nd, int64_t** s, const char** d,     \
+  MD_ENTRY_CLONES int md_ddpm_##NAME##_noclip(int n, void** p, int* nd, int64_t** s, const char** d,     \
                                          void*, void*) { return ddpm<MEAN, VAR, false>(n, p, nd, s, d); }
 
 #define MD_DDPM_MEAN(MNAME, MEAN)                       \
@@ -242,9 +233,9 @@ MD_DDPM_MEAN(previous_x, kPreviousX)
 MD_DDPM_MEAN(velocity, kVelocity)
 
 #define MD_DDIM(NAME, MEAN, LEARNED)                                                                \
-  MD_ENTRY int md_ddim_##NAME##_clip(int n, void** p, int* nd, int64_t** s, const char** d,       \
+  MD_ENTRY_CLONES int md_ddim_##NAME##_clip(int n, void** p, int* nd, int64_t** s, const char** d,       \
                                        void*, void*) { return ddim<MEAN, LEARNED, true>(n, p, nd, s, d); } \
-  MD_ENTRY int md_ddim_##NAME##_noclip(int n, void** p, int* nd, int64_t** s, const char** d,     \
+  MD_ENTRY_CLONES int md_ddim_##NAME##_noclip(int n, void** p, int* nd, int64_t** s, const char** d,     \
                                          void*, void*) { return ddim<MEAN, LEARNED, false>(n, p, nd, s, d); }
 
 MD_DDIM(epsilon_fixed, kEpsilon, false)
@@ -257,7 +248,7 @@ MD_DDIM(velocity_fixed, kVelocity, false)
 MD_DDIM(velocity_learned, kVelocity, true)
 
 // e^x as the kernels take it, over n values (for the tests).
-MD_ENTRY int md_exp_f32(const float* x, float* y, int64_t n) {
+MD_ENTRY_CLONES int md_exp_f32(const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = exp_f32(x[i]);
   return 0;
 }
