@@ -58,29 +58,7 @@ namespace {
 using md::is_f32;
 bool is_f64(const char* d) { return d != nullptr && (std::strcmp(d, "float64") == 0 || std::strcmp(d, "double") == 0); }
 
-// e^x in float32 to ~1 ulp, branch-free so loops around it vectorise: x = k ln2 + r
-// with |r| ≤ ln2/2 (ln2 split in two so k ln2 is exact), e^r by its degree-7 Taylor
-// polynomial (truncation < 1e-8 relative on that interval), 2^k assembled in the exponent
-// bits. x is clamped to [−87.3, 88.3] (normal results; SiLU only needs the sign there).
-MD_INLINE float exp_f32(float x) {
-  x = x > 88.3f ? 88.3f : x;
-  x = x < -87.3f ? -87.3f : x;
-  const float round = 12582912.0f;  // 1.5·2^23: adding and subtracting it rounds to the nearest integer
-  const float k = (x * 1.44269504088896341f + round) - round;
-  const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float two_k;
-  std::memcpy(&two_k, &bits, sizeof(two_k));
-  return p * two_k;
-}
+using md::exp_f32;  // e^x to ~1 ulp (md_kernel.h)
 
 // Everything one call works on; ss is null without scale-shift.
 struct Job {

@@ -92,27 +92,7 @@ bool unpack(int nparam, void** params, int* ndims, int64_t** shapes, const char*
 
 MD_INLINE float clip(float v) { return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v); }
 
-// e^x in float32 to ~1 ulp, written so that the loops around it vectorise
-// (Cody-Waite range reduction x = k ln 2 + r, |r| ≤ ln2 / 2, and Cephes' expf
-// polynomial). Arguments are clamped to the normal range [-87.3, 88.37].
-MD_INLINE float exp_f32(float x) {
-  x = x > 88.3762626647949f ? 88.3762626647949f : x;
-  x = x < -87.3365447505531f ? -87.3365447505531f : x;
-  const float shifter = 12582912.0f;  // 1.5 · 2^23: adding and subtracting it rounds to an integer
-  const float k = (x * 1.44269504088896341f + shifter) - shifter;
-  const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = (p * r) * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
-}
+using md::exp_f32;
 
 // The step's constants, read once per example.
 struct Row {
