@@ -2,8 +2,7 @@
 
 Prints the parameter count, the first call's time (graph compilation + one
 run), the median forward time at each batch size, and the peak resident
-memory of the process. Reference on a 2-core CPU machine: PyTorch 2.13 runs
-the batch-16 forward in about 0.42 s.
+memory of the process. PyTorch on the same machine: bench/torch_reference.py (same network, same work).
 
     python bench/model_speed.py [--device CPU] [--batch-sizes 1 16] [--repeats 5]
 """

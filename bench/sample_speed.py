@@ -2,8 +2,7 @@
 
 Batch 16 of 3×32×32 from a cosine T=4000 process respaced to 50 steps, the
 UNet in eval mode with random weights (speed does not depend on them).
-Reference on a 2-core CPU machine: PyTorch 2.13 samples DDIM-50 at about
-0.75 images/s.
+PyTorch on the same machine: bench/torch_reference.py (same network, same work).
 
     python bench/sample_speed.py [--batch 16] [--steps 50]
 """
@@ -45,7 +44,6 @@ def main():
         elapsed = time.perf_counter() - start
         print(f"{name.upper()}-{args.steps}: {elapsed / args.batch:.3f} s/image ({args.batch / elapsed:.2f} images/s), "
               f"{1000 * elapsed / args.steps:.0f} ms per step; first run incl. compile {first:.1f} s")
-    print("PyTorch 2.13 CPU reference: DDIM-50 at about 0.75 images/s")
 
 
 if __name__ == "__main__":

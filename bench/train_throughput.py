@@ -3,8 +3,7 @@
 The step is the real one (mind_diffusion.train.step.TrainStep): uniform t,
 hybrid loss (L_simple + λ L_vlb, learned Σ), AdamW, EMA 0.9999, fp32, batch 16,
 on random 3×32×32 inputs. Prints compile time, the median step time and
-images/s, and the peak resident memory. Reference on a 2-core CPU machine:
-PyTorch 2.13 trains this model at about 11.3 images/s.
+images/s, and the peak resident memory. PyTorch on the same machine: bench/torch_reference.py (same network, same work).
 
     python bench/train_throughput.py [--batch 16] [--steps 10]
 """
@@ -58,8 +57,7 @@ def main():
         times.append(time.perf_counter() - start)
     median = statistics.median(times[1:])
     print(f"first step (compile + run): {times[0]:.1f} s")
-    print(f"step median {median:.3f} s (min {min(times[1:]):.3f}) → {args.batch / median:.2f} images/s "
-          f"(PyTorch 2.13 CPU reference: 11.3 images/s)")
+    print(f"step median {median:.3f} s (min {min(times[1:]):.3f}) → {args.batch / median:.2f} images/s")
     print(f"peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
