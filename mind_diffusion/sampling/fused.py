@@ -36,7 +36,6 @@ the best one the CPU runs.
 """
 import os
 import threading
-import warnings
 
 import numpy as np
 import mindspore as ms
@@ -59,6 +58,7 @@ DDIM_COLUMNS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "pos
 
 _lock = threading.Lock()
 _library = {}  # "path" -> built .so path or None, "reason" -> why not
+_ops = {}  # (entry point, with x̂_0) -> Custom op, or None when MindSpore refused it
 
 
 def _build():
@@ -85,20 +85,19 @@ def _x_prev_and_pred(x, out, noise, t, table):
 
 
 def _custom(function, pred_xstart):
-    """The aot Custom operator for one entry point, or None when MindSpore refuses it.
+    """The aot Custom operator for one entry point (made once, shared), or None when MindSpore refuses it.
 
     With ``pred_xstart`` it has two outputs (x_{t-1}, x̂_0), else only x_{t-1}: an output the
     sampling loop discards would still be allocated and returned by the graph, which costs about
     as much as the kernel's own work at 16×3×32×32.
     """
-    path = library()
     outputs = _x_prev_and_pred if pred_xstart else _x_prev_only
-    try:
-        return ops.Custom(f"{path}:{function}", out_shape=outputs, out_dtype=outputs, func_type="aot")
-    except (TypeError, ValueError, RuntimeError) as err:  # e.g. MS_CUSTOM_AOT_WHITE_LIST excludes the cache
-        warnings.warn(f"mind_diffusion: fused sampling step unavailable, using pure ops ({err})",
-                      RuntimeWarning, stacklevel=3)
-        return None
+
+    def make():
+        return ops.Custom(f"{library()}:{function}", out_shape=outputs, out_dtype=outputs, func_type="aot")
+
+    return aot.op_once(_ops, _library, _lock, (function, bool(pred_xstart)), make,
+                       "fused sampling step unavailable, using pure ops")
 
 
 def _f32(values):
