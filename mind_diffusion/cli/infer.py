@@ -81,7 +81,7 @@ def main(argv=None):
     import mindspore as ms
     from mindspore import Tensor
     from mind_diffusion.cli.factory import build_diffusion, build_model
-    from mind_diffusion.cli.train import pick_device
+    from mind_diffusion.device import pick_device
     from mind_diffusion.config import ConfigError, config_from_dict
     from mind_diffusion.generate import ImageGenerator
     from mind_diffusion.imaging import save_grid, to_uint8

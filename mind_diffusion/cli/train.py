@@ -41,15 +41,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def pick_device(requested=None):
-    """The requested backend, else Ascend when this MindSpore build and machine have one, else CPU."""
-    if requested:
-        return requested
-    if os.path.exists("/dev/davinci0") or os.environ.get("ASCEND_HOME_PATH"):
-        return "Ascend"
-    return "CPU"
-
-
 def setup_distributed():
     """Join the msrun worker group when there is one; returns (rank, world_size)."""
     world = int(os.environ.get("MS_WORKER_NUM", "1"))
@@ -72,6 +63,7 @@ def main(argv=None):
         return 2
 
     import mindspore as ms
+    from mind_diffusion.device import pick_device
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device(pick_device(args.device))
     rank, world_size = setup_distributed()
