@@ -19,12 +19,15 @@ mirror                source of truth
 diffusion.learn_sigma model.learn_sigma
 data.image_size       model.image_size
 data.class_cond       model.class_cond
-train.use_fp16        model.use_fp16
 train.seed            seed
 ===================== =====================
 
 Leave a mirror out (or ``null``) and it takes the source's value; set it and it
 must agree, else loading fails naming both keys. Recipes set only the source.
+
+Renamed keys. ``model.use_fp16`` (guided-diffusion's flag) is still read:
+``true`` means ``model.dtype: fp16``; ``false`` means no change. Resolved configs
+are saved with ``model.dtype`` only.
 
 Command-line overrides (``--set train.lr=1e-4``) are parsed with YAML rules
 and applied to the raw mapping before validation, so they are checked exactly
@@ -38,7 +41,7 @@ from typing import List, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
-from mind_diffusion.schedules import space_timesteps
+from mind_diffusion.schedules import get_named_beta_schedule, space_timesteps
 
 SECTIONS = ("model", "diffusion", "data", "train", "sample")
 
@@ -52,6 +55,9 @@ DEFAULT_CHANNEL_MULT = {
     16: [1, 2, 2],
     8: [1, 2],
 }
+
+# model.dtype values; "fp16" is the one that trains with a dynamic loss scale.
+MODEL_DTYPES = ("fp32", "fp16", "bf16")
 
 # ADM normalises with GroupNorm over 32 groups, so every width must divide by 32.
 NORM_GROUPS = 32
@@ -160,8 +166,11 @@ class ModelConfig:
                               "or arch is classifier", at_least(0))
     learn_sigma: bool = option(False, "output Σ too (6 channels): learned-range variance "
                                "(improved DDPM); the diffusion reads it via diffusion.learn_sigma")
-    use_fp16: bool = option(False, "run the network in float16 (mixed precision with dynamic "
-                            "loss scaling, see train.loss_scale)")
+    dtype: str = option("fp32", "compute dtype of the UNet torso: fp32, fp16 (ADM's mixed precision, "
+                        "with a dynamic loss scale, see train.loss_scale) or bf16 (no loss scale; "
+                        "Ascend 910B). Norms, softmax, embeddings, the text encoder, the output "
+                        "head and the master weights stay float32. Replaces use_fp16",
+                        one_of(*MODEL_DTYPES))
     text_ctx: int = option(128, "text tokens per caption (glide, glide_upsample)", at_least(1))
     xf_width: int = option(512, "text transformer width", at_least(1))
     xf_layers: int = option(16, "text transformer layers", at_least(1))
@@ -172,6 +181,11 @@ class ModelConfig:
                              "False = bidirectional (GLIDE)")
     low_res_size: int = option(0, "input resolution of glide_upsample (e.g. 64 for 64→256); "
                                "0 for other archs", at_least(0))
+
+    @property
+    def use_fp16(self):
+        """guided-diffusion's flag, read-only: whether the torso runs in float16 (``dtype == "fp16"``)."""
+        return self.dtype == "fp16"
 
 
 @dataclass
@@ -240,9 +254,13 @@ class TrainConfig:
                              at_least(1))
     out_dir: str = option("runs", "folder for checkpoints, logs, samples and the resolved config",
                           non_empty)
-    use_fp16: Optional[bool] = option(None, "mirror of model.use_fp16: leave unset")
-    loss_scale: float = option(65536.0, "initial dynamic loss scale for fp16 training "
+    loss_scale: float = option(65536.0, "initial dynamic loss scale, used when model.dtype is fp16 "
                                "(halved on overflow, the step skipped)", greater_than(0.0))
+    keep_checkpoints: int = option(0, "keep only the newest K periodic checkpoints of the run, deleting "
+                                   "older ones once a newer one is complete; 0 = keep all (nothing is "
+                                   "deleted unless you ask)", at_least(0))
+    jit_level: str = option("auto", "MindSpore graph compilation level: O0, O1 (graph-kernel fusion) "
+                            "or auto (O1 on Ascend, O0 elsewhere)", one_of("O0", "O1", "auto"))
     seed: Optional[int] = option(None, "mirror of the top-level seed: leave unset")
 
 
@@ -285,7 +303,6 @@ MIRRORS = {
     "diffusion.learn_sigma": "model.learn_sigma",
     "data.image_size": "model.image_size",
     "data.class_cond": "model.class_cond",
-    "train.use_fp16": "model.use_fp16",
     "train.seed": "seed",
 }
 
@@ -333,6 +350,7 @@ def config_from_dict(raw, overrides=()):
     raw = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
     for text in overrides:
         _apply_override(raw, text)
+    _translate_use_fp16(raw)
 
     top = {}
     sections = {}
@@ -388,6 +406,43 @@ def _apply_override(raw, text):
         raise ConfigError(f"{section}: must be a mapping of fields, got {current!r}")
     current[name] = value
     raw[section] = current
+
+
+def _translate_use_fp16(raw):
+    """Read guided-diffusion's ``use_fp16`` (and its old mirror ``train.use_fp16``) as ``model.dtype``.
+
+    ``true`` means dtype fp16, ``false`` means "not fp16"; a value that contradicts
+    an explicit ``model.dtype`` is an error rather than a silent choice.
+    """
+    model = raw.get("model")
+    if model is None:
+        model = raw["model"] = {}
+    if not isinstance(model, dict):
+        return  # _build_section reports the malformed section
+    for section in ("model", "train"):
+        values = raw.get(section)
+        if not isinstance(values, dict) or "use_fp16" not in values:
+            continue
+        key, flag = f"{section}.use_fp16", values.pop("use_fp16")
+        if flag is None:
+            continue  # an unset mirror, as resolved configs used to save it
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{key}: must be true or false, got {flag!r} (it is the old name of "
+                              "model.dtype: fp16; prefer model.dtype)")
+        dtype = model.get("dtype")
+        if flag and dtype in (None, "fp16"):
+            model["dtype"] = "fp16"
+        elif flag or dtype == "fp16":
+            raise ConfigError(f"{key} is {flag} but model.dtype is {dtype!r}; {key} is the old name of "
+                              "model.dtype: fp16: remove it and set model.dtype (fp32, fp16 or bf16)")
+
+
+def uses_loss_scale(config):
+    """Whether training scales the loss dynamically: exactly when ``model.dtype`` is fp16.
+
+    float16 gradients underflow without it; bfloat16 has float32's exponent range and needs none.
+    """
+    return config.model.dtype == "fp16"
 
 
 def _build_section(section, cls, values):
@@ -585,6 +640,11 @@ def _check_heads(width, model):
 
 
 def _check_diffusion(diffusion):
+    try:
+        get_named_beta_schedule(diffusion.noise_schedule, diffusion.steps)
+    except ValueError as err:
+        _fail("diffusion.steps", f"is not usable with diffusion.noise_schedule "
+              f"{diffusion.noise_schedule!r} ({err})", diffusion.steps)
     if diffusion.predict_xstart and diffusion.predict_v:
         _fail("diffusion.predict_v", "cannot be combined with diffusion.predict_xstart (the network "
               "predicts one of x_0 and v); set one of them to false", diffusion.predict_v)

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from mind_diffusion.config import (Config, ConfigError, config_from_dict, config_to_dict,
-                                   describe_fields, load_config, save_config)
+                                   describe_fields, load_config, save_config, uses_loss_scale)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
@@ -79,14 +79,14 @@ def test_bad_values_name_the_key_and_what_is_allowed():
 def test_cross_field_errors():
     assert "model.attention_resolutions" in error_of({"model": {"attention_resolutions": [12]}})
     assert "diffusion.timestep_respacing" in error_of(
-        {"diffusion": {"steps": 10, "timestep_respacing": "50"}})
+        {"diffusion": {"steps": 10, "noise_schedule": "cosine", "timestep_respacing": "50"}})
     message = error_of({"model": {"learn_sigma": False}, "diffusion": {"learn_sigma": True}})
     assert "diffusion.learn_sigma" in message and "model.learn_sigma" in message
     assert "data.path" in error_of({"data": {"kind": "folder"}})
     assert "model.num_classes" in error_of({"model": {"class_cond": True}})
     assert ">= 40" in error_of({"model": {"class_cond": True, "num_classes": 10}})
     assert "model.channel_mult" in error_of({"model": {"image_size": 48}})
-    assert "sample.steps" in error_of({"diffusion": {"steps": 10}})
+    assert "sample.steps" in error_of({"diffusion": {"steps": 10, "noise_schedule": "cosine"}})
     message = error_of({"diffusion": {"predict_xstart": True, "predict_v": True}})
     assert "diffusion.predict_v" in message and "diffusion.predict_xstart" in message
 
@@ -122,3 +122,43 @@ def test_save_load_round_trip_with_overrides(tmp_path):
     again = load_config(str(path))
     assert again == config and isinstance(again, Config)
     assert "中文运行" in path.read_text(encoding="utf-8")
+
+
+def test_linear_schedule_with_too_few_steps_is_a_config_error():
+    """β_T = 0.02·1000/T must stay below 1: T <= 20 is refused at load time, naming the key."""
+    message = error_of({"diffusion": {"steps": 20}, "sample": {"steps": 10}})
+    assert message.startswith("diffusion.steps:") and "'linear'" in message and "got 20" in message
+    assert config_from_dict({"diffusion": {"steps": 21}, "sample": {"steps": 10}}).diffusion.steps == 21
+    cosine = config_from_dict({"diffusion": {"steps": 20, "noise_schedule": "cosine"}, "sample": {"steps": 10}})
+    assert cosine.diffusion.steps == 20
+
+
+def test_model_dtype_and_the_loss_scale_it_implies():
+    assert config_from_dict({}).model.dtype == "fp32"
+    assert [uses_loss_scale(config_from_dict({"model": {"dtype": d}})) for d in ("fp32", "fp16", "bf16")] \
+        == [False, True, False]
+    message = error_of({"model": {"dtype": "float16"}})
+    assert message.startswith("model.dtype: must be one of: 'fp32', 'fp16', 'bf16'")
+
+
+def test_use_fp16_is_read_as_model_dtype():
+    """guided-diffusion's flag (and resolved configs saved before model.dtype) still load."""
+    assert config_from_dict({"model": {"use_fp16": True}}).model.dtype == "fp16"
+    assert config_from_dict({"model": {"use_fp16": False}}).model.dtype == "fp32"
+    assert config_from_dict({"model": {"use_fp16": False, "dtype": "bf16"}}).model.dtype == "bf16"
+    old_saved = {"model": {"use_fp16": True}, "train": {"use_fp16": None}}
+    assert config_from_dict(old_saved).model.dtype == "fp16"
+    assert config_from_dict({}, ["model.use_fp16=true"]).model.use_fp16 is True
+    for raw in ({"model": {"use_fp16": True, "dtype": "bf16"}}, {"model": {"use_fp16": False, "dtype": "fp16"}},
+                {"train": {"use_fp16": True}, "model": {"dtype": "fp32"}}):
+        message = error_of(raw)
+        assert "use_fp16" in message and "model.dtype" in message
+    assert "use_fp16" not in config_to_dict(config_from_dict({"model": {"use_fp16": True}}))["model"]
+
+
+def test_checkpoint_retention_and_jit_level_keys():
+    train = config_from_dict({}).train
+    assert (train.keep_checkpoints, train.jit_level) == (0, "auto")
+    assert "train.keep_checkpoints: must be >= 0" in error_of({"train": {"keep_checkpoints": -1}})
+    assert "train.jit_level: must be one of: 'O0', 'O1', 'auto'" in error_of({"train": {"jit_level": "O2"}})
+    assert config_from_dict({}, ["train.jit_level=O1", "train.keep_checkpoints=3"]).train.keep_checkpoints == 3

@@ -3,7 +3,12 @@
 ``mind_diffusion`` itself never imports a model architecture; the command-line
 tools build them here from the config's ``model.arch``.
 """
+import mindspore as ms
+
 from ..gaussian_diffusion import create_diffusion
+
+# model.dtype → the torso's compute dtype (models/unet.py: compute_dtype)
+COMPUTE_DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 
 
 def build_model(model_cfg):
@@ -21,7 +26,7 @@ def build_model(model_cfg):
         attention_resolutions=attention_downsample_rates(model_cfg.image_size, model_cfg.attention_resolutions),
         dropout=model_cfg.dropout,
         channel_mult=tuple(model_cfg.channel_mult),
-        use_fp16=model_cfg.use_fp16,
+        dtype=COMPUTE_DTYPES[model_cfg.dtype],
         num_heads=model_cfg.num_heads,
         num_head_channels=model_cfg.num_head_channels,
         num_heads_upsample=model_cfg.num_heads_upsample,

@@ -76,15 +76,16 @@ def switched_off(switch, what):
 
     :param switch: its environment variable; 0/false/off/no turn the path off (default on).
     :param what: its name in messages, e.g. "fast GroupNorm".
-    :return: "disabled by SWITCH=value", "device target X (the WHAT is CPU-only)", or None.
+    :return: "disabled by SWITCH=value", "graphs built for X (the WHAT is CPU-only)" when the
+        graph target (:func:`mind_diffusion.device.graph_target`) is not CPU, or None.
     """
     value = os.environ.get(switch, "1")
     if value.strip().lower() in ("0", "false", "off", "no"):
         return f"disabled by {switch}={value}"
-    import mindspore as ms  # the build helpers above need no MindSpore
-    target = ms.get_context("device_target")
+    from mind_diffusion.device import graph_target  # reads MindSpore's context: the build helpers above need none
+    target = graph_target()
     if target != "CPU":
-        return f"device target {target} (the {what} is CPU-only)"
+        return f"graphs built for {target} (the {what} is CPU-only)"
     return None
 
 
