@@ -5,15 +5,19 @@ All functions are elementwise MindSpore ops, usable inside a compiled graph.
 Precision: MindSpore's float32 CPU kernels for exp, log and tanh are fast
 approximations (tanh is off by up to 1e-4, log by 1e-3 relative near 1). The
 decoder likelihood subtracts two CDF values that agree to five digits, which
-turns such errors into wrong bits/dim, so the transcendentals here are
+turns such errors into wrong bits/dim, so on CPU the transcendentals here are
 evaluated in float64 and rounded once to the input's dtype; the arithmetic
 around them stays in the input's precision, like the reference implementation.
+Graphs built for Ascend (or GPU) use float32 instead (``GRAPH.wide_float``,
+see :mod:`mind_diffusion.device`): most float64 ops have no Ascend kernel.
+tests/test_losses_precision.py measures what that costs against float64 NumPy.
 """
 import math
 
-import mindspore as ms
 import numpy as np
 from mindspore import ops
+
+from mind_diffusion.device import GRAPH
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _CDF_FLOOR = 1e-12
@@ -21,16 +25,17 @@ _CDF_FLOOR = 1e-12
 NATS_PER_BIT = float(np.log(2.0))
 
 
+# GRAPH.wide_float is read when a graph is built: float64 on CPU, float32 for Ascend/GPU.
 def _exp(x):
-    return ops.exp(x.astype(ms.float64)).astype(x.dtype)
+    return ops.exp(x.astype(GRAPH.wide_float)).astype(x.dtype)
 
 
 def _log(x):
-    return ops.log(x.astype(ms.float64)).astype(x.dtype)
+    return ops.log(x.astype(GRAPH.wide_float)).astype(x.dtype)
 
 
 def _tanh(x):
-    return ops.tanh(x.astype(ms.float64)).astype(x.dtype)
+    return ops.tanh(x.astype(GRAPH.wide_float)).astype(x.dtype)
 
 
 def mean_flat(tensor):

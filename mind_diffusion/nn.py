@@ -16,6 +16,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform, Uniform, initializer
 
+from mind_diffusion.device import GRAPH
 from mind_diffusion.kernels import conv as conv_kernels
 from mind_diffusion.kernels import group_norm as group_norm_kernels
 
@@ -47,11 +48,12 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     :return: an [N x dim] float32 Tensor.
     """
     half = dim // 2
-    # The exponent is rounded to float32 as in the reference, but exp runs in
-    # float64: every ulp of a frequency moves the argument at t ≈ 1000 by ~1e-4
-    # rad, and MindSpore's float32 exp is less accurate than PyTorch's.
+    # The exponent is rounded to float32 as in the reference, but on CPU exp runs
+    # in float64: every ulp of a frequency moves the argument at t ≈ 1000 by ~1e-4
+    # rad, and MindSpore's float32 CPU exp is less accurate than PyTorch's. Graphs
+    # built for Ascend/GPU stay in float32 (GRAPH.wide_float: no float64 kernels there).
     exponent = -math.log(max_period) * ops.arange(0, half, dtype=ms.float32) / half
-    frequencies = ops.exp(exponent.astype(ms.float64)).astype(ms.float32)
+    frequencies = ops.exp(exponent.astype(GRAPH.wide_float)).astype(ms.float32)
     args = timesteps.astype(ms.float32)[:, None] * frequencies[None, :]
     embedding = ops.cat([ops.cos(args), ops.sin(args)], axis=-1)
     if dim % 2:
