@@ -1,4 +1,24 @@
-"""Every test runs on the CPU backend in GRAPH_MODE, as the project promises."""
+"""Every test runs on the CPU backend in GRAPH_MODE, as the project promises.
+
+C++ kernel tests
+----------------
+A test that exercises one of the project's C++ kernels carries
+``@pytest.mark.kernel(module)``, where ``module`` is the kernel's Python module
+(``mind_diffusion.kernels.attention``, ``.conv``, ``.dropout``, ``.group_norm``
+or ``mind_diffusion.sampling.fused``: each has ``ENV_SWITCH`` and ``status()``).
+The :func:`_kernel_gate` fixture below then
+
+- switches that kernel on for the test (``ENV_SWITCH=1``): a deliberate
+  ``MIND_DIFFUSION_FAST_*=0`` in the environment chooses the pure-ops path for
+  the library and for every other test, but never removes a kernel's own tests;
+- when the kernel is unavailable (no g++, a failed build, an unwritable cache),
+  skips the test with the reason, and lists every such skip at the end of the
+  run — or, with ``MIND_DIFFUSION_REQUIRE_KERNELS=1`` (CI sets it in
+  ``.ci/run``), fails it instead.
+
+Tests without the mark never skip for a missing kernel: fallback tests, float64
+reference checks and the like run everywhere.
+"""
 import os
 import sys
 
@@ -11,9 +31,57 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+REQUIRE_KERNELS = "MIND_DIFFUSION_REQUIRE_KERNELS"
 
 ms.set_context(mode=ms.GRAPH_MODE)
 ms.set_device("CPU")
+
+_unavailable = {}  # kernel module name -> [reason, number of tests skipped for it]
+
+
+def kernels_required():
+    """Whether MIND_DIFFUSION_REQUIRE_KERNELS asks for every kernel test to run (1/true/yes/on; default off)."""
+    value = os.environ.get(REQUIRE_KERNELS, "")
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("", "0", "false", "no", "off"):
+        return False
+    raise pytest.UsageError(f"{REQUIRE_KERNELS}={value!r} is neither on (1/true/yes/on) nor off "
+                            f"(0/false/no/off or unset); set it to 1 to make unavailable C++ kernels fail the run")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "kernel(module): the test exercises the C++ kernel of `module` "
+                                       "(see tests/conftest.py)")
+    kernels_required()  # a bad value stops the run before any test
+
+
+@pytest.fixture(autouse=True)
+def _kernel_gate(request, monkeypatch):
+    """For a test marked ``kernel(module)``: that kernel on, or the test skipped (failed under REQUIRE)."""
+    marker = request.node.get_closest_marker("kernel")
+    if marker is None:
+        return
+    (module,) = marker.args
+    monkeypatch.setenv(module.ENV_SWITCH, "1")
+    available, reason = module.status()
+    if available:
+        return
+    if kernels_required():
+        pytest.fail(f"{REQUIRE_KERNELS} is set but the C++ kernel of {module.__name__} is unavailable: {reason}",
+                    pytrace=False)
+    _unavailable.setdefault(module.__name__, [reason, 0])[1] += 1
+    pytest.skip(f"C++ kernel of {module.__name__} unavailable here: {reason}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Kernel skips are listed even under -q: a run that skipped them must say so."""
+    if not _unavailable:
+        return
+    terminalreporter.write_sep("=", "C++ kernels unavailable: their tests were SKIPPED", yellow=True)
+    for name, (reason, count) in sorted(_unavailable.items()):
+        terminalreporter.write_line(f"{name}: {count} test(s) skipped ({reason})")
+    terminalreporter.write_line(f"Set {REQUIRE_KERNELS}=1 (as .ci/run does) to make this a failure.")
 
 
 @pytest.fixture(scope="session")

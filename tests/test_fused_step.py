@@ -39,11 +39,7 @@ def assert_close(ours, ref, rtol):
     assert error <= rtol, f"max relative error {error:.3g} > {rtol:g}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fused_available():
-    available, reason = fused.status()
-    if not available:
-        pytest.skip(f"fused step unavailable here: {reason}")
+needs_kernel = pytest.mark.kernel(fused)  # see tests/conftest.py
 
 
 class ToyModel(nn.Cell):
@@ -99,6 +95,7 @@ def compare(pure, fast, rtol):
     return sample_f, sample_0
 
 
+@needs_kernel
 @pytest.mark.parametrize("clip", [True, False])
 @pytest.mark.parametrize("var", ["fixed_small", "fixed_large", "learned", "learned_range"])
 @pytest.mark.parametrize("mean", ["epsilon", "start_x", "previous_x", "velocity"])
@@ -110,6 +107,7 @@ def test_ddpm_step_matches_pure_ops(monkeypatch, mean, var, clip):
     assert not np.array_equal(sample[~(STEPS == 0)], sample_0[~(STEPS == 0)])  # t > 0 adds the noise
 
 
+@needs_kernel
 @pytest.mark.parametrize("clip", [True, False])
 @pytest.mark.parametrize("var", ["fixed_small", "learned_range"])
 @pytest.mark.parametrize("mean", ["epsilon", "start_x", "previous_x", "velocity"])
@@ -119,6 +117,7 @@ def test_ddim_step_matches_pure_ops(monkeypatch, mean, var, clip):
     compare(pure, fast, 1e-5)
 
 
+@needs_kernel
 @pytest.mark.parametrize("clip", [True, False])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim_step_eta(monkeypatch, eta, clip):
@@ -129,7 +128,7 @@ def test_ddim_step_eta(monkeypatch, eta, clip):
         np.testing.assert_array_equal(sample, sample_0)
 
 
-@pytest.mark.parametrize("switch", ["0", "1"])
+@pytest.mark.parametrize("switch", ["0", pytest.param("1", marks=needs_kernel)])
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
 def test_step_without_pred_xstart_is_the_pair_steps_x_prev(monkeypatch, kind, switch):
     """The sampling loop's step returns x_{t-1} alone (one kernel output, one graph output), bit for bit
@@ -147,6 +146,7 @@ def test_step_without_pred_xstart_is_the_pair_steps_x_prev(monkeypatch, kind, sw
     np.testing.assert_array_equal(alone.asnumpy(), pair(x, t, noise)[0].asnumpy())
 
 
+@needs_kernel
 def test_respaced_loops_match_pure_ops(monkeypatch):
     diffusion = GaussianDiffusion(schedules.get_named_beta_schedule("cosine", 1000),
                                   model_var_type="learned_range").respace("ddim10")
@@ -169,8 +169,13 @@ def test_disabled_by_env_uses_pure_ops(monkeypatch):
         assert fused.status() == (False, f"disabled by {fused.ENV_SWITCH}={value}")
         assert not DDPMStep(diffusion, model).fused
         assert not DDIMStep(diffusion, model).fused
+
+
+@needs_kernel
+def test_on_by_default(monkeypatch):
+    diffusion, model = make("epsilon", "learned_range")
     monkeypatch.delenv(fused.ENV_SWITCH)
-    assert fused.status()[0] and DDPMStep(diffusion, model).fused
+    assert fused.status()[0] and DDPMStep(diffusion, model).fused and DDIMStep(diffusion, model).fused
 
 
 def test_failed_build_falls_back(monkeypatch):
@@ -184,6 +189,7 @@ def test_failed_build_falls_back(monkeypatch):
     assert np.isfinite(sample.asnumpy()).all()
 
 
+@needs_kernel
 def test_non_float32_output_takes_pure_ops(monkeypatch):
     """A float16 network output does not fit the kernel: the same step graph uses pure ops."""
     diffusion, _ = make("epsilon", "fixed_small")
@@ -199,6 +205,7 @@ def test_non_float32_output_takes_pure_ops(monkeypatch):
     assert np.isfinite(sample.asnumpy()).all()
 
 
+@needs_kernel
 def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
     monkeypatch.setenv("MIND_DIFFUSION_CACHE", str(tmp_path))
     path, how = fused._build()
@@ -226,6 +233,7 @@ def test_log_std_line_is_the_variance_rule(var):
     np.testing.assert_allclose(offset + slope * v, log_variance / 2, rtol=1e-12, atol=1e-12)
 
 
+@needs_kernel
 def test_kernel_exp_is_accurate():
     lib = ctypes.CDLL(fused.library())
     x = np.linspace(-80.0, 80.0, 2_000_001, dtype=np.float32)

@@ -16,11 +16,7 @@ from mind_diffusion.kernels import conv as kernels
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_available():
-    available, reason = kernels.status()
-    if not available:
-        pytest.skip(f"fast convolution unavailable here: {reason}")
+needs_kernel = pytest.mark.kernel(kernels)  # see tests/conftest.py
 
 
 def reference(x, w, b, r, stride, pads):
@@ -136,6 +132,7 @@ def geometry(cell):
     return kernels.geometry_of(cell.kernel_size, cell.stride, cell.pad_mode, cell.padding)
 
 
+@needs_kernel
 @pytest.mark.parametrize("x_shape,cout,kernel,stride,pad_mode,padding,has_bias", CASES)
 def test_matches_float64_reference(monkeypatch, x_shape, cout, kernel, stride, pad_mode, padding, has_bias):
     cell = make(monkeypatch, True, x_shape[1], cout, kernel, stride, pad_mode, padding, has_bias)
@@ -153,6 +150,7 @@ def test_matches_float64_reference(monkeypatch, x_shape, cout, kernel, stride, p
         assert_close(ours, ref, f"{x_shape} k{kernel} s{stride} {pad_mode} {padding} {name}")
 
 
+@needs_kernel
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4]])
 def test_matches_nn_conv2d(monkeypatch, case):
     x_shape, cout, kernel, stride, pad_mode, padding, has_bias = case
@@ -165,6 +163,7 @@ def test_matches_nn_conv2d(monkeypatch, case):
         assert_close(ours, want, f"{case} vs nn.Conv2d {name}")
 
 
+@needs_kernel
 def test_parameters_like_nn_conv2d(monkeypatch):
     """Same parameter names, shapes, dtypes and initial distribution as nn.Conv2d (a drop-in)."""
     fast = make(monkeypatch, True, 64, 32, 3, 1, "pad", 1, True)
@@ -177,6 +176,7 @@ def test_parameters_like_nn_conv2d(monkeypatch):
         assert np.abs(v).max() <= bound and v.std() > 0.5 * bound / np.sqrt(3)
 
 
+@needs_kernel
 def test_chain_in_cell_with_grad_operation(monkeypatch):
     """Two fast convolutions with a residual, differentiated by ops.GradOperation inside a Cell
     (the training-step pattern), against the same network of nn.Conv2d."""
@@ -231,6 +231,7 @@ def test_env_switch_and_unsupported_settings_fall_back(monkeypatch):
         np.testing.assert_array_equal(cell(x).asnumpy(), ref(x).asnumpy())
 
 
+@needs_kernel
 @pytest.mark.parametrize("layout,batch", [("plain", 1), ("auto", 2)])
 def test_layout_choices(monkeypatch, layout, batch):
     """MIND_DIFFUSION_CONV_LAYOUT=plain (NCHW throughout) and =auto (both layouts alternate over the

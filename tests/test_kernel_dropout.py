@@ -11,11 +11,7 @@ from mind_diffusion.kernels.dropout import Dropout, seed_step
 M64 = (1 << 64) - 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_dropout_available():
-    available, reason = dropout.status()
-    if not available:
-        pytest.skip(f"counter-based dropout unavailable here: {reason}")
+needs_kernel = pytest.mark.kernel(dropout)  # see tests/conftest.py
 
 
 def mix64(z):
@@ -55,6 +51,7 @@ def apply(x, counter, p):
     return Apply()(ms.Tensor(x), ms.Tensor(counter, ms.int64), ms.Tensor([p], ms.float32)).asnumpy()
 
 
+@needs_kernel
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_mask_is_the_documented_hash_and_keeps_one_minus_p(p):
     x = np.random.default_rng(0).uniform(0.5, 1.5, (4, 8, 32, 32)).astype(np.float32)  # never 0
@@ -67,6 +64,7 @@ def test_mask_is_the_documented_hash_and_keeps_one_minus_p(p):
     assert abs(rate - (1 - p)) < 5 * sd, (rate, 1 - p)
 
 
+@needs_kernel
 def test_masks_differ_between_counters_and_repeat_for_the_same_one():
     x = np.ones((64, 64), np.float32)
     a = apply(x, 7, 0.5)
@@ -84,6 +82,7 @@ class TwoLayers(nn.Cell):
         return self.first(x), self.second(x)
 
 
+@needs_kernel
 def test_layers_and_steps_get_their_own_masks_and_a_step_replays_exactly():
     net = TwoLayers(0.3)
     net.set_train(True)
@@ -103,6 +102,7 @@ def test_layers_and_steps_get_their_own_masks_and_a_step_replays_exactly():
     assert not np.array_equal(net(x)[0].asnumpy(), first)
 
 
+@needs_kernel
 def test_gradient_is_the_same_mask_scaled():
     layer = Dropout(0.4)
     layer.set_train(True)

@@ -24,11 +24,7 @@ EPS = 1e-5
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_available():
-    available, reason = kernels.status()
-    if not available:
-        pytest.skip(f"fast GroupNorm unavailable here: {reason}")
+needs_kernel = pytest.mark.kernel(kernels)  # see tests/conftest.py
 
 
 def sigmoid(z):
@@ -164,6 +160,7 @@ CASES = [
 ]
 
 
+@needs_kernel
 @pytest.mark.parametrize("shape,silu,with_ss", CASES)
 def test_matches_float64_reference(monkeypatch, shape, silu, with_ss):
     x, gamma, beta, w, ss = data(shape, with_ss=with_ss)
@@ -172,6 +169,7 @@ def test_matches_float64_reference(monkeypatch, shape, silu, with_ss):
           scale_dx=dx_scale(x, gamma, 32, w, ss=ss))
 
 
+@needs_kernel
 @pytest.mark.parametrize("shape,silu,with_ss", [CASES[1], CASES[2], CASES[6]])
 def test_matches_pure_ops_path(monkeypatch, shape, silu, with_ss):
     x, gamma, beta, w, ss = data(shape, seed=1, with_ss=with_ss)
@@ -180,6 +178,7 @@ def test_matches_pure_ops_path(monkeypatch, shape, silu, with_ss):
     check(fast, pure, f"{shape} fast vs pure")
 
 
+@needs_kernel
 def test_other_group_counts(monkeypatch):
     """nn.GroupNorm's general G (here 8 groups of 12 channels): the kernel reads G from its stats output."""
     shape = (2, 96, 3, 4)
@@ -188,6 +187,7 @@ def test_other_group_counts(monkeypatch):
     check(got, reference(x, gamma, beta, 8, w), "8 groups")
 
 
+@needs_kernel
 def test_large_mean_keeps_float32_accuracy(monkeypatch):
     """|μ|/σ = 10⁴: one-pass float32 statistics would be wrong in every digit; two-pass float64 are not."""
     shape = (2, 64, 4, 4)
@@ -197,6 +197,7 @@ def test_large_mean_keeps_float32_accuracy(monkeypatch):
     check(got, reference(x, gamma, beta, 32, w, silu=True), "mean 1000")
 
 
+@needs_kernel
 def test_single_element_groups_are_beta(monkeypatch):
     """32 channels in 32 groups at 1x1: x̂ = 0, so y = β exactly and ∂L/∂x vanishes up to rounding."""
     x, gamma, beta, w, _ = data((2, 32, 1, 1), seed=5)
@@ -236,6 +237,7 @@ class _Body(nn.Cell):
         return (self.head(h.mean(axis=(2, 3))) ** 2).mean()
 
 
+@needs_kernel
 def test_train_like_graph_matches_pure_ops(monkeypatch):
     rng = np.random.default_rng(6)
     x = ms.Tensor(rng.normal(0, 1.5, (2, 64, 5, 6)).astype(np.float32))
@@ -258,6 +260,7 @@ def test_train_like_graph_matches_pure_ops(monkeypatch):
         assert_close(fast, pure, rtol=2e-5, what=f"train-like graph output {i}")
 
 
+@needs_kernel
 @pytest.mark.parametrize("options", [dict(use_scale_shift_norm=True, down=True), dict(out_channels=96)])
 def test_unet_resblock_matches_pure_ops(monkeypatch, options):
     """The UNet's ResBlock wiring (norm+SiLU fused, the SiLU slot an identity, AdaGN fused), forward and grads."""
@@ -289,11 +292,15 @@ def test_unet_resblock_matches_pure_ops(monkeypatch, options):
         assert_close(fast.asnumpy(), pure.asnumpy(), rtol=2e-5, what=f"ResBlock {options} output {i}")
 
 
-def test_disabled_by_env_and_float16_use_pure_ops(monkeypatch):
+def test_disabled_by_env_uses_pure_ops(monkeypatch):
     for value in ("0", "false", "off"):
         monkeypatch.setenv(kernels.ENV_SWITCH, value)
-        assert kernels.status()[0] is False
+        assert kernels.status() == (False, f"disabled by {kernels.ENV_SWITCH}={value}")
         assert GroupNorm32(32, 64).fast is None
+
+
+@needs_kernel
+def test_float16_uses_pure_ops_with_the_kernel_on(monkeypatch):
     monkeypatch.setenv(kernels.ENV_SWITCH, "1")
     norm = GroupNorm32(32, 64, activation="silu")
     assert norm.fast is not None
