@@ -5,6 +5,7 @@ known), Python re-computations written from the papers' equations, and small
 brute-force cases.
 """
 import math
+import os
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from graph_util import run
 from mind_diffusion import schedules
 from mind_diffusion.evaluation.bpd import calc_bpd_loop
 from mind_diffusion.gaussian_diffusion import GaussianDiffusion, create_diffusion
-from mind_diffusion.sampling import DDIMSampler, DDPMSampler, create_sampler
+from mind_diffusion.sampling import DDIMSampler, DDPMSampler, create_sampler, fused
 
 
 # ----------------------------------------------------------------- schedules
@@ -32,14 +33,13 @@ def test_linear_schedule_closed_form(steps):
 
 
 def test_cosine_schedule_follows_alpha_bar():
-    """ᾱ_t = f(t)/f(0) with f(t) = cos²((t/T + s)/(1 + s) · π/2) wherever β is not clipped."""
+    """ᾱ_t = f(t + 1)/f(0) with f(t) = cos²((t/T + s)/(1 + s) · π/2) wherever β is not clipped."""
     steps = 100
     diffusion = create_diffusion(steps, "cosine")
-    f = lambda t: math.cos((t / steps + 0.008) / 1.008 * math.pi / 2) ** 2
-    expected = np.array([f(t + 1) / f(0) for t in range(steps)])
     unclipped = diffusion.schedule["betas"] < 0.999
     assert unclipped[:-1].all() and not unclipped[-1]  # only the last β hits the clip
-    np.testing.assert_allclose(diffusion.schedule["alphas_cumprod"][:-1], expected[:-1], rtol=1e-12)
+    np.testing.assert_allclose(diffusion.schedule["alphas_cumprod"][:-1], cosine_alpha_bars(steps, range(steps - 1)),
+                               rtol=1e-12)
 
 
 def test_schedule_arrays_from_definitions():
@@ -252,41 +252,6 @@ def test_velocity_prediction_by_hand():
         create_diffusion(10, "linear", predict_xstart=True, predict_v=True)
 
 
-class DiracVelocity(nn.Cell):
-    """The exact v-predictor for data = the single image x*: v = √ᾱ_t ε − √(1 − ᾱ_t) x*, with ε read off x_t."""
-
-    def __init__(self, alphas_cumprod):
-        super().__init__()
-        self.sqrt_abar = ms.Tensor(np.sqrt(alphas_cumprod), ms.float32)
-        self.sqrt_one_minus_abar = ms.Tensor(np.sqrt(1 - alphas_cumprod), ms.float32)
-        self.x_star = ms.Tensor(X_STAR)
-
-    def construct(self, x, t):
-        index = ops.round(t).astype(ms.int32)
-        a = ops.gather(self.sqrt_abar, index, 0).reshape(-1, 1, 1, 1)
-        b = ops.gather(self.sqrt_one_minus_abar, index, 0).reshape(-1, 1, 1, 1)
-        return a * (x - a * self.x_star) / b - b * self.x_star
-
-
-@pytest.mark.parametrize("fused_step", ["1", "0"])
-def test_velocity_samplers_reach_the_point(monkeypatch, fused_step):
-    """DDIM (η = 0) with the exact v-predictor follows √ᾱ_t x* + √(1 − ᾱ_t) e; DDPM ends at x*."""
-    monkeypatch.setenv("MIND_DIFFUSION_FUSED", fused_step)
-    base = create_diffusion(100, "cosine", predict_v=True)
-    model = DiracVelocity(base.schedule["alphas_cumprod"])
-    diffusion = base.respace("ddim10")
-    shape = (2,) + X_STAR.shape[1:]
-    e = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
-    abar = diffusion.schedule["alphas_cumprod"]
-    x_T = (math.sqrt(abar[-1]) * X_STAR + math.sqrt(1 - abar[-1]) * e).astype(np.float32)
-    ddim = DDIMSampler(diffusion, model, eta=0.0)
-    np.testing.assert_allclose(ddim.sample(shape, x_T=x_T).asnumpy(), np.broadcast_to(X_STAR, shape), atol=2e-5)
-    x_1 = math.sqrt(abar[0]) * X_STAR + math.sqrt(1 - abar[0]) * e
-    np.testing.assert_allclose(ddim.invert(x_1.astype(np.float32)).asnumpy(), x_T, atol=1e-4)
-    ddpm = create_sampler("ddpm", diffusion, model)
-    np.testing.assert_allclose(ddpm.sample(shape, seed=3).asnumpy(), np.broadcast_to(X_STAR, shape), atol=2e-5)
-
-
 def test_one_step_process_is_refused():
     with pytest.raises(ValueError, match="at least 2 steps"):
         create_diffusion(100, "cosine", timestep_respacing="1")
@@ -305,30 +270,76 @@ def test_previous_x_mean_type_inverts_posterior():
     np.testing.assert_array_equal(mean, true_mean)
 
 
-# ------------------------------------------- the one-point data set (Dirac)
+# ------------------------------- closed-form data sets: one point (Dirac) and a Gaussian
 
 X_STAR = (np.random.default_rng(3).integers(0, 256, (1, 3, 4, 4)) / 127.5 - 1).astype(np.float32)
+# Sampled states against the float64 references below, max |error| over every state of every chain here
+# (states of size ≤ 4, where a float32 ulp is ≤ 4.8e-7): measured 7.5e-7 where the step is float32
+# arithmetic, 3.3e-6 for the pure-ops DDPM step, whose σ_t = exp(½ log σ_t²) takes MindSpore's float32
+# CPU exp (up to ~1e-4 relative; see tests/test_fused_step.py).
+ATOL = 2e-6
+ATOL_MINDSPORE_EXP = 1e-5
+# The sampling step in pure ops and in C++ (the fused step); the C++ case needs its kernel.
+FUSED = ["0", pytest.param("1", marks=pytest.mark.kernel(fused))]
 
 
-class DiracDenoiser(nn.Cell):
-    """The exact ε-predictor for data = the single image x*: ε(x_t, t) = (x_t − √ᾱ_t x*) / √(1 − ᾱ_t).
+def cosine_alpha_bars(steps, kept):
+    """ᾱ at the original steps ``kept`` of a T = ``steps`` cosine schedule: f(t + 1)/f(0) with
+    f(t) = cos²((t/T + s)/(1 + s) · π/2), s = 0.008 (improved DDPM, Eq. 17), where β is not clipped."""
+    f = lambda t: math.cos((t / steps + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.array([f(t + 1) / f(0) for t in kept])
+
+
+def linear_alpha_bars(steps):
+    """ᾱ_t = Π (1 − β_s) with DDPM's linear β from 1e-4 to 0.02, scaled by 1000/T."""
+    scale = 1000 / steps
+    betas = [scale * (1e-4 + (0.02 - 1e-4) * t / (steps - 1)) for t in range(steps)]
+    return np.cumprod(1 - np.array(betas))
+
+
+class GaussianDataDenoiser(nn.Cell):
+    """The exact ε-predictor for data x_0 ~ N(μ, s² I): ε̂(x_t, t) = E[ε | x_t] = √(1 − ᾱ_t) (x_t − √ᾱ_t μ) / v_t
+    with v_t = ᾱ_t s² + 1 − ᾱ_t the variance of x_t. s = 0 is the one-point data set x_0 = μ = x*, where
+    ε̂ = (x_t − √ᾱ_t x*) / √(1 − ᾱ_t).
 
     It looks ᾱ up by the *original* step it receives (after the respacing map
     and the ×1000/T rescale), so a wrong timestep map gives wrong samples.
     """
 
-    def __init__(self, alphas_cumprod, time_scale):
+    def __init__(self, alphas_cumprod, time_scale, std=0.0):
         super().__init__()
-        self.sqrt_abar = ms.Tensor(np.sqrt(alphas_cumprod), ms.float32)
-        self.sqrt_one_minus_abar = ms.Tensor(np.sqrt(1 - alphas_cumprod), ms.float32)
-        self.x_star = ms.Tensor(X_STAR)
+        abar = np.asarray(alphas_cumprod, np.float64)
+        self.sqrt_abar = ms.Tensor(np.sqrt(abar), ms.float32)
+        self.gain = ms.Tensor(np.sqrt(1 - abar) / (abar * std ** 2 + 1 - abar), ms.float32)
+        self.mean = ms.Tensor(X_STAR)
         self.time_scale = time_scale
 
     def construct(self, x, t):
         index = ops.round(t / self.time_scale).astype(ms.int32)
         a = ops.gather(self.sqrt_abar, index, 0).reshape(-1, 1, 1, 1)
+        gain = ops.gather(self.gain, index, 0).reshape(-1, 1, 1, 1)
+        return gain * (x - a * self.mean)
+
+
+def dirac_denoiser(alphas_cumprod, time_scale):
+    """The exact ε-predictor for the one-point data set x*."""
+    return GaussianDataDenoiser(alphas_cumprod, time_scale, std=0.0)
+
+
+class DiracVelocity(nn.Cell):
+    """The exact v-predictor for data = the single image x*: v = √ᾱ_t ε − √(1 − ᾱ_t) x*, with ε read off x_t."""
+
+    def __init__(self, alphas_cumprod):
+        super().__init__()
+        self.sqrt_abar = ms.Tensor(np.sqrt(alphas_cumprod), ms.float32)
+        self.sqrt_one_minus_abar = ms.Tensor(np.sqrt(1 - alphas_cumprod), ms.float32)
+        self.x_star = ms.Tensor(X_STAR)
+
+    def construct(self, x, t):
+        index = ops.round(t).astype(ms.int32)
+        a = ops.gather(self.sqrt_abar, index, 0).reshape(-1, 1, 1, 1)
         b = ops.gather(self.sqrt_one_minus_abar, index, 0).reshape(-1, 1, 1, 1)
-        return (x - a * self.x_star) / b
+        return a * (x - a * self.x_star) / b - b * self.x_star
 
 
 class ZeroModel(nn.Cell):
@@ -336,32 +347,210 @@ class ZeroModel(nn.Cell):
         return ops.zeros_like(x)
 
 
-def test_ddim_eta0_is_exact_deterministic_and_inverts():
-    """For a one-point data set, DDIM with η = 0 follows x_t = √ᾱ_t x* + √(1 − ᾱ_t) e exactly."""
+# What the samplers must do on these data sets, in float64 from the papers' equations. ᾱ is the
+# chain's own (respaced) ᾱ_0 … ᾱ_{n−1}; a step at t goes to x_{t−1}, with ᾱ_{−1} = 1 (x_{−1} is x_0).
+X_STAR_64 = X_STAR.astype(np.float64)  # (a float32 array times a Python float stays float32)
+
+def previous(alpha_bars):
+    """ᾱ_{t−1} for t = 0 … n−1."""
+    return np.append(1.0, alpha_bars[:-1])
+
+
+def x0_given_xt(x, alpha_bar, std):
+    """E[x_0 | x_t] for x_0 ~ N(x*, s² I): x* + s² √ᾱ_t (x_t − √ᾱ_t x*) / v_t (x* itself when s = 0)."""
+    return X_STAR_64 + std ** 2 * math.sqrt(alpha_bar) * (x - math.sqrt(alpha_bar) * X_STAR_64) / (
+        alpha_bar * std ** 2 + 1 - alpha_bar)
+
+
+def ddim_chain(alpha_bars, x_T, std, eta, noises):
+    """DDIM (Song et al. 2021, Eq. 12) with the exact x̂_0: the state after each step, t = n−1 … 0.
+
+    x_{t−1} = √ᾱ_{t−1} x̂_0 + √(1 − ᾱ_{t−1} − σ_t²) ε̂ + σ_t z_t, ε̂ = (x_t − √ᾱ_t x̂_0)/√(1 − ᾱ_t),
+    σ_t = η √((1 − ᾱ_{t−1})/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t−1}) (Eq. 16).
+    """
+    prev, x, states = previous(alpha_bars), np.asarray(x_T, np.float64), []
+    for k, t in enumerate(reversed(range(len(alpha_bars)))):
+        a, a_prev = alpha_bars[t], prev[t]
+        x0 = x0_given_xt(x, a, std)
+        eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma ** 2) * eps + sigma * noises[k]
+        states.append(x)
+    return states
+
+
+def ddim_eta0_closed_form(alpha_bars, x_T, std):
+    """DDIM η = 0 with the exact denoiser, in closed form: the state after each step, t = n−1 … 0.
+
+    With d_t = x_t − √ᾱ_t x* and v_t = ᾱ_t s² + 1 − ᾱ_t: x̂_0 − x* = s² √ᾱ_t d_t / v_t and
+    ε̂ = √(1 − ᾱ_t) d_t / v_t, so d_{t−1} = d_t (s² √(ᾱ_{t−1} ᾱ_t) + √((1 − ᾱ_{t−1})(1 − ᾱ_t))) / v_t.
+    Writing (s √ᾱ, √(1 − ᾱ)) = √v (cos φ, sin φ), the standardised state z_t = d_t / √v_t is scaled by
+    cos(φ_t − φ_{t−1}) per step. For s = 0 (φ = π/2 until ᾱ = 1) nothing changes: x_t stays on the
+    line √ᾱ_t x* + √(1 − ᾱ_t) z_T, and the last step lands on x*.
+    """
+    prev = previous(alpha_bars)
+    variance = lambda a: a * std ** 2 + 1 - a
+    angle = lambda a: math.atan2(math.sqrt(1 - a), std * math.sqrt(a))
+    z = (np.asarray(x_T, np.float64) - math.sqrt(alpha_bars[-1]) * X_STAR_64) / math.sqrt(variance(alpha_bars[-1]))
+    states = []
+    for t in reversed(range(len(alpha_bars))):
+        z = z * math.cos(angle(alpha_bars[t]) - angle(prev[t]))
+        states.append(math.sqrt(prev[t]) * X_STAR_64 + math.sqrt(variance(prev[t])) * z)
+    return states
+
+
+def ddpm_chain(alpha_bars, x_T, std, sigma_small, noises):
+    """Ancestral sampling (DDPM Eqs. 6, 7) with the exact x̂_0: the state after each step, t = n−1 … 0.
+
+    x_{t−1} = μ̃_t(x̂_0, x_t) + σ_t z_t with μ̃_t = β_t √ᾱ_{t−1}/(1 − ᾱ_t) x̂_0 + (1 − ᾱ_{t−1}) √α_t/(1 − ᾱ_t) x_t,
+    σ_t² = β̃_t = β_t (1 − ᾱ_{t−1})/(1 − ᾱ_t) (sigma_small) or β_t, and no noise at t = 0.
+    """
+    prev, x, states = previous(alpha_bars), np.asarray(x_T, np.float64), []
+    for k, t in enumerate(reversed(range(len(alpha_bars)))):
+        a, a_prev = alpha_bars[t], prev[t]
+        beta = 1 - a / a_prev
+        mean = (beta * math.sqrt(a_prev) * x0_given_xt(x, a, std) + (1 - a_prev) * math.sqrt(1 - beta) * x) / (1 - a)
+        variance = beta * (1 - a_prev) / (1 - a) if sigma_small else beta
+        x = mean + (math.sqrt(variance) * noises[k] if t > 0 else 0.0)
+        states.append(x)
+    return states
+
+
+def sampled_chain(monkeypatch, sampler, shape, **sample_kwargs):
+    """Every state the sampling loop passes through: x_{t−1} after its step at t = n−1 … 0 (the last is x_0).
+
+    The loop's compiled step is wrapped to record its outputs, so what is checked is the loop itself
+    (step order, the noise each step gets), not a re-run of its steps.
+    """
+    step, steps, states = sampler.step_graph(()), [], []
+    assert step.fused == (os.environ.get(fused.ENV_SWITCH) == "1"), "the step was not built on the path asked for"
+
+    def recording(x, t, noise, *cond):
+        out = step(x, t, noise, *cond)
+        steps.append(int(t.asnumpy()[0]))
+        states.append(out.asnumpy())
+        return out
+
+    monkeypatch.setattr(sampler, "step_graph", lambda names, pred_xstart=False: recording)
+    result = sampler.sample(shape, **sample_kwargs).asnumpy()
+    assert steps == list(reversed(range(sampler.diffusion.num_timesteps)))
+    np.testing.assert_array_equal(result, states[-1])
+    return states
+
+
+def assert_states(got, want, atol):
+    """Every state within atol of its expected value; the message names the worst step."""
+    assert len(got) == len(want)
+    errors = [np.abs(g - w).max() for g, w in zip(got, want)]
+    worst = int(np.argmax(errors))
+    assert errors[worst] <= atol, f"state after step {worst} of {len(got)}: max error {errors[worst]:.3g} > {atol:g}"
+
+
+def chain_inputs(shape, steps, seed):
+    """x_T and the per-step noises, standard normal float32."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(shape, dtype=np.float32), rng.standard_normal((steps,) + shape, dtype=np.float32)
+
+
+def test_reference_chains_agree():
+    """The float64 references check each other: the DDIM η = 0 recursion is the closed form, and DDIM η = 1
+    is the ancestral step with σ_t² = β̃_t (Song et al. 2021, Sec. 4.1)."""
+    alpha_bars = cosine_alpha_bars(100, range(0, 100, 10))
+    x_T, noises = chain_inputs((2, 3, 4, 4), 10, 0)
+    for std in (0.0, 0.5):
+        # measured: 9e-16 and 2.7e-15
+        want = ddim_eta0_closed_form(alpha_bars, x_T, std)
+        assert_states(ddim_chain(alpha_bars, x_T, std, 0.0, noises), want, 1e-13)
+        want = ddpm_chain(alpha_bars, x_T, std, True, noises)
+        assert_states(ddim_chain(alpha_bars, x_T, std, 1.0, noises), want, 1e-13)
+
+
+@pytest.mark.parametrize("fused_step", FUSED)
+def test_ddim_eta0_is_exact_deterministic_and_inverts(monkeypatch, fused_step):
+    """For a one-point data set, DDIM with η = 0 follows x_t = √ᾱ_t x* + √(1 − ᾱ_t) e at every step."""
+    monkeypatch.setenv(fused.ENV_SWITCH, fused_step)
     base = create_diffusion(100, "cosine", rescale_timesteps=True)
     diffusion = base.respace("ddim10")
-    model = DiracDenoiser(base.schedule["alphas_cumprod"], 1000 / 100)
+    model = dirac_denoiser(base.schedule["alphas_cumprod"], 1000 / 100)
     sampler = DDIMSampler(diffusion, model, eta=0.0)
     shape = (2,) + X_STAR.shape[1:]
     x_T = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
 
-    first = sampler.sample(shape, x_T=x_T, seed=1).asnumpy()
-    second = sampler.sample(shape, x_T=x_T, seed=2).asnumpy()
-    np.testing.assert_array_equal(first, second)
-    np.testing.assert_allclose(first, np.broadcast_to(X_STAR, shape), atol=2e-5)
+    alpha_bars = cosine_alpha_bars(100, range(0, 100, 10))  # "ddim10" keeps every 10th of T = 100
+    states = sampled_chain(monkeypatch, sampler, shape, x_T=x_T, seed=1)
+    assert_states(states, ddim_eta0_closed_form(alpha_bars, x_T, 0.0), atol=ATOL)
+    np.testing.assert_array_equal(sampler.sample(shape, x_T=x_T, seed=2).asnumpy(), states[-1])
 
     # Invert a point on the trajectory at the first kept step: it lands on the closed form at the
     # last kept step, and sampling from there returns to x*.
-    abar = diffusion.schedule["alphas_cumprod"]
     e = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
-    x_0_level = math.sqrt(abar[0]) * X_STAR + math.sqrt(1 - abar[0]) * e
-    x_T_closed = math.sqrt(abar[-1]) * X_STAR + math.sqrt(1 - abar[-1]) * e
+    x_0_level = math.sqrt(alpha_bars[0]) * X_STAR + math.sqrt(1 - alpha_bars[0]) * e
+    x_T_closed = math.sqrt(alpha_bars[-1]) * X_STAR + math.sqrt(1 - alpha_bars[-1]) * e
     inverted = sampler.invert(x_0_level.astype(np.float32)).asnumpy()
     np.testing.assert_allclose(inverted, x_T_closed, atol=1e-4)
     back = sampler.sample(shape, x_T=inverted).asnumpy()
     np.testing.assert_allclose(back, np.broadcast_to(X_STAR, shape), atol=2e-5)
     with pytest.raises(ValueError, match="eta must lie in"):
         DDIMSampler(diffusion, model, eta=1.5)
+
+
+@pytest.mark.parametrize("fused_step", FUSED)
+def test_velocity_samplers_follow_the_closed_forms(monkeypatch, fused_step):
+    """With the exact v-predictor, DDIM (η = 0) follows √ᾱ_t x* + √(1 − ᾱ_t) e and DDPM takes the posterior
+    step at every t, as with the ε-predictor."""
+    monkeypatch.setenv(fused.ENV_SWITCH, fused_step)
+    base = create_diffusion(100, "cosine", predict_v=True)
+    model = DiracVelocity(base.schedule["alphas_cumprod"])
+    diffusion = base.respace("ddim10")
+    alpha_bars = cosine_alpha_bars(100, range(0, 100, 10))
+    shape = (2,) + X_STAR.shape[1:]
+    x_T, noises = chain_inputs(shape, 10, 9)
+    ddim = DDIMSampler(diffusion, model, eta=0.0)
+    assert_states(sampled_chain(monkeypatch, ddim, shape, x_T=x_T), ddim_eta0_closed_form(alpha_bars, x_T, 0.0),
+                  atol=ATOL)
+    e = (x_T - math.sqrt(alpha_bars[-1]) * X_STAR) / math.sqrt(1 - alpha_bars[-1])
+    x_1 = math.sqrt(alpha_bars[0]) * X_STAR + math.sqrt(1 - alpha_bars[0]) * e
+    np.testing.assert_allclose(ddim.invert(x_1.astype(np.float32)).asnumpy(), x_T, atol=1e-4)
+    ddpm = create_sampler("ddpm", diffusion, model)  # Σ = β_t (not sigma_small)
+    assert_states(sampled_chain(monkeypatch, ddpm, shape, x_T=x_T, noises=noises),
+                  ddpm_chain(alpha_bars, x_T, 0.0, False, noises),
+                  atol=ATOL if fused_step == "1" else ATOL_MINDSPORE_EXP)
+
+
+@pytest.mark.parametrize("fused_step", FUSED)
+@pytest.mark.parametrize("sigma_small", [True, False])
+@pytest.mark.parametrize("std", [0.0, 0.5])
+def test_ddpm_takes_the_posterior_step_at_every_t(monkeypatch, std, sigma_small, fused_step):
+    """One point (s = 0) or a Gaussian (s = 0.5) around x*, the exact denoiser, given x_T and noises: each
+    state is μ̃_t(E[x_0 | x_t], x_t) + σ_t z_t of the previous one."""
+    monkeypatch.setenv(fused.ENV_SWITCH, fused_step)
+    steps = 50
+    diffusion = create_diffusion(steps, "linear", sigma_small=sigma_small)
+    model = GaussianDataDenoiser(diffusion.schedule["alphas_cumprod"], 1.0, std)
+    shape = (2,) + X_STAR.shape[1:]
+    x_T, noises = chain_inputs(shape, steps, 11)
+    states = sampled_chain(monkeypatch, DDPMSampler(diffusion, model, clip_denoised=False), shape,
+                           x_T=x_T, noises=noises)
+    want = ddpm_chain(linear_alpha_bars(steps), x_T, std, sigma_small, noises)
+    assert_states(states, want, atol=ATOL if fused_step == "1" else ATOL_MINDSPORE_EXP)
+
+
+@pytest.mark.parametrize("fused_step", FUSED)
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_on_gaussian_data_at_every_step(monkeypatch, eta, fused_step):
+    """Data N(x*, 0.5² I), the exact denoiser, a respaced and rescaled chain: η = 0 follows the closed form
+    (the standardised state shrinks by cos(φ_t − φ_{t−1}) per step), η > 0 DDIM's Eq. 12 with the given noises."""
+    monkeypatch.setenv(fused.ENV_SWITCH, fused_step)
+    std = 0.5
+    base = create_diffusion(100, "cosine", rescale_timesteps=True)
+    model = GaussianDataDenoiser(base.schedule["alphas_cumprod"], 1000 / 100, std)
+    sampler = DDIMSampler(base.respace("ddim10"), model, eta=eta, clip_denoised=False)
+    alpha_bars = cosine_alpha_bars(100, range(0, 100, 10))
+    shape = (2,) + X_STAR.shape[1:]
+    x_T, noises = chain_inputs(shape, 10, 12)
+    states = sampled_chain(monkeypatch, sampler, shape, x_T=x_T, noises=noises)
+    want = ddim_eta0_closed_form(alpha_bars, x_T, std) if eta == 0 else ddim_chain(alpha_bars, x_T, std, eta, noises)
+    assert_states(states, want, atol=ATOL)
 
 
 def test_samplers_are_seeded_and_ddpm_reaches_the_point(monkeypatch):
@@ -377,7 +566,7 @@ def test_samplers_are_seeded_and_ddpm_reaches_the_point(monkeypatch):
 
     monkeypatch.setattr(executor, "compile", counting_compile)
     diffusion = create_diffusion(50, "linear", sigma_small=True)
-    model = DiracDenoiser(diffusion.schedule["alphas_cumprod"], 1.0)
+    model = dirac_denoiser(diffusion.schedule["alphas_cumprod"], 1.0)
     shape = (3,) + X_STAR.shape[1:]
     sampler = create_sampler("ddpm", diffusion, model)
     a, b, c = (sampler.sample(shape, seed=s).asnumpy() for s in (7, 7, 8))
@@ -395,7 +584,7 @@ def test_calc_bpd_loop_closed_form_and_beats_a_bad_model():
     steps = 25
     diffusion = create_diffusion(steps, "linear", sigma_small=True)
     s = diffusion.schedule
-    result = calc_bpd_loop(diffusion, DiracDenoiser(s["alphas_cumprod"], 1.0), X_STAR)
+    result = calc_bpd_loop(diffusion, dirac_denoiser(s["alphas_cumprod"], 1.0), X_STAR)
     assert result["vb"].shape == (1, steps)
     np.testing.assert_allclose(result["vb"][:, 1:], 0.0, atol=1e-4)
 
