@@ -14,6 +14,9 @@ import mindspore as ms
 from .sampling import create_sampler
 from .sampling.guidance import ClassifierFreeGuidance
 
+# GaussianDiffusion needs two steps (β̃ at t = 0 is borrowed from t = 1), so a respacing does too.
+MIN_SAMPLING_STEPS = 2
+
 
 class ImageGenerator:
     """Draws samples with the recipe's samplers.
@@ -34,6 +37,18 @@ class ImageGenerator:
         self.tokenizer = tokenizer
         self.num_classes = num_classes
         self._samplers = {}
+
+    def check_request(self, count, steps, batch_size):
+        """Refuse sampling settings that cannot be honoured (rather than quietly running others)."""
+        total = self.diffusion.num_timesteps
+        if int(count) < 1:
+            raise ValueError(f"the number of images must be at least 1, got {count}")
+        if int(batch_size) < 1:
+            raise ValueError(f"the batch size must be at least 1, got {batch_size}")
+        if not MIN_SAMPLING_STEPS <= int(steps) <= total:
+            raise ValueError(f"sampling steps must lie in {MIN_SAMPLING_STEPS}..{total} (the model was trained "
+                             f"with T = {total} diffusion steps; a respaced process needs at least "
+                             f"{MIN_SAMPLING_STEPS}), got {steps}")
 
     def _sampler(self, name, steps, eta, scale, clip_denoised, progress):
         key = (name, steps, eta, scale, clip_denoised)
@@ -87,7 +102,11 @@ class ImageGenerator:
         Prompts (or labels, or low-resolution images) are cycled to ``count``;
         sample i of the same seed is the same image whatever ``count`` is, as
         long as the batch size is.
+
+        :raises ValueError: for ``count`` or ``batch_size`` below 1, or ``steps``
+            outside 2..T (T = the trained process's ``num_timesteps``).
         """
+        self.check_request(count, steps, batch_size)
         if prompts is not None:
             prompts = [prompts[i % len(prompts)] for i in range(count)]
         if labels is not None:
@@ -95,7 +114,7 @@ class ImageGenerator:
         if low_res is not None:
             low_res = np.asarray(low_res, np.float32)
             low_res = low_res[np.arange(count) % len(low_res)]
-        walker = self._sampler(sampler, min(int(steps), self.diffusion.num_timesteps), float(eta),
+        walker = self._sampler(sampler, int(steps), float(eta),
                                float(guidance_scale), clip_denoised, progress)
         batches = []
         for start in range(0, count, batch_size):

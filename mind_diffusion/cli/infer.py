@@ -1,119 +1,375 @@
 """Sample images from a checkpoint: ``python -m mind_diffusion.cli.infer "a red circle" --n 16``.
 
-Usually started through ``run_infer.sh``. Without ``--ckpt`` it takes the
-newest checkpoint under ``runs/``, else the demo checkpoint shipped in
-``checkpoints/``. Text-to-image checkpoints take a prompt (Chinese or
-English); class-conditional ones take ``--label``; unconditional ones take
-neither. Writes one PNG grid and prints its path.
+Usually started through ``run_infer.sh``. Text-to-image checkpoints take a
+prompt (Chinese or English); class-conditional ones take ``--label``;
+unconditional ones take neither. Writes one PNG grid and prints its path last.
+
+Paths follow :mod:`mind_diffusion.paths`: relative ones are the user's
+current directory (``--out``, ``--ckpt``, ``--low-res``, and the ``runs/``
+folder searched for checkpoints); ``checkpoints/…`` also finds the shipped files.
+
+Which checkpoint without ``--ckpt`` (:func:`choose_checkpoint`): the shipped
+demo model, unless a training run under ``./runs/`` has a checkpoint trained for
+at least as many steps as it; then the most recently written such checkpoint.
+A short run (``bash run_train.sh`` with no arguments trains 200 steps) therefore
+never displaces the finished model, and the console says which checkpoint was
+used and why.
+
+Grids are named ``<prompt>_s<scale>_<sampler><steps>_seed<seed>_<hash>.png``,
+the hash covering everything that shapes the picture (the full prompt, the
+checkpoint, every sampling setting), and an existing file is never replaced.
 """
 import argparse
+import contextlib
 import glob
+import hashlib
+import json
+import math
 import os
 import re
 import sys
 import time
+import warnings
+from collections import namedtuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHIPPED_CHECKPOINT = os.path.join(ROOT, "checkpoints", "demo.ckpt")
 
 if __package__ in (None, ""):  # run as a file (msrun launches files): make the project importable
     sys.path.insert(0, ROOT)
 
+from mind_diffusion.generate import MIN_SAMPLING_STEPS  # noqa: E402
+from mind_diffusion.paths import PROJECT_ROOT, input_path, output_path  # noqa: E402
 
-def parse_args(argv=None):
+SHIPPED_CHECKPOINT = os.path.join(PROJECT_ROOT, "checkpoints", "demo.ckpt")
+RUNS_DIR = "runs"  # train.out_dir's default, under the user's current directory
+ECHO_LIMIT = 80  # characters of a user's text repeated in a message
+
+CheckpointChoice = namedtuple("CheckpointChoice", "path reason")
+
+
+# ---------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------
+
+def _bounded(kind, low, high=None):
+    """An argparse ``type`` that parses ``kind`` and refuses values outside [low, high] with a clear message."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value < low or (high is not None and value > high):
+            bound = f"at least {low:g}" if high is None else f"between {low:g} and {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _device_target(text):
+    from mind_diffusion.device import canonical_target
+    try:
+        return canonical_target(text, "--device")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def build_parser(defaults=None):
+    """The command line; ``defaults`` (from :func:`checkpoint_defaults`) puts a checkpoint's real defaults in --help."""
+    def default(key, fallback):
+        return fallback if defaults is None else str(defaults[key])
+
+    description = "Sample a PNG grid from a trained diffusion model."
+    if defaults is not None:
+        description += (f"\n\nThe checkpoint used now: {defaults['source']} ({defaults['reason']}).\n"
+                        "The defaults below are its recipe's sample settings.")
     parser = argparse.ArgumentParser(
         prog="run_infer.sh",
-        description="Sample a PNG grid from a trained diffusion model.",
-        epilog="Examples:\n"
+        description=description,
+        epilog="Without --ckpt: the shipped demo model (checkpoints/demo.ckpt), unless a run under ./runs/ "
+               "has a checkpoint trained for at least as many steps; then the newest such checkpoint. "
+               "The console says which and why.\n"
+               "Relative paths are relative to the current directory; checkpoints/… and configs/… "
+               "also find the project's shipped files.\n"
+               "Grids are never overwritten: each name carries a hash of the prompt, checkpoint and "
+               "settings, and a taken name gets -2, -3, ….\n\n"
+               "Examples:\n"
                "  bash run_infer.sh \"蓝色背景上的红色圆形\"\n"
                "  bash run_infer.sh \"a yellow star\" --scale 5 --n 16 --seed 3\n"
-               "  bash run_infer.sh --ckpt runs/adm/ckpt_00100000.ckpt --label 7\n",
+               "  bash run_infer.sh --ckpt runs/adm/ckpt_00100000.ckpt --label 7\n"
+               "  bash run_infer.sh \"a red circle\" --ckpt runs/demo_quick    # a run folder: its newest checkpoint\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", default=None, help="caption for text-to-image models")
-    parser.add_argument("--label", type=int, action="append", default=None,
+    parser.add_argument("--label", type=_bounded(int, 0), action="append", default=None,
                         help="class label for class-conditional models (repeatable)")
     parser.add_argument("--low-res", default=None, metavar="IMAGE",
                         help="image to enlarge, for super-resolution (glide_upsample) checkpoints; "
                              "centre-cropped and resized to the model's low-res size")
-    parser.add_argument("--scale", type=float, default=None,
-                        help="classifier-free guidance scale s (0 = unconditional, 1 = plain conditional; "
-                             "default: the recipe's sample.guidance_scale)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the recipe's)")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default: the recipe's")
-    parser.add_argument("--eta", type=float, default=None, help="DDIM η (default: the recipe's)")
-    parser.add_argument("--n", type=int, default=16, help="number of images (default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=16, help="images per sampling batch (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    parser.add_argument("--ckpt", default=None, help="checkpoint (default: newest under runs/, else the demo one)")
-    parser.add_argument("--ema-rate", type=float, default=None, help="which EMA copy to use (default: the slowest, i.e. largest rate)")
+    parser.add_argument("--scale", type=_bounded(float, 0.0), default=None,
+                        help="guidance scale s >= 0 (0 = unconditional, 1 = plain conditional; default: "
+                             + default("scale", "the checkpoint's sample.guidance_scale") + ")")
+    parser.add_argument("--steps", type=_bounded(int, MIN_SAMPLING_STEPS), default=None,
+                        help=f"sampling steps, {MIN_SAMPLING_STEPS}..T (default: " + default("steps", "the checkpoint's sample.steps")
+                             + (f"; T = {defaults['T']}" if defaults else "") + ")")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default=None,
+                        help="default: " + default("sampler", "the checkpoint's sample.sampler"))
+    parser.add_argument("--eta", type=_bounded(float, 0.0, 1.0), default=None,
+                        help="DDIM η in [0, 1] (default: " + default("eta", "the checkpoint's sample.eta") + ")")
+    parser.add_argument("--n", type=_bounded(int, 1), default=16,
+                        help="number of images (default: %(default)s)")
+    parser.add_argument("--batch", type=_bounded(int, 1), default=16,
+                        help="images per sampling batch (default: %(default)s)")
+    parser.add_argument("--seed", type=_bounded(int, 0), default=0,
+                        help="sampling seed (default: %(default)s)")
+    parser.add_argument("--ckpt", default=None,
+                        help="checkpoint file, or a run folder for its newest checkpoint (default: see below)")
+    parser.add_argument("--ema-rate", type=float, default=None,
+                        help="which EMA copy to use (default: the slowest, i.e. largest rate)")
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of an EMA copy")
-    parser.add_argument("--out", default="outputs", help="folder for the PNG grid (default: %(default)s)")
-    parser.add_argument("--device", default=None, choices=["CPU", "Ascend", "GPU"])
-    return parser.parse_args(argv)
+    parser.add_argument("--out", default="outputs", help="folder for the PNG grid (default: ./%(default)s)")
+    parser.add_argument("--device", type=_device_target, default=None,
+                        help="CPU, Ascend or GPU (default: Ascend when available, else CPU)")
+    parser.add_argument("--device-id", type=_bounded(int, 0), default=None,
+                        help="which device of this machine (default: 0); with ASCEND_RT_VISIBLE_DEVICES set, "
+                             "a position in that list")
+    return parser
+
+
+def parse_args(argv=None):
+    """(parser, args). For --help, the defaults shown are those of the checkpoint that would be used."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    defaults = None
+    if "-h" in argv or "--help" in argv:
+        peek = argparse.ArgumentParser(add_help=False)
+        peek.add_argument("--ckpt", default=None)
+        known, _ = peek.parse_known_args(argv)
+        defaults = checkpoint_defaults(known.ckpt)
+    parser = build_parser(defaults)
+    return parser, parser.parse_args(argv)
+
+
+def checkpoint_defaults(explicit=None):
+    """The sampling defaults of the checkpoint that would be used, for --help; None when it cannot be read."""
+    try:
+        choice = choose_checkpoint(explicit)
+        _, raw_config = checkpoint_header(choice.path)
+        sample, diffusion = raw_config.get("sample", {}), raw_config.get("diffusion", {})
+        return {"source": display_path(choice.path), "reason": choice.reason,
+                "scale": sample["guidance_scale"], "steps": sample["steps"],
+                "sampler": sample["sampler"], "eta": sample["eta"], "T": diffusion["steps"]}
+    except Exception:  # noqa: BLE001 - help must always print; it then names the config keys instead
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Which checkpoint, and where the grid goes
+# ---------------------------------------------------------------------------
+
+def display_path(path):
+    """``path`` relative to the current directory when it lies below it, else absolute (for messages)."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def checkpoint_header(path):
+    """(step, recipe dict) of a training checkpoint, reading only those two entries (fast for any size)."""
+    import mindspore as ms
+    from mind_diffusion.train.checkpoint import checkpoint_config, checkpoint_step
+    try:
+        header = ms.load_checkpoint(path, choice_func=lambda name: name in ("step", "config"))
+    except Exception as err:  # MindSpore raises ValueError/RuntimeError for foreign or truncated files
+        raise ValueError(f"{display_path(path)!r} is not a readable MindSpore checkpoint "
+                         f"({err.__class__.__name__})") from None
+    return checkpoint_step(header), checkpoint_config(header)
+
+
+def run_checkpoints(runs_dir):
+    """(step, path) of every training checkpoint under ``runs_dir`` (the step read from its name)."""
+    from mind_diffusion.train.checkpoint import CHECKPOINT_PATTERN
+    found = []
+    for path in glob.glob(os.path.join(runs_dir, "**", "ckpt_*.ckpt"), recursive=True):
+        match = CHECKPOINT_PATTERN.match(os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), os.path.abspath(path)))
+    return found
+
+
+def choose_checkpoint(explicit=None, runs_dir=RUNS_DIR, shipped=SHIPPED_CHECKPOINT):
+    """The checkpoint to sample from and why (:class:`CheckpointChoice`).
+
+    ``--ckpt`` when given (a run folder means its newest checkpoint). Otherwise the
+    shipped demo model, unless a run under ``runs_dir`` has a checkpoint with at
+    least as many training steps as the shipped model; then the most recently
+    written such checkpoint. Without a shipped model, the newest run checkpoint.
+
+    :raises FileNotFoundError: naming what is missing and what to do.
+    """
+    if explicit:
+        path = input_path(explicit)
+        if os.path.isdir(path):
+            steps = sorted(run_checkpoints(path))
+            if not steps:
+                raise FileNotFoundError(f"--ckpt {explicit}: the folder holds no ckpt_<step>.ckpt checkpoint")
+            return CheckpointChoice(steps[-1][1], f"the newest checkpoint of the run folder {explicit}")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--ckpt {explicit}: no such file ({path})")
+        return CheckpointChoice(path, "given with --ckpt")
+
+    runs = run_checkpoints(runs_dir)
+    newest = max(runs, key=lambda item: os.path.getmtime(item[1]), default=None)
+    if not os.path.exists(shipped):
+        if newest is None:
+            raise FileNotFoundError(f"no checkpoint: none under ./{runs_dir}/ and no shipped {display_path(shipped)}; "
+                                    "train one with `bash run_train.sh`, or pass --ckpt PATH")
+        return CheckpointChoice(newest[1], f"the newest checkpoint under ./{runs_dir}/ "
+                                           f"({newest[0]} steps; no shipped demo model)")
+    if newest is None:
+        return CheckpointChoice(shipped, f"the shipped demo model; no training checkpoint under ./{runs_dir}/")
+    shipped_steps, _ = checkpoint_header(shipped)
+    trained = [item for item in runs if item[0] >= shipped_steps]
+    if trained:
+        steps, path = max(trained, key=lambda item: os.path.getmtime(item[1]))
+        return CheckpointChoice(path, f"the newest run checkpoint trained at least as long as the shipped demo "
+                                      f"model ({steps} >= {shipped_steps} steps); "
+                                      f"--ckpt {display_path(shipped)} samples the shipped one")
+    steps, path = newest
+    return CheckpointChoice(shipped, f"the shipped demo model ({shipped_steps} training steps); the newest run "
+                                     f"checkpoint {display_path(path)} has only {steps}: "
+                                     f"pass --ckpt {display_path(path)} to sample from it")
 
 
 def find_checkpoint(explicit=None):
-    """--ckpt, else the newest training checkpoint under runs/, else the shipped demo checkpoint."""
-    if explicit:
-        return explicit
-    found = glob.glob(os.path.join("runs", "**", "ckpt_*.ckpt"), recursive=True)
-    found = [p for p in found if re.match(r"^ckpt_\d{8}\.ckpt$", os.path.basename(p))]
-    if found:
-        return max(found, key=os.path.getmtime)
-    if os.path.exists(SHIPPED_CHECKPOINT):
-        return SHIPPED_CHECKPOINT
-    raise FileNotFoundError("no checkpoint found: train one with `bash run_train.sh`, or pass --ckpt PATH")
+    """Path of the checkpoint :func:`choose_checkpoint` picks (for the benchmarks)."""
+    return choose_checkpoint(explicit).path
+
+
+def check_output_folder(out):
+    """Absolute path of the --out folder, after making sure a file can be created there; ValueError if not.
+
+    Checked before any sampling, so an unwritable folder costs nothing. Nothing is
+    created: the probe is a temporary file in the folder, or in its nearest existing
+    parent when the folder does not exist yet (it is made when the grid is written).
+    """
+    folder = output_path(out)
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out {out}: {display_path(existing)} is a file, not a folder")
+    probe = os.path.join(existing, f".write_test_{os.getpid()}")
+    try:
+        with open(probe, "xb"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot write in {display_path(existing)} ({err.strerror}); "
+                         "choose another folder with --out DIR") from None
+    return folder
 
 
 def slug(text, limit=40):
+    """A file-name-safe beginning of ``text`` (letters, digits and _ of any script), or "samples"."""
     cleaned = re.sub(r"[^\w]+", "_", text or "", flags=re.UNICODE).strip("_")
     return cleaned[:limit] or "samples"
 
 
+def file_identity(path):
+    """What tells one file from another cheaply: its real path, size and modification time."""
+    if path is None:
+        return None
+    stat = os.stat(path)
+    return [os.path.realpath(path), stat.st_size, stat.st_mtime_ns]
+
+
+def grid_name(args, checkpoint, settings):
+    """``<prompt or labels>_s<scale>_<sampler><steps>_seed<seed>_<hash>.png``.
+
+    The readable part is short; the 10-hex-digit hash covers the full prompt, the
+    labels, the checkpoint file, the low-res image and every sampling setting, so
+    two requests that could give different pictures never share a name.
+    """
+    if args.prompt is not None:
+        subject = slug(args.prompt)
+    elif args.label:
+        subject = "label_" + "_".join(map(str, args.label[:8]))
+    else:
+        subject = "samples"
+    identity = {"prompt": args.prompt, "labels": args.label, "checkpoint": file_identity(checkpoint),
+                "low_res": file_identity(args.low_res), "ema_rate": args.ema_rate, "raw": args.raw,
+                "n": args.n, "batch": settings["batch_size"], "seed": args.seed, "sampler": settings["sampler"],
+                "steps": settings["steps"], "eta": settings["eta"], "scale": settings["guidance_scale"]}
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+    return (f"{subject}_s{settings['guidance_scale']:g}_{settings['sampler']}{settings['steps']}"
+            f"_seed{args.seed}_{digest[:10]}.png")
+
+
+def shorten(text, limit=ECHO_LIMIT):
+    """``text`` as repeated in a message: whole when short, else its beginning and its length."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
 def main(argv=None):
-    args = parse_args(argv)
+    parser, args = parse_args(argv)
     try:
-        path = find_checkpoint(args.ckpt)
-    except FileNotFoundError as err:
+        out_dir = check_output_folder(args.out)
+        choice = choose_checkpoint(args.ckpt)
+        low_res_path = input_path(args.low_res) if args.low_res else None
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    args.low_res = low_res_path
+    print(f"checkpoint: {display_path(choice.path)} ({choice.reason})", flush=True)
 
     import mindspore as ms
     from mindspore import Tensor
     from mind_diffusion.cli.factory import build_diffusion, build_model
-    from mind_diffusion.device import pick_device
     from mind_diffusion.config import ConfigError, config_from_dict
+    from mind_diffusion.device import device_id, pick_device
     from mind_diffusion.generate import ImageGenerator
     from mind_diffusion.imaging import save_grid, to_uint8
     from mind_diffusion.train.checkpoint import checkpoint_config, model_weights, read_checkpoint, restore_state
 
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device(pick_device(args.device))
     try:
-        checkpoint = read_checkpoint(path)
+        target = pick_device(args.device)
+        ms.set_context(mode=ms.GRAPH_MODE)
+        chosen_id = device_id(args.device_id, target)
+        if chosen_id is None:
+            ms.set_device(target)  # MindSpore's default device (0)
+        else:
+            ms.set_device(target, chosen_id)
+        checkpoint = read_checkpoint(choice.path)
         raw_config = checkpoint_config(checkpoint)
         if raw_config is None:
-            raise ValueError(f"{path!r} carries no recipe; it is not a mind_diffusion training checkpoint "
-                             "(convert OpenAI checkpoints with `python -m mind_diffusion.convert`)")
+            raise ValueError(f"{display_path(choice.path)!r} carries no recipe; it is not a mind_diffusion training "
+                             "checkpoint (convert OpenAI checkpoints with `python -m mind_diffusion.convert`)")
         config = config_from_dict(raw_config)
     except (ValueError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    settings = sampling_settings(parser, args, config)
+    problem = check_request(args, config)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+
     model, tokenizer = build_model(config.model)
     try:
         weights = model_weights(checkpoint, args.ema_rate, args.raw)
-        restore_state(dict(model.parameters_and_names()), {k: Tensor(v.asnumpy()) for k, v in weights.items()}, path)
+        restore_state(dict(model.parameters_and_names()), {k: Tensor(v.asnumpy()) for k, v in weights.items()},
+                      choice.path)
     except (KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    problem = check_request(args, config, tokenizer)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    sample = config.sample
-    scale = sample.guidance_scale if args.scale is None else args.scale
     image_shape = (config.model.in_channels, config.model.image_size, config.model.image_size)
     generator = ImageGenerator(model, build_diffusion(config.diffusion, config.model), image_shape, tokenizer,
                                config.model.num_classes if config.model.class_cond else 0,
@@ -127,30 +383,51 @@ def main(argv=None):
             print(f"error: --low-res: {err}", file=sys.stderr)
             return 2
         low_res = transforms.to_model_input(image)[None]
+
+    shown = set()
+    note = prompt_note(tokenizer, args.prompt, shown) if tokenizer is not None else None
+    if note:
+        print(note, file=sys.stderr)
     started = time.perf_counter()
-    images = generator.sample(args.n, prompts=[args.prompt] if tokenizer else None, labels=args.label,
-                              sampler=args.sampler or sample.sampler, steps=args.steps or sample.steps,
-                              eta=sample.eta if args.eta is None else args.eta, guidance_scale=scale,
-                              batch_size=min(args.batch, args.n), seed=args.seed,
-                              clip_denoised=sample.clip_denoised, progress=True, low_res=low_res)
+    with short_warnings(shown):
+        images = generator.sample(args.n, prompts=[args.prompt] if tokenizer else None, labels=args.label,
+                                  seed=args.seed, clip_denoised=config.sample.clip_denoised, progress=True,
+                                  low_res=low_res, **settings)
     elapsed = time.perf_counter() - started
-    name = f"{slug(args.prompt) if args.prompt else 'label_' + '_'.join(map(str, args.label or [])) or 'samples'}"
-    out = save_grid(to_uint8(images), os.path.join(args.out, f"{name}_s{scale:g}_seed{args.seed}.png"),
-                    scale=max(1, 128 // config.model.image_size))
-    print(f"checkpoint: {path}")
-    print(f"{args.n} images in {elapsed:.1f} s")
+    out = save_grid(to_uint8(images), os.path.join(out_dir, grid_name(args, choice.path, settings)),
+                    scale=max(1, 128 // config.model.image_size), overwrite=False)
+    print(f"{args.n} images in {elapsed:.1f} s ({settings['sampler']}, {settings['steps']} steps, "
+          f"scale {settings['guidance_scale']:g})")
     print(out)
     return 0
 
 
-def check_request(args, config, tokenizer):
+def sampling_settings(parser, args, config):
+    """The sampler, steps, η, guidance scale and batch size: the options given, else the checkpoint's recipe.
+
+    Exits through ``parser.error`` (status 2) when --steps exceeds the trained T.
+    """
+    sample, total = config.sample, config.diffusion.steps
+    steps = sample.steps if args.steps is None else args.steps
+    if steps > total:
+        parser.error(f"argument --steps: {steps} is more than this checkpoint's diffusion.steps; "
+                     f"give {MIN_SAMPLING_STEPS}..{total}")
+    return {"sampler": args.sampler or sample.sampler, "steps": steps,
+            "eta": sample.eta if args.eta is None else args.eta,
+            "guidance_scale": sample.guidance_scale if args.scale is None else args.scale,
+            "batch_size": min(args.batch, args.n)}
+
+
+def check_request(args, config):
     """A message when the prompt/label/low-res image do not fit the checkpoint's kind of model, else None."""
-    if config.model.low_res_size and not args.low_res:
-        return (f"this is a super-resolution checkpoint ({config.model.low_res_size} → {config.model.image_size} px): "
+    model = config.model
+    text_model = model.arch in ("glide", "glide_upsample")
+    if model.low_res_size and not args.low_res:
+        return (f"this is a super-resolution checkpoint ({model.low_res_size} → {model.image_size} px): "
                 "give the image to enlarge with --low-res IMAGE")
-    if args.low_res and not config.model.low_res_size:
+    if args.low_res and not model.low_res_size:
         return "--low-res is for super-resolution (glide_upsample) checkpoints; this one generates from scratch"
-    if tokenizer is not None:
+    if text_model:
         if args.prompt is None or not args.prompt.strip():
             return ("this is a text-to-image checkpoint: give a non-empty prompt, e.g. "
                     "run_infer.sh \"a red circle on a blue background\" or \"蓝色背景上的红色圆形\" "
@@ -159,11 +436,50 @@ def check_request(args, config, tokenizer):
             return "--label is for class-conditional checkpoints; this one takes a text prompt"
         return None
     if args.prompt:
-        kind = "class-conditional (use --label)" if config.model.class_cond else "unconditional (no prompt)"
-        return f"this checkpoint is {kind}; it cannot follow the prompt {args.prompt!r}"
-    if config.model.class_cond and not args.label:
-        return f"this is a class-conditional checkpoint ({config.model.num_classes} classes): give --label N"
+        kind = "class-conditional (use --label)" if model.class_cond else "unconditional (no prompt)"
+        return f"this checkpoint is {kind}; it cannot follow the prompt {shorten(args.prompt)!r}"
+    if model.class_cond:
+        if not args.label:
+            return f"this is a class-conditional checkpoint ({model.num_classes} classes): give --label N"
+        wrong = [label for label in args.label if label >= model.num_classes]
+        if wrong:
+            return f"--label {wrong[0]}: this checkpoint has {model.num_classes} classes, 0..{model.num_classes - 1}"
+    elif args.label:
+        return "--label is for class-conditional checkpoints; this one is unconditional"
     return None
+
+
+@contextlib.contextmanager
+def short_warnings(seen):
+    """Show each warning raised inside the block once per run (``seen`` holds those shown), cut to a readable length.
+
+    Without this, a 20,000-character prompt is echoed whole by the tokenizer's
+    "prompt too long" warning, once per batch.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        text = str(warning.message)
+        if text not in seen:
+            seen.add(text)
+            print(f"warning: {shorten(text, 300)}", file=sys.stderr)
+
+
+def prompt_note(tokenizer, prompt, seen):
+    """A short note when the model reads only part of ``prompt`` (its text context is full), else None.
+
+    The tokenizer's own warnings about it are added to ``seen``, so that sampling does not repeat them.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokens, _ = tokenizer([prompt])
+    if not caught:
+        return None
+    seen.update(str(warning.message) for warning in caught)
+    kept = tokenizer.decode(tokens[0])
+    return (f"note: the prompt is {len(prompt)} characters, more than this model's text context "
+            f"(text_ctx={tokenizer.text_ctx} tokens) holds; it reads only {shorten(kept)!r}")
 
 
 if __name__ == "__main__":
