@@ -1,8 +1,21 @@
 #!/usr/bin/env bash
 # The project's test command: pytest on the CPU backend in GRAPH_MODE.
 # Usage: bash run_tests.sh [pytest args...]   (default: the whole tests/ folder)
+# Runs in the repository root, so test paths are the repository's (tests/test_x.py). pytest is needed
+# only here: it is installed into the project's .venv when missing there; any other Python
+# (a cluster image's, an activated environment) is left as it is, with the command to run.
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/env.sh
+if ! "$PY" -c 'import pytest' >/dev/null 2>&1; then
+  if [ "$("$PY" -c 'import sys; print(sys.prefix)')" = "$(pwd)/.venv" ]; then  # the venv env.sh made
+    pin="$(sed -n 's/^pytest==/pytest==/p' requirements.txt)"
+    echo "[mind_diffusion] installing ${pin:-pytest} into .venv for the tests" >&2
+    "$PY" -m pip install --quiet --disable-pip-version-check "${pin:-pytest}"
+  else
+    echo "error: pytest is not installed for $PY; install it there: $PY -m pip install pytest" >&2
+    exit 2
+  fi
+fi
 [ $# -gt 0 ] || set -- tests
 exec "$PY" -m pytest -q "$@"
