@@ -1,7 +1,8 @@
 """Our diffusion core against openai/improved-diffusion's own outputs (tests/fixtures).
 
 Every array of the fixture is reproduced in GRAPH_MODE: schedules to 1e-12
-(float64), tensors to a relative error of 1e-5.
+(float64), tensors to the relative errors below, each a small multiple of the
+error measured here (MindSpore 2.10, CPU).
 """
 import numpy as np
 import pytest
@@ -15,8 +16,14 @@ from mind_diffusion.sampling import DDIMSampler, DDPMSampler
 
 CASES = {"cosine_1000": "", "cosine_r50": "50", "cosine_ddim50": "ddim50"}
 
+# Max relative error per example (see assert_close):
+RTOL = 1e-6  # float32 arithmetic like the reference's: measured ≤ 4.6e-7 (vb_terms_bpd), most outputs exact
+RTOL_EXP = 1e-5  # a learned Σ = exp(log Σ) with MindSpore's float32 CPU exp: measured 5.2e-6
+RTOL_DDIM_NOISE = 1e-5  # DDIM η = 1 at T = 1000, where √(1 − ᾱ_{t−1} − σ²) cancels: measured 3.9e-6
+RTOL_LOOP = 5e-6  # 50 chained sampling steps: measured 2.2e-6 (DDIM η = 0 on "ddim50")
 
-def assert_close(ours, ref, rtol=1e-5):
+
+def assert_close(ours, ref, rtol=RTOL):
     """Max relative error ≤ rtol, measured per example: max |ours − ref| / max |ref| over each example's values.
 
     Per example because one batch mixes t = 0 (values ~1e-5) with t = T−1
@@ -75,7 +82,7 @@ def test_schedule_arrays(ref, name):
         if key == "timestep_map":
             np.testing.assert_array_equal(ours, ref[prefix + key])
         else:
-            np.testing.assert_allclose(ours, ref[prefix + key], rtol=1e-12, atol=0, err_msg=key)
+            np.testing.assert_allclose(ours, ref[prefix + key], rtol=1e-12, atol=0, err_msg=key)  # measured 2.7e-13
 
 
 # ----------------------------------------------------------- process tensors
@@ -108,7 +115,8 @@ def test_p_mean_variance(case, ref, x_name, clip):
     out = run(diffusion, "p_mean_variance_from_output", ref["inputs/model_out"], x, t,
               clip_denoised=bool(clip))
     for value, key in zip(out, ["mean", "variance", "log_variance", "pred_xstart"]):
-        assert_close(value, ref[f"{name}/p_mean_variance/{x_name}/clip{clip}/{key}"])
+        assert_close(value, ref[f"{name}/p_mean_variance/{x_name}/clip{clip}/{key}"],
+                     RTOL_EXP if key == "variance" else RTOL)
 
 
 @pytest.mark.parametrize("variant,overrides,channels", [
@@ -122,7 +130,9 @@ def test_variants(case, ref, variant, overrides, channels):
     model_out = ref["inputs/model_out"][:, :channels]
     out = run(diffusion, "p_mean_variance_from_output", model_out, x_t, t, clip_denoised=True)
     for value, key in zip(out, ["mean", "variance", "log_variance", "pred_xstart"]):
-        assert_close(value, ref[f"{name}/{variant}/p_mean_variance/{key}"])
+        learned = channels == 6
+        assert_close(value, ref[f"{name}/{variant}/p_mean_variance/{key}"],
+                     RTOL_EXP if key == "variance" and learned else RTOL)
     losses_out = run(diffusion, "training_losses_from_output", model_out, ref["inputs/x_start"], x_t, t,
                      ref["inputs/noise"])
     keys = ["loss", "mse", "vb"] if variant == "predict_xstart" else ["loss"]
@@ -192,7 +202,7 @@ def test_single_sampling_steps(case, ref):
     for eta in (0, 1):
         sample, pred = run(diffusion, "ddim_sample_from_output", model_out, x, t, noise,
                            eta=float(eta), clip_denoised=True)
-        assert_close(sample, ref[f"{name}/ddim_sample/eta{eta}/sample"])
+        assert_close(sample, ref[f"{name}/ddim_sample/eta{eta}/sample"], RTOL_DDIM_NOISE if eta else RTOL)
         assert_close(pred, ref[f"{name}/ddim_sample/eta{eta}/pred_xstart"])
 
 
@@ -233,10 +243,10 @@ def test_approx_standard_normal_cdf_and_mean_flat(ref):
     assert_close(_graph(losses.approx_standard_normal_cdf, ref["losses/cdf_inputs"]),
                  ref["losses/approx_standard_normal_cdf"])
     # A mean of ±1 values nearly cancels, so float32 summation order alone moves it by ~1e-7 of the
-    # values' size: compare at the scale of what was summed.
+    # values' size: compare at the scale of what was summed (measured 1.7e-8 of it).
     ours = _graph(losses.mean_flat, ref["inputs/model_out"])
     scale = np.abs(ref["inputs/model_out"]).mean()
-    assert np.abs(ours - ref["losses/mean_flat_of_model_out"]).max() <= 1e-5 * scale
+    assert np.abs(ours - ref["losses/mean_flat_of_model_out"]).max() <= 1e-7 * scale
 
 
 # --------------------------------------------------------------- whole loops
@@ -263,8 +273,8 @@ def test_sampling_loops(ref, name):
     x_T, noises = ref["loop/x_T"], ref["loop/step_noises"]
     shape = x_T.shape
     out = DDPMSampler(diffusion, model).sample(shape, x_T=x_T, noises=noises)
-    assert_close(out.asnumpy(), ref[f"loop/{name}/p_sample_loop"])
+    assert_close(out.asnumpy(), ref[f"loop/{name}/p_sample_loop"], RTOL_LOOP)
     out = DDIMSampler(diffusion, model, eta=0.0).sample(shape, x_T=x_T)
-    assert_close(out.asnumpy(), ref[f"loop/{name}/ddim_sample_loop_eta0"])
+    assert_close(out.asnumpy(), ref[f"loop/{name}/ddim_sample_loop_eta0"], RTOL_LOOP)
     out = DDIMSampler(diffusion, model, eta=1.0).sample(shape, x_T=x_T, noises=noises)
-    assert_close(out.asnumpy(), ref[f"loop/{name}/ddim_sample_loop_eta1"])
+    assert_close(out.asnumpy(), ref[f"loop/{name}/ddim_sample_loop_eta1"], RTOL_LOOP)
