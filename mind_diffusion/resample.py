@@ -35,8 +35,11 @@ class ScheduleSampler(nn.Cell):
         weights = 1.0 / (self.num_timesteps * ops.gather(probs, t, 0))
         return t, weights
 
-    def update(self, t, losses):
-        """Record per-example losses at their timesteps (no-op for non-adaptive samplers)."""
+    def update(self, t, losses, apply=None):
+        """Record per-example losses at their timesteps (no-op for non-adaptive samplers).
+
+        A false ``apply`` tensor (a skipped train step) records nothing.
+        """
         return t
 
 
@@ -82,7 +85,7 @@ class LossSecondMomentResampler(ScheduleSampler):
         warmed_up = (self.loss_counts >= self.history_per_term).all()
         return ops.where(warmed_up, probs, uniform)
 
-    def update(self, t, losses):
+    def update(self, t, losses, apply=None):
         """Append each example's loss to its timestep's history, oldest dropped when full.
 
         Examples are taken in order, so repeated timesteps in one batch are
@@ -93,7 +96,8 @@ class LossSecondMomentResampler(ScheduleSampler):
         last min(n, H) of the n losses seen at its t, oldest first. With c ≤ H
         stored and m new ones, the new row's slot s holds element s + max(0, c + m − H)
         of (stored losses, then the new ones in batch order); every example computes
-        its t's new row, and the examples sharing a t write the same row.
+        its t's new row, and the examples sharing a t write the same row. A false ``apply``
+        tensor (a skipped train step) writes every row back unchanged.
         """
         size = self.history_per_term
         t = t.reshape(-1)
@@ -116,8 +120,11 @@ class LossSecondMomentResampler(ScheduleSampler):
         count_column = count.reshape(-1, 1)
         value = ops.where(element < count_column, stored,
                           ops.where(element < total.reshape(-1, 1), fresh, row))
+        counts = ops.minimum(total, size)
+        if apply is not None:
+            value, counts = ops.select(apply, value, row), ops.select(apply, counts, count)
         ops.scatter_update(self.loss_history, t, value)
-        ops.scatter_update(self.loss_counts, t, ops.minimum(total, size))
+        ops.scatter_update(self.loss_counts, t, counts)
         return t
 
 

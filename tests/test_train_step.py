@@ -1,4 +1,6 @@
 """The compiled train step's parts against hand computations: EMA, warm-up, clipping, loss scaling, skips."""
+import json
+
 import numpy as np
 import pytest
 import mindspore as ms
@@ -6,8 +8,8 @@ from mindspore import nn, ops
 
 from mind_diffusion.gaussian_diffusion import create_diffusion
 from mind_diffusion.resample import UniformSampler
-from mind_diffusion.train.step import EMA, DiffusionLoss, TrainStep, WarmupLR, ema_rates, ema_state
-from mind_diffusion.train.trainer import _trailing_false, step_randomness
+from mind_diffusion.train.step import EMA, AdamW, DiffusionLoss, TrainStep, WarmupLR, ema_rates, ema_state
+from mind_diffusion.data.pipeline import sample_randomness
 
 
 class Toy(nn.Cell):
@@ -30,15 +32,15 @@ def make_step(model, lr=0.1, warmup=0, clip=0.0, loss_scale=0.0, rates=(0.9,)):
     diffusion = create_diffusion(30, "cosine")
     loss_net = DiffusionLoss(model, diffusion, UniformSampler(30))
     named = [(n, p) for n, p in model.parameters_and_names()]
-    optimizer = nn.AdamWeightDecay([p for _, p in named], learning_rate=WarmupLR(lr, warmup), eps=1e-8,
-                                   weight_decay=0.0)
+    optimizer = AdamW(named, WarmupLR(lr, warmup), eps=1e-8, weight_decay=0.0)
     return TrainStep(loss_net, optimizer, EMA(named, rates), grad_clip=clip, loss_scale=loss_scale), diffusion
 
 
 def batch(seed=0):
     rng = np.random.default_rng(seed)
     x = rng.uniform(-1, 1, (4, 3, 4, 4)).astype(np.float32)
-    u, noise = step_randomness(0, 0, seed, 4, (3, 4, 4))
+    draws = [sample_randomness(0, 0, 4 * seed + j, (3, 4, 4)) for j in range(4)]
+    u, noise = np.stack([d[0] for d in draws]), np.stack([d[1] for d in draws])
     return ms.Tensor(x), ms.Tensor(u), ms.Tensor(noise)
 
 
@@ -118,37 +120,36 @@ def test_ema_names_and_helpers():
         EMA(list(model.parameters_and_names()), [1.0])
 
 
-def test_step_randomness_is_counter_based():
-    a = step_randomness(3, 0, 10, 2, (1, 2, 2))
-    b = step_randomness(3, 0, 10, 2, (1, 2, 2))
-    c = step_randomness(3, 1, 10, 2, (1, 2, 2))
+def test_sample_randomness_is_counter_based():
+    a = sample_randomness(3, 0, 10, (1, 2, 2))
+    b = sample_randomness(3, 0, 10, (1, 2, 2))
+    c = sample_randomness(3, 1, 10, (1, 2, 2))
+    d = sample_randomness(3, 0, 11, (1, 2, 2))
     np.testing.assert_array_equal(a[1], b[1])
-    assert not np.array_equal(a[1], c[1])
+    assert a[0] == b[0] and 0.0 <= float(a[0]) < 1.0
+    assert not np.array_equal(a[1], c[1]) and not np.array_equal(a[1], d[1])
 
 
-def test_nonfinite_streak():
-    assert _trailing_false(np.array([True, False, False]), 0) == 2
-    assert _trailing_false(np.array([False, False]), 5) == 7
-    assert _trailing_false(np.array([False, True]), 5) == 0
-
-
-def test_persistent_nan_stops_with_the_last_good_checkpoint(tmp_path):
-    """Every step skipped (a NaN weight) → TrainingDiverged naming the newest checkpoint on disk."""
+def test_divergence_writes_no_checkpoint_and_names_one_from_before_it(tmp_path):
+    """lr = 1e6: Adam's first step moves every weight by 1e6, the loss explodes and then turns NaN.
+    The stop names the checkpoint saved before the explosion, and none is written after it."""
     from mind_diffusion.cli.factory import build_diffusion, build_model
     from mind_diffusion.config import load_config
+    from mind_diffusion.train.checkpoint import list_checkpoints, read_checkpoint
     from mind_diffusion.train.trainer import MAX_NONFINITE_STREAK, Trainer, TrainingDiverged
 
-    steps = MAX_NONFINITE_STREAK + 5
-    config = load_config("configs/tiny.yaml", [f"train.total_steps={steps}", "train.save_every=1000",
-                                               "train.log_every=5"])
+    config = load_config("configs/tiny.yaml", [f"train.total_steps={MAX_NONFINITE_STREAK + 10}", "train.lr=1e6",
+                                               "train.save_every=1", "train.log_every=1", "train.warmup_steps=0"])
     model, tokenizer = build_model(config.model)
     trainer = Trainer(config, model, build_diffusion(config.diffusion, config.model), str(tmp_path),
                       tokenizer=tokenizer)
-    trainer.save(3)  # a "last good" checkpoint
-    weight = dict(model.parameters_and_names())["out.2.bias"]
-    weight.set_data(ms.Tensor(np.full(weight.shape, np.nan, np.float32)))
-    with pytest.raises(TrainingDiverged, match="ckpt_00000003.ckpt"):
+    with pytest.raises(TrainingDiverged, match="ckpt_00000001.ckpt"):
         trainer.fit(progress=False)
+    assert [step for step, _ in list_checkpoints(str(tmp_path))] == [1]
+    weights = read_checkpoint(str(tmp_path / "ckpt_00000001.ckpt"))
+    assert all(np.isfinite(v.asnumpy()).all() for k, v in weights.items() if k.startswith("model."))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl", encoding="utf-8")]
+    assert records[0]["skipped_steps"] == 0 and records[-1]["nonfinite_streak"] >= MAX_NONFINITE_STREAK
 
 
 def test_resume_refuses_a_checkpoint_of_other_network_or_diffusion_settings():

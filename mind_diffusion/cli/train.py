@@ -35,6 +35,9 @@ def parse_args(argv=None):
                         help="continue a run: from PATH, or (no PATH) from the newest checkpoint in its folder")
     parser.add_argument("--run-dir", default=None,
                         help="folder for this run (default: <train.out_dir>/<name>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a run folder that holds an earlier run, deleting its checkpoints, "
+                             "metrics and samples (without it such a folder is refused; use --resume to continue)")
     parser.add_argument("--device", default=None, choices=["CPU", "Ascend", "GPU"],
                         help="backend (default: Ascend when available, else CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -43,7 +46,8 @@ def parse_args(argv=None):
 
 def setup_distributed():
     """Join the msrun worker group when there is one; returns (rank, world_size)."""
-    world = int(os.environ.get("MS_WORKER_NUM", "1"))
+    # msrun sets MS_WORKER_NUM; a rank-table start (docs/ASCEND.md) sets RANK_SIZE instead
+    world = int(os.environ.get("MS_WORKER_NUM") or os.environ.get("RANK_SIZE") or 1)
     if world <= 1:
         return 0, 1
     import mindspore as ms
@@ -56,16 +60,22 @@ def setup_distributed():
 def main(argv=None):
     args = parse_args(argv)
     from mind_diffusion.config import ConfigError, load_config
+    from mind_diffusion.paths import input_path, output_path
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(input_path(args.config), args.overrides)
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
     import mindspore as ms
-    from mind_diffusion.device import pick_device
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device(pick_device(args.device))
+    from mind_diffusion.device import jit_level_for, pick_device
+    target = pick_device(args.device)
+    ms.set_context(mode=ms.GRAPH_MODE, jit_config={"jit_level": jit_level_for(config, target)})
+    # msrun assigns device ids itself; a process started from a rank table is told its DEVICE_ID
+    if os.environ.get("RANK_TABLE_FILE"):
+        ms.set_device(target, int(os.environ["DEVICE_ID"]))
+    else:
+        ms.set_device(target)
     rank, world_size = setup_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
@@ -74,12 +84,13 @@ def main(argv=None):
     from mind_diffusion.cli.factory import build_diffusion, build_model
     from mind_diffusion.generate import ImageGenerator
     from mind_diffusion.imaging import save_grid, to_uint8
-    from mind_diffusion.train.trainer import Trainer, TrainingDiverged, log_model_summary
+    from mind_diffusion.train.trainer import RunFolderInUse, Trainer, TrainingDiverged, log_model_summary
 
     model, tokenizer = build_model(config.model)
     diffusion = build_diffusion(config.diffusion, config.model)
     log_model_summary(model)
-    run_dir = args.run_dir or os.path.join(config.train.out_dir, config.name)
+    run_dir = output_path(args.run_dir or os.path.join(config.train.out_dir, config.name))
+    resume = args.resume if args.resume in (None, "auto") else input_path(args.resume)
 
     sampling_model, _ = build_model(config.model)
     image_shape = (config.model.in_channels, config.model.image_size, config.model.image_size)
@@ -88,7 +99,8 @@ def main(argv=None):
                                low_res_size=config.model.low_res_size)
     prompts, labels, low_res = default_conditions(config)
 
-    def sample_grid(ema_state, step):
+    def sample_grid(ema_state, step, write):
+        # Every rank samples (the same grid), so none waits in a collective while rank 0 does; one writes.
         own = dict(sampling_model.parameters_and_names())
         for name, param in ema_state.items():
             own[name].set_data(param.value())
@@ -97,14 +109,16 @@ def main(argv=None):
                                   steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale,
                                   batch_size=min(s.batch_size, s.num_samples), seed=config.seed,
                                   clip_denoised=s.clip_denoised, low_res=low_res)
+        if not write:
+            return None
         return save_grid(to_uint8(images), os.path.join(run_dir, "samples", f"step_{step:08d}.png"),
                          scale=max(1, 128 // config.model.image_size))
 
     trainer = Trainer(config, model, diffusion, run_dir, tokenizer=tokenizer, sample_fn=sample_grid,
                       rank=rank, world_size=world_size)
     try:
-        final = trainer.fit(resume=args.resume, progress=not args.no_progress)
-    except (TrainingDiverged, ValueError, FileNotFoundError) as err:
+        final = trainer.fit(resume=resume, progress=not args.no_progress, overwrite=args.overwrite)
+    except (TrainingDiverged, RunFolderInUse, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if rank == 0:

@@ -11,11 +11,18 @@ and a run resumed at step ``t`` starts at sample ``t·B`` with no need to replay
 Random flips and caption dropout are drawn from ``(seed, epoch, item)``, so
 they too are the same whichever worker decodes the item and whenever.
 
-MindSpore. Each span of ``CHUNK_BATCHES`` batches is a
-``mindspore.dataset.GeneratorDataset`` over a random-access source, fed by a
-sampler that lists that span's sample numbers, decoded by
-``data.num_workers`` threads (or processes with
-``data.python_multiprocessing``), and batched with ``drop_remainder``.
+Training randomness. With ``noise_shape`` the stream also carries the
+diffusion's draws for each sample: ``u`` (the uniform draw that picks t) and
+``noise`` (ε), from a generator keyed by ``(seed, rank, sample)`` alone
+(:func:`sample_randomness`). They are columns like the images, so the train
+step needs no host arrays of its own, a resumed run draws exactly what the
+uninterrupted run drew, and the whole input can sink to the device.
+
+MindSpore. A run reads ONE ``mindspore.dataset.GeneratorDataset`` over a
+random-access source, fed by a sampler that lists this run's sample numbers
+lazily, decoded by ``data.num_workers`` threads (or processes with
+``data.python_multiprocessing``), and batched with ``drop_remainder``; the
+same dataset feeds the host loop (CPU) or ``ms.data_sink`` (Ascend).
 MindSpore's own ``num_shards``/``shard_id`` sharding reshuffles from an
 internal seed each epoch and can only resume by replaying; the arithmetic
 above gives the same disjoint per-rank shards and resumes exactly.
@@ -34,8 +41,8 @@ from mind_diffusion.data import captions, demo, folder, transforms
 
 logger = logging.getLogger("mind_diffusion.data")
 
-CHUNK_BATCHES = 64         # batches per GeneratorDataset; bounds the sampler's index list
 REPORTED_PATHS = 5         # unreadable paths named in the log line
+ENDLESS_BATCHES = 1 << 40  # the sample count of a stream with no end step
 
 
 class _ImageItems:
@@ -81,16 +88,29 @@ def _items_for(data_cfg):
     return _ImageItems(paths, texts, [0] * len(paths), data_cfg.image_size), None
 
 
+def sample_randomness(seed, rank, sample, shape):
+    """The diffusion's draws for one training sample: (u ∈ [0, 1) picking t, ε ~ N(0, I) of ``shape``).
+
+    Counter-based: a function of (seed, rank, sample number) alone, whichever
+    worker computes it and whenever, so resumed and uninterrupted runs agree and
+    ranks draw independently.
+    """
+    rng = np.random.default_rng([seed, rank, sample, 0x6E6F6973])  # "nois"
+    u = np.array(rng.random(dtype=np.float32), np.float32)
+    return u, rng.standard_normal(tuple(shape), dtype=np.float32)
+
+
 class _SampleSource:
     """Random-access source for GeneratorDataset: sample number → one row of columns."""
 
     def __init__(self, items, seed, rank, world_size, random_flip, caption_dropout,
-                 tokenizer, with_labels):
+                 tokenizer, with_labels, noise_shape=None, low_res_size=None):
         self.items, self.seed = items, seed
         self.rank, self.world_size = rank, world_size
         self.per_shard = len(items) // world_size
         self.random_flip, self.caption_dropout = random_flip, caption_dropout
         self.tokenizer, self.with_labels = tokenizer, with_labels
+        self.noise_shape, self.low_res_size = noise_shape, low_res_size
 
     def __len__(self):
         return len(self.items)
@@ -128,6 +148,10 @@ class _SampleSource:
         # which NumPy 2 refuses for scalars.
         row = [transforms.to_model_input(image), np.array(loaded, np.int32),
                np.array(skipped, np.int32)]
+        if self.noise_shape is not None:
+            row += sample_randomness(self.seed, self.rank, int(sample), self.noise_shape)
+        if self.low_res_size:
+            row.append(transforms.box_downsample(row[0], self.low_res_size))
         if self.with_labels:
             row.append(np.array(label, np.int32))
         if self.tokenizer is not None:
@@ -157,21 +181,27 @@ class _SpanSampler:
 
 
 class BatchStream:
-    """An endless iterator of batch dicts for one rank (see the module docstring).
+    """The iterator of batch dicts of one rank for one run (see the module docstring).
 
     Each batch holds ``images`` float32 [B, 3, H, W] in [-1, 1], ``index``
-    int32 [B] (ids of the items loaded, for checks), ``labels`` int32 [B] when
+    int32 [B] (ids of the items loaded, for checks), ``u`` float32 [B] and
+    ``noise`` float32 [B, C, H, W] with a ``noise_shape``, ``low_res`` (the
+    images box-downsampled) with a ``low_res_size``, ``labels`` int32 [B] when
     ``data.class_cond``, and ``tokens`` int32 [B, L] / ``mask`` bool [B, L] when
-    a tokenizer was given.
+    a tokenizer was given. It ends after batch ``end_step`` (never without one).
     """
 
     def __init__(self, source, batch_size, start_step, num_workers, python_multiprocessing,
-                 class_names):
+                 class_names, end_step=None):
         self.source, self.batch_size = source, batch_size
-        self.start_step = start_step
+        self.start_step, self.end_step = start_step, end_step
         self.num_workers, self.python_multiprocessing = num_workers, python_multiprocessing
         self.class_names = class_names
         self.columns = ["images", "index", "skipped"]
+        if source.noise_shape is not None:
+            self.columns += ["u", "noise"]
+        if source.low_res_size:
+            self.columns.append("low_res")
         if source.with_labels:
             self.columns.append("labels")
         if source.tokenizer is not None:
@@ -189,24 +219,20 @@ class BatchStream:
         """Batches per rank per pass over its shard."""
         return self.source.per_shard // self.batch_size
 
-    def generator_dataset(self, first_sample, num_samples):
-        """The batched GeneratorDataset of this rank's samples [first, first + num)."""
+    def dataset(self):
+        """The batched GeneratorDataset of this run: batches [start_step, end_step) of this rank."""
+        batches = ENDLESS_BATCHES if self.end_step is None else self.end_step - self.start_step
         dataset = ds.GeneratorDataset(
             self.source, column_names=self.columns,
-            sampler=_SpanSampler(first_sample, num_samples),
+            sampler=_SpanSampler(self.start_step * self.batch_size, batches * self.batch_size),
             num_parallel_workers=self.num_workers,
             python_multiprocessing=self.python_multiprocessing)
         return dataset.batch(self.batch_size, drop_remainder=True)
 
     def __iter__(self):
-        span = CHUNK_BATCHES * self.batch_size
-        first = self.start_step * self.batch_size
-        while True:
-            dataset = self.generator_dataset(first, span)
-            for batch in dataset.create_dict_iterator(num_epochs=1, output_numpy=True):
-                self._note_skips(batch.pop("skipped"), batch["index"])
-                yield batch
-            first += span
+        for batch in self.dataset().create_dict_iterator(num_epochs=1, output_numpy=True):
+            self._note_skips(batch.pop("skipped"), batch["index"])
+            yield batch
 
     def _note_skips(self, skipped, indices):
         """Record the unreadable items passed over for this batch and log as counts grow."""
@@ -224,7 +250,7 @@ class BatchStream:
 
 
 def create_dataset(data_cfg, batch_size, rank=0, world_size=1, tokenizer=None, seed=0,
-                   start_step=0):
+                   start_step=0, end_step=None, noise_shape=None, low_res_size=None):
     """Build the endless batch stream of one rank.
 
     :param data_cfg: the ``data`` section of a :class:`mind_diffusion.config.Config`.
@@ -235,6 +261,9 @@ def create_dataset(data_cfg, batch_size, rank=0, world_size=1, tokenizer=None, s
     :param seed: seeds the order, flips and caption dropout (same on all ranks).
     :param start_step: batches already consumed (resume): the stream starts at
         batch ``start_step``, exactly where an uninterrupted run would be.
+    :param end_step: the stream ends before this batch (None: endless).
+    :param noise_shape: (C, H, W): add the diffusion's ``u`` and ``noise`` columns.
+    :param low_res_size: add ``low_res``, the images box-downsampled to this size (upsamplers).
     :raises FileNotFoundError, ValueError: missing/empty folder or caption file,
         a tokenizer for a source without captions, fewer items than one batch per rank.
     """
@@ -250,9 +279,10 @@ def create_dataset(data_cfg, batch_size, rank=0, world_size=1, tokenizer=None, s
                          f"fewer than one batch of {batch_size}; add data or lower "
                          "train.batch_size")
     source = _SampleSource(items, seed, rank, world_size, data_cfg.random_flip,
-                           data_cfg.caption_dropout, tokenizer, with_labels=data_cfg.class_cond)
+                           data_cfg.caption_dropout, tokenizer, with_labels=data_cfg.class_cond,
+                           noise_shape=noise_shape, low_res_size=low_res_size)
     return BatchStream(source, batch_size, start_step, data_cfg.num_workers,
-                       data_cfg.python_multiprocessing, class_names)
+                       data_cfg.python_multiprocessing, class_names, end_step=end_step)
 
 
 def preview_items(data_cfg, count):

@@ -61,19 +61,78 @@ def training_state(model, train_step):
     for name, param in sampler.parameters_and_names():
         state[f"schedule_sampler.{name}"] = param
     state["loss_scale"] = train_step.loss_scale
-    state["loss_scale_good_steps"] = train_step.good_steps
+    state["loss_scale.cur_iter"] = train_step.scale_update.cur_iter
+    state["loss_scale.last_overflow_iter"] = train_step.scale_update.last_overflow_iter
     return state
 
 
 def save_training_checkpoint(path, state, step, config_dict):
-    """Write a checkpoint atomically (temporary file + rename)."""
+    """Write a checkpoint atomically (temporary file + rename).
+
+    :param state: name → Parameter, Tensor or NumPy array.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     # MindSpore appends ".ckpt" to names without it; "partial_" keeps it out of list_checkpoints.
     tmp = os.path.join(folder, f"partial_{os.path.basename(path)}")
-    params = [{"name": name, "data": param} for name, param in state.items()]
-    ms.save_checkpoint(params, tmp, append_dict={"step": int(step), "config": json.dumps(config_dict)})
-    os.replace(tmp, path)
+    params = [{"name": name, "data": value if isinstance(value, ms.Tensor) else ms.Tensor(value)}
+              for name, value in state.items()]
+    try:
+        ms.save_checkpoint(params, tmp, append_dict={"step": int(step), "config": json.dumps(config_dict)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class CheckpointWriter:
+    """Writes a run's checkpoints in a background thread, keeping the newest ``keep``.
+
+    :meth:`save` takes a host snapshot of the state (the one device → host copy)
+    and returns at once; the file appears under its final name only when
+    complete. At most one write is in flight: the next save (or :meth:`wait`)
+    waits for it and re-raises its error, so a failed write is never silent.
+
+    :param keep: complete checkpoints kept in the folder (0: all); older ones are deleted
+        after each new one is in place.
+    """
+
+    def __init__(self, run_dir, keep=0):
+        self.run_dir, self.keep = run_dir, int(keep)
+        self._thread, self._error = None, None
+
+    def save(self, state, step, config_dict):
+        snapshot = {name: param.asnumpy().copy() for name, param in state.items()}
+        self.wait()
+        path = checkpoint_path(self.run_dir, step)
+
+        def write():
+            try:
+                save_training_checkpoint(path, snapshot, step, config_dict)
+                self.prune()
+            except BaseException as err:  # handed to the training thread by wait()
+                self._error = err
+
+        import threading
+        self._thread = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=False)
+        self._thread.start()
+        return path
+
+    def wait(self):
+        """Block until the write in flight is on disk; re-raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"writing a checkpoint in {self.run_dir} failed: {error}") from error
+
+    def prune(self):
+        """Delete all but the newest ``keep`` complete checkpoints."""
+        if self.keep <= 0:
+            return
+        for _, old in list_checkpoints(self.run_dir)[:-self.keep]:
+            os.remove(old)
 
 
 def read_checkpoint(path):

@@ -1,85 +1,99 @@
-"""The training loop around the compiled step: data, host-side randomness, logs, checkpoints, samples.
+"""The training loop around the compiled step: data, logs, checkpoints, samples, and agreement between ranks.
 
-Everything that varies between steps enters the compiled :class:`TrainStep` as
-a Tensor; the loop itself only feeds batches, keeps the step's outputs on the
-device, and reads them back once per ``train.log_every`` steps.
+Everything that varies between steps enters the compiled :class:`TrainStep`
+through the data set (images, conditions, and the diffusion's u and ε, which
+are a function of (seed, rank, sample) alone). On CPU the loop feeds batches
+from one dataset iterator; on Ascend ``ms.data_sink`` runs ``train.log_every``
+steps per call on the device. Either way the step's metrics are summed on the
+device and read back once per log interval, the only sync of the loop.
+
+With several workers, rank 0 decides where the run starts (its checkpoint),
+broadcasts the whole training state to the other ranks, and every rank
+compares a checksum of its state with the others' before the first step.
+Only rank 0 writes; its checkpoints are written by a background thread from a
+host snapshot, renamed into place when complete, and pruned to
+``train.keep_checkpoints``.
 """
 import hashlib
 import json
 import logging
 import math
 import os
+import shutil
+import statistics
 import time
 
 import numpy as np
 import mindspore as ms
-from mindspore import nn
+from mindspore import nn, ops
 from tqdm.auto import tqdm
 
-from ..config import config_to_dict, save_config
-from ..data import create_dataset, transforms
+from ..config import config_to_dict, save_config, uses_loss_scale
+from ..data import create_dataset
+from ..device import graph_target
 from ..kernels.dropout import seed_step
 from ..resample import create_named_schedule_sampler
-from .checkpoint import (checkpoint_config, checkpoint_path, checkpoint_step, latest_checkpoint,
-                         list_checkpoints, load_initial_weights, read_checkpoint, restore_state, save_training_checkpoint, training_state)
-from .step import EMA, DiffusionLoss, TrainStep, WarmupLR
+from .checkpoint import (CheckpointWriter, checkpoint_config, checkpoint_step, latest_checkpoint, list_checkpoints,
+                         load_initial_weights, read_checkpoint, restore_state, training_state)
+from .step import EMA, AdamW, DiffusionLoss, OverflowCheck, StepMetrics, TrainStep, WarmupLR, overflow_mode
 
 logger = logging.getLogger("mind_diffusion.train")
 
-# Batch columns → the model's keyword inputs.
-CONDITION_COLUMNS = {"tokens": "tokens", "mask": "mask", "y": "labels"}
+# Batch columns → the model's keyword inputs, in the step's call order after (images, u, noise).
+CONDITION_COLUMNS = {"tokens": "tokens", "mask": "mask", "y": "labels", "low_res": "low_res"}
 # Stop when this many steps in a row had a non-finite loss (each such step is skipped).
 MAX_NONFINITE_STREAK = 20
+# An interval whose worst step loss exceeds this multiple of the reference (the median of the earlier
+# intervals' mean losses, or the interval's own best step) has diverged: no checkpoint is written then.
+DIVERGENCE_FACTOR = 100.0
+# Files of a run folder, which a new run must not silently mix with its own.
+RUN_FILES = ("ckpt_*.ckpt", "partial_*", "metrics.jsonl", "samples", "config.yaml")
 
 
 class TrainingDiverged(RuntimeError):
     """The loss stayed NaN/inf: training cannot continue from here."""
 
 
-def step_randomness(seed, rank, step, batch_size, image_shape):
-    """The uniform draws for t and the Gaussian ε of one step, from a counter-based generator.
-
-    Seeded by (seed, rank, step), so a resumed run draws exactly what the
-    uninterrupted run would have, and workers draw independently.
-    """
-    rng = np.random.default_rng([seed, rank, step])
-    u = rng.random(batch_size, dtype=np.float32)
-    noise = rng.standard_normal((batch_size,) + tuple(image_shape), dtype=np.float32)
-    return u, noise
+class RunFolderInUse(RuntimeError):
+    """A fresh run was pointed at a folder that holds another run."""
 
 
 class MetricLog:
-    """Accumulates step outputs on the device; summarises them (also per quartile of t) when flushed."""
+    """Reads the device's interval metrics (one sync), writes one JSON line, and judges the run's health.
 
-    def __init__(self, num_timesteps, path=None):
-        self.num_timesteps = num_timesteps
+    A run is *healthy* at a read when the interval had no non-finite step and its
+    worst step loss is within :data:`DIVERGENCE_FACTOR` of the reference loss.
+    """
+
+    def __init__(self, metrics, path=None):
+        self.metrics = metrics
         self.path = path
-        self.pending = []
+        self.interval_losses = []
+        self.healthy = True
 
-    def add(self, outputs):
-        self.pending.append(outputs)
+    def reset(self, streak=0.0):
+        initial = StepMetrics.initial(self.metrics.totals.shape[0], streak)
+        self.metrics.totals.set_data(ms.Tensor(initial))
 
-    def flush(self, step, extra=None):
-        """Read the pending outputs back, write one JSON line, and return the summary dict."""
-        if not self.pending:
+    def read(self, step, extra=None):
+        """The summary dict of the steps since the last read (None if there were none)."""
+        totals = self.metrics.totals.asnumpy()  # the loop's one device → host sync
+        self.reset(streak=totals[StepMetrics.HEAD.index("streak")])
+        record = self.metrics.summary(totals)
+        if record["steps"] == 0:
             return None
-        loss, t, losses, mse, vb, finite = (np.concatenate([np.atleast_1d(o[i].asnumpy()) for o in self.pending])
-                                            for i in range(6))
-        self.pending = []
-        record = {"step": int(step), "loss": float(loss.mean()), "mse": float(mse.mean()),
-                  "vb": float(vb.mean()), "skipped_steps": int((~finite.astype(bool)).sum())}
-        quartile = (4 * t) // self.num_timesteps
-        for q in range(4):
-            chosen = quartile == q
-            if chosen.any():
-                record[f"loss_q{q}"] = float(losses[chosen].mean())
-                record[f"mse_q{q}"] = float(mse[chosen].mean())
-                record[f"vb_q{q}"] = float(vb[chosen].mean())
-        record.update(extra or {})
+        record = {"step": int(step), **record, **(extra or {})}
+        reference = (statistics.median(self.interval_losses) if self.interval_losses
+                     else record.get("loss_min", math.inf))
+        diverged = record["skipped_steps"] > 0 or not math.isfinite(record["loss_max"]) or (
+            record["loss_max"] > DIVERGENCE_FACTOR * reference)
+        self.healthy = not diverged
+        if self.healthy:
+            self.interval_losses.append(record["loss"])
         if self.path:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-        return record, finite.astype(bool)
+        return record
 
 
 class Trainer:
@@ -90,8 +104,9 @@ class Trainer:
     :param diffusion: the :class:`GaussianDiffusion` to train on.
     :param run_dir: folder of this run's checkpoints, logs, samples and resolved config.
     :param tokenizer: prompts → (tokens, mask), for text-conditioned models.
-    :param sample_fn: ``sample_fn(ema_model_state, step) -> path or None``, called
-        every ``train.sample_every`` steps and at the end (rank 0 only).
+    :param sample_fn: ``sample_fn(ema_model_state, step, write) -> path or None``, called every
+        ``train.sample_every`` steps and at the end on EVERY rank (so that no rank waits in a
+        collective while rank 0 samples); only the rank with ``write`` true saves the grid.
     :param rank, world_size: data-parallel position (world_size > 1 after ``init()``).
     """
 
@@ -103,6 +118,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.sample_fn = sample_fn
         self.rank, self.world_size = rank, world_size
+        self.target = graph_target()
         train = config.train
         self.cond_names = self._condition_names()
         self.schedule_sampler = create_named_schedule_sampler(config.diffusion.schedule_sampler,
@@ -112,14 +128,16 @@ class Trainer:
             load_initial_weights(model, train.init_from)
         loss_net = DiffusionLoss(model, diffusion, self.schedule_sampler, self.cond_names)
         named = [(name, p) for name, p in model.parameters_and_names() if p.requires_grad]
-        optimizer = nn.AdamWeightDecay([p for _, p in named], learning_rate=WarmupLR(train.lr, train.warmup_steps),
-                                       beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=train.weight_decay)
+        optimizer = AdamW(named, WarmupLR(train.lr, train.warmup_steps), betas=(0.9, 0.999), eps=1e-8,
+                          weight_decay=train.weight_decay)
         ema = EMA(named, train.ema_rate) if train.ema_rate else None
         self.train_step = TrainStep(loss_net, optimizer, ema, grad_clip=train.grad_clip,
-                                    loss_scale=train.loss_scale if config.model.use_fp16 else 0.0,
-                                    world_size=world_size)
+                                    loss_scale=train.loss_scale if uses_loss_scale(config) else 0.0,
+                                    world_size=world_size,
+                                    overflow=OverflowCheck(overflow_mode(self.target), world_size))
         self.state = training_state(model, self.train_step)
         self.image_shape = (config.model.in_channels, config.model.image_size, config.model.image_size)
+        self.writer = CheckpointWriter(run_dir, train.keep_checkpoints) if self.is_writer else None
 
     def _condition_names(self):
         names = []
@@ -131,15 +149,19 @@ class Trainer:
             names.append("low_res")
         return tuple(names)
 
-    def _condition(self, batch, name):
-        """One conditioning input of a batch; an upsampler's low-res input is its target, box-downsampled."""
-        if name == "low_res":
-            return transforms.box_downsample(batch["images"], self.config.model.low_res_size)
-        return batch[CONDITION_COLUMNS[name]]
+    @property
+    def step_columns(self):
+        """The dataset columns the train step takes, in its call order."""
+        return ["images", "u", "noise"] + [CONDITION_COLUMNS[name] for name in self.cond_names]
 
     @property
     def is_writer(self):
         return self.rank == 0
+
+    @property
+    def sinks(self):
+        """Whether the steps run through ``ms.data_sink`` (Ascend and GPU; MindSpore's CPU has no sink)."""
+        return self.target != "CPU"
 
     def ema_model_state(self, rate=None):
         """name → Parameter of the EMA copy at ``rate`` (default: the first), under the model's names."""
@@ -151,6 +173,8 @@ class Trainer:
         state.update(zip(ema.names, ema.shadows[index]))
         return state
 
+    # ---- where the run starts -------------------------------------------------------------------
+
     def resume(self, resume):
         """Restore from ``resume`` ("auto": this run's newest checkpoint, or a path); return the start step."""
         path = latest_checkpoint(self.run_dir) if resume == "auto" else resume
@@ -160,6 +184,7 @@ class Trainer:
         self._check_same_process(checkpoint_config(checkpoint), path)
         restore_state(self.state, checkpoint, path)
         step = checkpoint_step(checkpoint)
+        self.resumed_from = path
         logger.info("resumed from %s at step %d", path, step)
         return step
 
@@ -177,87 +202,265 @@ class Trainer:
                              + "; ".join(changed) + "). Resume with the config it was trained with (its "
                              "run folder's config.yaml) or start a new run with --run-dir")
 
-    def save(self, step):
-        if not self.is_writer:
-            return None
-        path = checkpoint_path(self.run_dir, step)
-        save_training_checkpoint(path, self.state, step, config_to_dict(self.config))
-        return path
+    def claim_run_dir(self, resume, overwrite):
+        """Make sure a fresh run does not mix with an old one in the same folder.
 
-    def fit(self, resume=None, progress=True):
-        """Train up to ``train.total_steps``; returns the path of the final checkpoint (rank 0) or None."""
-        train = self.config.train
-        start = self.resume(resume) if resume else 0
+        :raises RunFolderInUse: the folder holds another run's files and neither ``resume``
+            nor ``overwrite`` was asked for.
+        """
+        found = _run_files(self.run_dir)
+        if not found or resume:
+            return
+        if not overwrite:
+            steps = [step for step, _ in list_checkpoints(self.run_dir)]
+            held = f"checkpoints up to step {steps[-1]}" if steps else "files of an earlier run"
+            raise RunFolderInUse(
+                f"{self.run_dir} already holds a run ({held}: {', '.join(sorted(map(os.path.basename, found))[:6])}). "
+                "Continue it with --resume, choose another folder with --run-dir, or pass --overwrite to "
+                "delete those files and start again.")
+        for path in found:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        logger.warning("--overwrite: deleted %d file(s) of the earlier run in %s", len(found), self.run_dir)
+
+    def start(self, resume=None, overwrite=False):
+        """The step this run starts at, the same on every rank, with the same state on every rank.
+
+        Rank 0 claims its run folder and reads its checkpoint; the step (or a failure, as −1) and then
+        every parameter of the training state are broadcast from it; a checksum of the state is
+        compared across ranks. Other ranks read no checkpoint: they need no copy of rank 0's files.
+        """
+        step, failure = 0, None
         if self.is_writer:
-            os.makedirs(self.run_dir, exist_ok=True)
-            save_config(self.config, os.path.join(self.run_dir, "config.yaml"))
-        if start >= train.total_steps:
-            logger.info("nothing to do: the run is at step %d of %d", start, train.total_steps)
-            return latest_checkpoint(self.run_dir)
-        stream = iter(create_dataset(self.config.data, train.batch_size, self.rank, self.world_size,
-                                     tokenizer=self.tokenizer, seed=self.config.seed, start_step=start))
-        metrics_path = os.path.join(self.run_dir, "metrics.jsonl") if self.is_writer else None
-        if metrics_path and start == 0 and os.path.exists(metrics_path):
-            os.remove(metrics_path)  # a fresh run in an old folder: don't mix its log with the old one
-        log = MetricLog(self.diffusion.num_timesteps, metrics_path)
-        bar = tqdm(total=train.total_steps, initial=start, desc=f"train {self.config.name}",
-                   disable=not (progress and self.is_writer), dynamic_ncols=True)
-        last_saved, nonfinite_streak, started = None, 0, time.perf_counter()
-        data_digest, items_seen = hashlib.sha1(), 0
-        step = start
-        while step < train.total_steps:
-            batch = next(stream)
-            data_digest.update(np.ascontiguousarray(batch["index"]).tobytes())
-            items_seen += len(batch["index"])
-            u, noise = step_randomness(self.config.seed, self.rank, step, train.batch_size, self.image_shape)
-            seed_step(self.config.seed, self.rank, step)  # the step's dropout masks
-            cond = [ms.Tensor(self._condition(batch, name)) for name in self.cond_names]
-            log.add(self.train_step(ms.Tensor(batch["images"]), ms.Tensor(u), ms.Tensor(noise), *cond))
-            step += 1
-            bar.update(1)
-            done = step == train.total_steps
-            if step % train.log_every == 0 or done:
-                images_per_s = (step - start) * train.batch_size * self.world_size / (time.perf_counter() - started)
-                record, finite = log.flush(step, {"images_per_s": round(images_per_s, 2)})
-                nonfinite_streak = _trailing_false(finite, nonfinite_streak)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", mse=f"{record['mse']:.4f}", vb=f"{record['vb']:.4f}")
-                if self.is_writer:
-                    logger.info("step %d  loss %.4f  mse %.4f  vb %.4f  %.1f img/s", step, record["loss"],
-                                record["mse"], record["vb"], images_per_s)
-                if nonfinite_streak >= MAX_NONFINITE_STREAK:
-                    bar.close()
-                    good = list_checkpoints(self.run_dir)
-                    raise TrainingDiverged(
-                        f"the loss was NaN/inf for the last {nonfinite_streak} steps (each was skipped); stopping "
-                        f"at step {step}. Last good checkpoint: {good[-1][1] if good else 'none written yet'}. "
-                        "Lower train.lr or enable train.grad_clip, then resume from it with --resume PATH.")
-            if step % train.save_every == 0 or done:
-                last_saved = self.save(step) or last_saved
-            if self.sample_fn and self.is_writer and (
-                    done or (train.sample_every and step % train.sample_every == 0)):
-                path = self.sample_fn(self.ema_model_state(), step)
-                if path:
-                    logger.info("samples at step %d: %s", step, path)
-        bar.close()
-        # One line per worker, so data-parallel runs can be checked: equal parameters, different data.
-        print(f"[rank {self.rank}] finished at step {step}: parameters sha1 {self.parameter_digest()}, "
-              f"{items_seen} items this session, data sha1 {data_digest.hexdigest()}", flush=True)
-        return last_saved
+            try:
+                self.claim_run_dir(resume, overwrite)
+                step = self.resume(resume) if resume else 0
+            except Exception as err:  # reported on every rank below, raised here
+                failure, step = err, -1
+        if self.world_size > 1:
+            sync = StateBroadcast(self.state, self.rank)
+            step = sync.broadcast_step(step)
+            if step < 0:
+                if failure is not None:
+                    raise failure
+                raise RuntimeError("rank 0 could not start the run (see its log, worker_0.log); stopping")
+            sync.broadcast_state()
+            sync.check_same(self.state_digest())
+        elif failure is not None:
+            raise failure
+        return step
+
+    def state_digest(self):
+        """SHA-1 of the whole training state, in name order."""
+        return _digest(self.state)
 
     def parameter_digest(self):
         """SHA-1 of the model's parameters, in name order."""
-        digest = hashlib.sha1()
-        for name, param in sorted(self.model.parameters_and_names(), key=lambda item: item[0]):
-            digest.update(name.encode())
-            digest.update(np.ascontiguousarray(param.asnumpy()).tobytes())
-        return digest.hexdigest()
+        return _digest(dict(self.model.parameters_and_names()))
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def save(self, step):
+        """Hand a checkpoint of ``step`` to the background writer (rank 0); returns its final path."""
+        if not self.is_writer:
+            return None
+        save_config(self.config, os.path.join(self.run_dir, "config.yaml"))
+        return self.writer.save(self.state, step, config_to_dict(self.config))
+
+    def fit(self, resume=None, progress=True, overwrite=False):
+        """Train up to ``train.total_steps``; returns the path of the final checkpoint (rank 0) or None."""
+        train = self.config.train
+        self.resumed_from = None
+        start = self.start(resume, overwrite)
+        if start >= train.total_steps:
+            logger.info("nothing to do: the run is at step %d of %d", start, train.total_steps)
+            return latest_checkpoint(self.run_dir) if self.is_writer else None
+        stream = create_dataset(self.config.data, train.batch_size, self.rank, self.world_size,
+                                tokenizer=self.tokenizer, seed=self.config.seed, start_step=start,
+                                end_step=train.total_steps, noise_shape=self.image_shape,
+                                low_res_size=self.config.model.low_res_size if "low_res" in self.cond_names else None)
+        if self.is_writer:
+            os.makedirs(self.run_dir, exist_ok=True)
+        log = MetricLog(self.train_step.metrics,
+                        os.path.join(self.run_dir, "metrics.jsonl") if self.is_writer else None)
+        log.reset()
+        bar = tqdm(total=train.total_steps, initial=start, desc=f"train {self.config.name}",
+                   disable=not (progress and self.is_writer), dynamic_ncols=True)
+        self.last_good = self.resumed_from
+        last_saved, started = None, time.perf_counter()
+        chunks = self._sink_chunks(stream) if self.sinks else self._host_chunks(stream)
+        step = start
+        try:
+            while step < train.total_steps:
+                step = chunks(step)
+                bar.update(step - bar.n)
+                done = step == train.total_steps
+                events = _crossed(step, train, done)
+                if not events:
+                    continue
+                images_per_s = (step - start) * train.batch_size * self.world_size / (time.perf_counter() - started)
+                record = log.read(step, {"images_per_s": round(images_per_s, 2)})
+                if record and "log" in events:
+                    self._report(bar, record)
+                if record and record["nonfinite_streak"] >= MAX_NONFINITE_STREAK:
+                    raise TrainingDiverged(
+                        f"the loss was NaN/inf for the last {record['nonfinite_streak']} steps (each was skipped); "
+                        f"stopping at step {step}. Last good checkpoint: {self.last_good or 'none written yet'}. "
+                        "Lower train.lr or enable train.grad_clip, then resume from it with --resume PATH.")
+                if "save" in events:
+                    if log.healthy:
+                        last_saved = self.save(step) or last_saved
+                        self.last_good = last_saved
+                    elif self.is_writer:
+                        logger.warning("step %d: no checkpoint written, the loss is non-finite or diverging "
+                                       "(last good checkpoint: %s)", step, self.last_good or "none")
+                if "sample" in events and self.sample_fn:
+                    path = self.sample_fn(self.ema_model_state(), step, self.is_writer)
+                    if path:
+                        logger.info("samples at step %d: %s", step, path)
+        finally:
+            bar.close()
+            if self.writer:
+                self.writer.wait()
+        # One line per worker, so data-parallel runs can be checked: equal parameters, different data.
+        print(f"[rank {self.rank}] finished at step {step}: parameters sha1 {self.parameter_digest()}, "
+              f"{self.items_seen} items this session, data sha1 {self.data_digest.hexdigest()}", flush=True)
+        return last_saved
+
+    def _report(self, bar, record):
+        bar.set_postfix(loss=f"{record['loss']:.4f}", mse=f"{record['mse']:.4f}", vb=f"{record['vb']:.4f}")
+        if self.is_writer:
+            logger.info("step %d  loss %.4f  mse %.4f  vb %.4f  %.1f img/s%s", record["step"], record["loss"],
+                        record["mse"], record["vb"], record["images_per_s"],
+                        f"  ({record['skipped_steps']} skipped)" if record["skipped_steps"] else "")
+
+    def _host_chunks(self, stream):
+        """CPU: one step per call, its batch fed from the host (no device → host sync)."""
+        batches = iter(stream)
+        self.data_digest, self.items_seen = hashlib.sha1(), 0
+        columns = self.step_columns
+
+        def run(step):
+            batch = next(batches)
+            self.data_digest.update(np.ascontiguousarray(batch["index"]).tobytes())
+            self.items_seen += len(batch["index"])
+            seed_step(self.config.seed, self.rank, step)  # the step's dropout masks (CPU kernel)
+            self.train_step(*(ms.Tensor(batch[name]) for name in columns))
+            return step + 1
+        return run
+
+    def _sink_chunks(self, stream):
+        """Ascend/GPU: ``train.log_every`` steps per call inside the device (``ms.data_sink``)."""
+        dataset = stream.dataset().project(self.step_columns)
+        self.data_digest, self.items_seen = hashlib.sha1(), 0
+        size = self.sink_size(stream.start_step)
+        sink = ms.data_sink(self.train_step, dataset, sink_size=size)
+
+        def run(step):
+            sink()
+            self.items_seen += size * self.config.train.batch_size
+            return step + size
+        return run
+
+    def sink_size(self, start):
+        """Steps per device call: ``train.log_every`` when every event (save, sample, the end, the
+        resume point) falls on a multiple of it; else the largest step count that keeps them aligned."""
+        train = self.config.train
+        periods = [p for p in (train.log_every, train.save_every, train.sample_every) if 0 < p < train.total_steps]
+        size = math.gcd(train.total_steps, start, *periods)
+        if size < train.log_every and self.is_writer:
+            logger.warning("device sink runs %d step(s) per call, not train.log_every=%d: make save_every, "
+                           "sample_every and total_steps multiples of log_every for fewer host round trips",
+                           size, train.log_every)
+        return size
 
 
-def _trailing_false(flags, streak):
-    """Length of the run of False at the end of ``flags``, continuing ``streak`` if all are False."""
-    for flag in flags:
-        streak = 0 if flag else streak + 1
-    return streak
+def _crossed(step, train, done):
+    """The periodic events due at ``step``: log, save, sample."""
+    events = set()
+    if done or step % train.log_every == 0:
+        events.add("log")
+    if done or step % train.save_every == 0:
+        events.add("save")
+    if done or (train.sample_every and step % train.sample_every == 0):
+        events.add("sample")
+    return events
+
+
+def _run_files(run_dir):
+    import glob
+    return [path for pattern in RUN_FILES for path in glob.glob(os.path.join(run_dir, pattern))]
+
+
+def _digest(state):
+    digest = hashlib.sha1()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(state[name].asnumpy()).tobytes())
+    return digest.hexdigest()
+
+
+class _RootShare(nn.Cell):
+    """x on rank 0, summed with zeros from every other rank: a broadcast from rank 0 by AllReduce
+    (exact: x + 0 = x), which every backend's collective library has. Integers travel as two float32
+    halves of 12 bits each (exact below 2^36), since MindSpore's CPU AllReduce takes floats only."""
+
+    def __init__(self):
+        super().__init__()
+        self.all_reduce = ops.AllReduce()
+
+    def construct(self, x, is_root):
+        if x.dtype in (ms.float32, ms.float16, ms.bfloat16):
+            return self.all_reduce(ops.select(is_root, x, ops.zeros_like(x)))
+        wide = x.astype(ms.int64)
+        high, low = (wide // 4096).astype(ms.float32), (wide % 4096).astype(ms.float32)
+        high = self.all_reduce(ops.select(is_root, high, ops.zeros_like(high)))
+        low = self.all_reduce(ops.select(is_root, low, ops.zeros_like(low)))
+        return (high.astype(ms.int64) * 4096 + low.astype(ms.int64)).astype(x.dtype)
+
+
+class _Gather(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.all_gather = ops.AllGather()
+
+    def construct(self, x):
+        return self.all_gather(x)
+
+
+class StateBroadcast:
+    """Rank 0's start step and training state, copied to every rank, and a check that all ranks agree."""
+
+    def __init__(self, state, rank):
+        self.state = state
+        self.is_root = ms.Tensor(rank == 0)
+
+    def broadcast_step(self, step):
+        return int(_RootShare()(ms.Tensor(np.array([step], np.int32)), self.is_root).asnumpy()[0])
+
+    def broadcast_state(self):
+        """One collective per dtype: the state flattened into a vector (on the host; a one-off at start)."""
+        share = _RootShare()
+        groups = {}
+        for name in sorted(self.state):
+            groups.setdefault(self.state[name].dtype, []).append(name)
+        for dtype, names in groups.items():
+            values = [self.state[name].asnumpy() for name in names]
+            flat = share(ms.Tensor(np.concatenate([v.reshape(-1) for v in values])), self.is_root).asnumpy()
+            offset = 0
+            for name, value in zip(names, values):
+                self.state[name].set_data(ms.Tensor(flat[offset:offset + value.size].reshape(value.shape), dtype))
+                offset += value.size
+
+    def check_same(self, digest):
+        """Stop on every rank, with the ranks named, when their training states differ."""
+        words = np.frombuffer(bytes.fromhex(digest), dtype=np.uint16).astype(np.float32)  # exact in float32
+        every = _Gather()(ms.Tensor(words)).asnumpy().reshape(-1, words.size)
+        differ = [r for r in range(every.shape[0]) if not np.array_equal(every[r], every[0])]
+        if differ:
+            raise RuntimeError(f"after the broadcast from rank 0 the training state of rank(s) "
+                               f"{', '.join(map(str, differ))} still differs from rank 0's (checksums differ); "
+                               "the ranks do not run the same model/config. Check that every node runs the same "
+                               "code and config.")
 
 
 def log_model_summary(model):
