@@ -31,6 +31,7 @@ Python::
 """
 import argparse
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -192,14 +193,39 @@ def load_model_config(text_or_path):
         raise ValueError(f"model config is neither a file nor valid JSON: {error}") from None
 
 
-def build_model(config):
-    """Build the network a config describes: ``kind`` picks :data:`MODEL_BUILDERS`, the rest are its arguments."""
+# Arguments of the OpenAI scripts' model_and_diffusion_defaults() that do not change the weights: the
+# diffusion's settings, and glide-text2im's cache of text embeddings. Dropped when the builder lacks them.
+WEIGHTLESS_ARGS = frozenset({"diffusion_steps", "noise_schedule", "timestep_respacing", "use_kl", "predict_xstart",
+                             "rescale_timesteps", "rescale_learned_sigmas", "sigma_small", "cache_text_emb"})
+# Arguments accepted with their default value only: name → (default, why another value is refused).
+DEFAULT_ONLY_ARGS = {"inpaint": (False, "glide-text2im's inpainting models (inpaint=True) take the masked image "
+                                        "as extra input channels, which this project does not build")}
+
+
+def build_model(config, state_dict=None):
+    """Build the network a config describes: ``kind`` picks :data:`MODEL_BUILDERS`, the rest are its arguments.
+
+    Every argument of the OpenAI scripts is accepted: those that do not change the weights are
+    ignored, unsupported values are refused by name. A text2im config without ``vocab_size`` takes it
+    from ``state_dict``'s token embedding (a real GLIDE checkpoint has 50257).
+    """
     config = dict(config)
     kind = config.pop("kind", "unet")
     if kind not in MODEL_BUILDERS:
         raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(sorted(MODEL_BUILDERS))}")
     module_name, function_name = MODEL_BUILDERS[kind].split(":")
-    return getattr(importlib.import_module(module_name), function_name)(**config)
+    builder = getattr(importlib.import_module(module_name), function_name)
+    accepted = inspect.signature(builder).parameters
+    for name, (default, why) in DEFAULT_ONLY_ARGS.items():
+        if name in config and name not in accepted:
+            if config.pop(name) != default:
+                raise ValueError(f"{name}={not default!r} is not supported: {why}")
+    for name in WEIGHTLESS_ARGS & set(config) - set(accepted):
+        config.pop(name)
+    embedding = (state_dict or {}).get("token_embedding.weight")
+    if kind == "text2im" and "vocab_size" not in config and embedding is not None:
+        config["vocab_size"] = int(embedding.shape[0])
+    return builder(**config)
 
 
 def _parser():
@@ -218,6 +244,9 @@ def _parser():
             "\"learn_sigma\": true, \"class_cond\": true, \"attention_resolutions\": \"32,16,8\", "
             "\"num_head_channels\": 64, \"use_scale_shift_norm\": true, \"resblock_updown\": true, "
             "\"use_new_attention_order\": true}'. "
+            "Arguments that do not change the weights (diffusion_steps, noise_schedule, timestep_respacing, "
+            "cache_text_emb, ...) are ignored; inpaint=true is refused. A text2im config without vocab_size "
+            "takes it from the checkpoint's token embedding (a real GLIDE checkpoint: vocab_size 50257). "
             "Parameter names map by identity except GroupNorm/LayerNorm gamma/beta <-> weight/bias and "
             "Embedding embedding_table <-> weight."
         ),
@@ -248,7 +277,7 @@ def main(argv=None):
     if not args.output or not args.model_config:
         parser.error("OUT.ckpt and --model-config are required unless --list is given")
     try:
-        model = build_model(load_model_config(args.model_config))
+        model = build_model(load_model_config(args.model_config), torch_sd)
     except (ValueError, TypeError) as error:
         print(f"error: bad --model-config: {error}", file=sys.stderr)
         return 2
