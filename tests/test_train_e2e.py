@@ -121,8 +121,9 @@ def test_sigkill_and_resume_match_an_uninterrupted_run(tmp_path):
 def test_two_msrun_workers_stay_equal_on_different_data(tmp_path):
     log_dir = str(tmp_path / "logs")
     env = dict(ENV, LOG_DIR=log_dir, MASTER_PORT=str(8200 + os.getpid() % 500))
-    result = subprocess.run(["bash", "run_train.sh", "2", TINY, "--run-dir", str(tmp_path / "run"), "--no-progress"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # from the test's own folder: msrun's workers leave rank_<n>/ folders in the current directory
+    result = subprocess.run(["bash", os.path.join(ROOT, "run_train.sh"), "2", TINY, "--run-dir", str(tmp_path / "run"),
+                             "--no-progress"], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     logs = [open(os.path.join(log_dir, f"worker_{rank}.log"), encoding="utf-8", errors="replace").read()
             for rank in (0, 1)]
     assert result.returncode == 0, result.stderr[-2000:] + logs[0][-2000:] + logs[1][-2000:]

@@ -90,7 +90,8 @@ class MetricLog:
         self.healthy = not diverged
         if self.healthy:
             self.interval_losses.append(record["loss"])
-        if self.path:
+        if self.path:  # the run folder appears with the first interval that ran (not on a failed start)
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         return record
@@ -278,8 +279,6 @@ class Trainer:
                                 tokenizer=self.tokenizer, seed=self.config.seed, start_step=start,
                                 end_step=train.total_steps, noise_shape=self.image_shape,
                                 low_res_size=self.config.model.low_res_size if "low_res" in self.cond_names else None)
-        if self.is_writer:
-            os.makedirs(self.run_dir, exist_ok=True)
         log = MetricLog(self.train_step.metrics,
                         os.path.join(self.run_dir, "metrics.jsonl") if self.is_writer else None)
         log.reset()
