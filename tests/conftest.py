@@ -17,8 +17,10 @@ The :func:`_kernel_gate` fixture below then
   ``.ci/run``), fails it instead.
 
 Tests without the mark never skip for a missing kernel: fallback tests, float64
-reference checks and the like run everywhere.
+reference checks and the like run everywhere. Every skip, of any kind, is listed
+with its reason in the run's short summary.
 """
+import json
 import os
 import sys
 
@@ -54,6 +56,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "kernel(module): the test exercises the C++ kernel of `module` "
                                        "(see tests/conftest.py)")
     kernels_required()  # a bad value stops the run before any test
+    # Every skip is listed with its reason at the end of a run, even under -q (as -rs would ask).
+    if not any(c in config.option.reportchars for c in "sSaA"):
+        config.option.reportchars += "s"
 
 
 @pytest.fixture(autouse=True)
@@ -82,6 +87,19 @@ def pytest_terminal_summary(terminalreporter):
     for name, (reason, count) in sorted(_unavailable.items()):
         terminalreporter.write_line(f"{name}: {count} test(s) skipped ({reason})")
     terminalreporter.write_line(f"Set {REQUIRE_KERNELS}=1 (as .ci/run does) to make this a failure.")
+
+
+def load_fixture(name):
+    """(config, arrays, PyTorch state dict) of the guided-diffusion fixture ``name``.npz / ``name``.pt
+
+    (see tests/fixtures/README.md).
+    """
+    from mind_diffusion.convert import load_torch_state_dict
+
+    with np.load(os.path.join(FIXTURES, f"{name}.npz")) as data:
+        arrays = {k: data[k] for k in data.files}
+    config = json.loads(str(arrays.pop("config")))
+    return config, arrays, load_torch_state_dict(os.path.join(FIXTURES, f"{name}.pt"))
 
 
 @pytest.fixture(scope="session")
