@@ -301,7 +301,7 @@ def test_the_shipped_model_wins_over_shorter_runs(tiny, tmp_path, monkeypatch):
     assert "pass --ckpt runs/demo_quick/" in choice.reason
     longer = touch_run_checkpoint(runs, "full", TINY_STEPS, 1_000_000_000)
     choice = infer.choose_checkpoint(shipped=shipped)
-    assert choice.path == longer and f"({TINY_STEPS} >= {TINY_STEPS} steps)" in choice.reason
+    assert choice.path == longer and f", {TINY_STEPS} >= {TINY_STEPS} steps;" in choice.reason
     newest_long = touch_run_checkpoint(runs, "again", TINY_STEPS + 5, 1_500_000_000)
     assert infer.choose_checkpoint(shipped=shipped).path == newest_long  # the newest long enough, not the newest
     assert quick != newest_long

@@ -224,8 +224,8 @@ def choose_checkpoint(explicit=None, runs_dir=RUNS_DIR, shipped=SHIPPED_CHECKPOI
         if newest is None:
             raise FileNotFoundError(f"no checkpoint: none under ./{runs_dir}/ and no shipped {display_path(shipped)}; "
                                     "train one with `bash run_train.sh`, or pass --ckpt PATH")
-        return CheckpointChoice(newest[1], f"the newest checkpoint under ./{runs_dir}/ "
-                                           f"({newest[0]} steps; no shipped demo model)")
+        return CheckpointChoice(newest[1], f"the newest checkpoint under ./{runs_dir}/, {newest[0]} steps; "
+                                           "no shipped demo model")
     if newest is None:
         return CheckpointChoice(shipped, f"the shipped demo model; no training checkpoint under ./{runs_dir}/")
     shipped_steps, _ = checkpoint_header(shipped)
@@ -233,10 +233,10 @@ def choose_checkpoint(explicit=None, runs_dir=RUNS_DIR, shipped=SHIPPED_CHECKPOI
     if trained:
         steps, path = max(trained, key=lambda item: os.path.getmtime(item[1]))
         return CheckpointChoice(path, f"the newest run checkpoint trained at least as long as the shipped demo "
-                                      f"model ({steps} >= {shipped_steps} steps); "
+                                      f"model, {steps} >= {shipped_steps} steps; "
                                       f"--ckpt {display_path(shipped)} samples the shipped one")
     steps, path = newest
-    return CheckpointChoice(shipped, f"the shipped demo model ({shipped_steps} training steps); the newest run "
+    return CheckpointChoice(shipped, f"the shipped demo model, trained {shipped_steps} steps; the newest run "
                                      f"checkpoint {display_path(path)} has only {steps}: "
                                      f"pass --ckpt {display_path(path)} to sample from it")
 
