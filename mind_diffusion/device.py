@@ -22,6 +22,12 @@ import warnings
 
 TARGETS = ("CPU", "Ascend", "GPU")
 GRAPH_TARGET_ENV = "MIND_DIFFUSION_GRAPH_TARGET"
+# Ascend chip generations that change which kernels exist: 910A (Atlas training series)
+# and 910B (Atlas A2 and later, which add FlashAttention and bfloat16).
+ASCEND_SOCS = ("910A", "910B")
+ASCEND_SOC_ENV = "MIND_DIFFUSION_ASCEND_SOC"
+# FlashAttentionScore's head size: a multiple of 16, at most 512 (MindSpore 2.10 docs).
+FLASH_HEAD_MULTIPLE, FLASH_HEAD_MAX = 16, 512
 JIT_LEVELS = ("O0", "O1", "auto")
 
 
@@ -46,33 +52,67 @@ def graph_target():
     return ms.get_context("device_target")
 
 
+def ascend_soc():
+    """The Ascend generation graphs are built for: "910A", "910B", or None (not Ascend, or unknown).
+
+    ``$MIND_DIFFUSION_ASCEND_SOC`` decides when set (so a CPU machine can build as for a
+    910B); otherwise MindSpore's own SoC feature table, which knows only on an NPU.
+    """
+    if graph_target() != "Ascend":
+        return None
+    value = os.environ.get(ASCEND_SOC_ENV, "").strip()
+    if value:
+        if value.upper() not in ASCEND_SOCS:
+            raise ValueError(f"{ASCEND_SOC_ENV}={value!r}: use one of {', '.join(ASCEND_SOCS)}")
+        return value.upper()
+    try:
+        from mindspore._c_expression import MSContext
+        context = MSContext.get_instance()
+        if context.ascend_soc_supports_feature("train_hq_dtype_line"):  # MindSpore's test for 910B-class chips
+            return "910B"
+        if context.ascend_soc_supports_feature("amp_loss_scale_train_classic_target"):  # and for 910A
+            return "910A"
+    except Exception:  # noqa: BLE001 - a build without the Ascend plugin cannot tell
+        pass
+    return None
+
+
 def float64_ok():
     """Whether a graph built now may use float64: only on CPU (Ascend has no float64 kernel for most ops)."""
     return graph_target() == "CPU"
 
 
 @contextlib.contextmanager
-def building_for(target):
+def building_for(target, soc=None):
     """Build graphs inside this block as for ``target`` (e.g. "Ascend" on a CPU machine), then restore.
 
-    Only the graph target changes; the graphs still run (if run) on the real device.
+    :param soc: for Ascend, the chip generation ("910A" or "910B"); None leaves it to
+        MindSpore (unknown off an NPU, so 910B-only kernels such as FlashAttention are not used).
+
+    Only the build target changes; the graphs still run (if run) on the real device.
     Both the Cells and their compilation must happen inside the block: some choices
     are made when a Cell is constructed, others when its graph is parsed.
     """
     target = canonical_target(target, "building_for")
-    previous = os.environ.get(GRAPH_TARGET_ENV)
+    if soc is not None and (target != "Ascend" or str(soc).upper() not in ASCEND_SOCS):
+        raise ValueError(f"building_for: soc={soc!r} needs target Ascend and one of {', '.join(ASCEND_SOCS)}")
+    saved = {name: os.environ.get(name) for name in (GRAPH_TARGET_ENV, ASCEND_SOC_ENV)}
     os.environ[GRAPH_TARGET_ENV] = target
+    os.environ.pop(ASCEND_SOC_ENV, None)
+    if soc is not None:
+        os.environ[ASCEND_SOC_ENV] = str(soc).upper()
     try:
         yield target
     finally:
-        if previous is None:
-            os.environ.pop(GRAPH_TARGET_ENV, None)
-        else:
-            os.environ[GRAPH_TARGET_ENV] = previous
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class _GraphChoices:
-    """Target-dependent constants for code inside ``construct``: ``GRAPH.wide_float``, ``GRAPH.target``.
+    """Target-dependent constants for code inside ``construct``: ``GRAPH.wide_float``, ``GRAPH.flash_attention``.
 
     MindSpore's graph parser resolves attributes of Python objects in Python when it
     builds a graph, so each property below is a constant of the graph being built
@@ -88,6 +128,11 @@ class _GraphChoices:
         """The dtype for precision-critical transcendentals: float64 on CPU, float32 elsewhere."""
         import mindspore as ms
         return ms.float64 if float64_ok() else ms.float32
+
+    @property
+    def flash_attention(self):
+        """Whether ``ops.flash_attention_score`` exists where the graph will run: Ascend 910B-class chips."""
+        return ascend_soc() == "910B"
 
 
 GRAPH = _GraphChoices()

@@ -30,6 +30,7 @@ __all__ = [
     "linear",
     "zero_module",
     "upsample_nearest_2x",
+    "AvgPool2x2",
     "GlobalAvgPool",
 ]
 
@@ -192,6 +193,19 @@ def upsample_nearest_2x(x):
     n, c, h, w = x.shape
     repeated = ops.broadcast_to(x[:, :, :, None, :, None], (n, c, h, 2, w, 2))
     return repeated.reshape(n, c, 2 * h, 2 * w)
+
+
+class AvgPool2x2(nn.Cell):
+    """2×2 average pooling with stride 2 of an [N, C, H, W] Tensor (even H, W): the mean of each 2×2 block.
+
+    Written as a reshape and a mean rather than ``nn.AvgPool2d``: its backward is a
+    broadcast, which every backend has, where AvgPool's backward primitive has no
+    Ascend kernel in MindSpore 2.10's declarations (see tests/test_graph_audit.py).
+    """
+
+    def construct(self, x):
+        n, c, h, w = x.shape
+        return x.reshape(n, c, h // 2, 2, w // 2, 2).mean(axis=(3, 5))
 
 
 class GlobalAvgPool(nn.Cell):

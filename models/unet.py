@@ -14,9 +14,11 @@ images are supported.
 import mindspore as ms
 from mindspore import nn, ops
 
+from mind_diffusion.device import FLASH_HEAD_MAX, FLASH_HEAD_MULTIPLE, GRAPH
 from mind_diffusion.kernels import attention as attention_kernels
 from mind_diffusion.kernels.dropout import Dropout
 from mind_diffusion.nn import (
+    AvgPool2x2,
     Conv1x1,
     conv_nd,
     linear,
@@ -127,7 +129,7 @@ class Downsample(nn.Cell):
         elif self.out_channels != channels:
             raise ValueError("Downsample by pooling cannot change the channel count")
         else:
-            self.op = nn.AvgPool2d(kernel_size=2, stride=2)
+            self.op = AvgPool2x2()
 
     def construct(self, x):
         return self.op(x)
@@ -210,8 +212,32 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
-def _attend(q, k, v, head_channels, training=False):
-    """softmax(qᵀk / √d) applied to v, per (batch × head) row: q [B, d, T], k, v [B, d, S] → [B, d, T].
+# Ascend's fused attention (910B-class chips, float16/bfloat16). A module attribute so that
+# tests can stand in a reference with the same signature on the CPU, which has no such kernel.
+flash_attention_score = ops.flash_attention_score
+
+
+def _to_bnsd(x, batch, heads):
+    """[B·N, d, S] (channels first, heads folded into the batch) → [B, N, S, d], FlashAttention's BNSD layout."""
+    rows, channels, length = x.shape
+    return x.reshape(batch, heads, channels, length).transpose(0, 1, 3, 2)
+
+
+def _flash_attend(q, k, v, heads):
+    """:func:`_attend` through ``flash_attention_score``: softmax(qᵀk / √d) v with the softmax fused on chip."""
+    rows, channels, length = q.shape
+    batch = rows // heads
+    out = flash_attention_score(_to_bnsd(q, batch, heads), _to_bnsd(k, batch, heads), _to_bnsd(v, batch, heads),
+                                heads, scalar_value=channels ** -0.5, input_layout="BNSD")
+    return out.transpose(0, 1, 3, 2).reshape(rows, channels, length)
+
+
+def _attend(q, k, v, head_channels, heads, training=False):
+    """softmax(qᵀk / √d) applied to v, per (batch × head) row: q [B·N, d, T], k, v [B·N, d, S] → [B·N, d, T].
+
+    On Ascend 910B-class chips with a float16 or bfloat16 torso this is one
+    ``flash_attention_score`` (BNSD layout, N = ``heads``), which never writes the
+    [T, S] weights to memory; it needs d a multiple of 16, at most 512.
 
     In training on the CPU backend in float32 this is one C++ operator with a
     C++ backward (:mod:`mind_diffusion.kernels.attention`): forward + backward
@@ -226,6 +252,10 @@ def _attend(q, k, v, head_channels, training=False):
     d^(-1/4) before the product (more stable in float16 than dividing
     afterwards), and the softmax runs in float32.
     """
+    half = q.dtype == ms.float16 or q.dtype == ms.bfloat16
+    if GRAPH.flash_attention and half and head_channels % FLASH_HEAD_MULTIPLE == 0 \
+            and head_channels <= FLASH_HEAD_MAX:
+        return _flash_attend(q, k, v, heads)
     if training and q.dtype == ms.float32 and q.shape[1] == head_channels:
         fast = attention_kernels.CHOICE.op
         if fast is not None:
@@ -257,7 +287,7 @@ class QKVAttentionLegacy(nn.Cell):
             )
             k = ops.cat([ek, k], axis=-1)
             v = ops.cat([ev, v], axis=-1)
-        return _attend(q, k, v, head_channels, self.training).reshape(batch, -1, length)
+        return _attend(q, k, v, head_channels, self.n_heads, self.training).reshape(batch, -1, length)
 
 
 class QKVAttention(nn.Cell):
@@ -282,7 +312,7 @@ class QKVAttention(nn.Cell):
             ek, ev = ops.chunk(encoder_kv, 2, axis=1)
             k = ops.cat([ek.reshape(rows, head_channels, -1), k], axis=-1)
             v = ops.cat([ev.reshape(rows, head_channels, -1), v], axis=-1)
-        return _attend(q, k, v, head_channels, self.training).reshape(batch, -1, length)
+        return _attend(q, k, v, head_channels, self.n_heads, self.training).reshape(batch, -1, length)
 
 
 def _heads(channels, num_heads, num_head_channels):

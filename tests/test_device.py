@@ -89,3 +89,23 @@ def test_jit_level_for():
     assert device.jit_level_for(auto, "Ascend") == "O1" and device.jit_level_for(auto, "CPU") == "O0"
     fixed = config_from_dict({"train": {"jit_level": "O0"}})
     assert device.jit_level_for(fixed, "Ascend") == "O0"
+
+
+def test_ascend_soc_follows_building_for(monkeypatch):
+    monkeypatch.delenv(device.ASCEND_SOC_ENV, raising=False)
+    monkeypatch.delenv(device.GRAPH_TARGET_ENV, raising=False)
+    assert device.ascend_soc() is None and not device.GRAPH.flash_attention  # CPU
+    with device.building_for("Ascend"):
+        assert device.ascend_soc() is None  # no NPU here: the chip is unknown, nothing 910B-only is assumed
+    with device.building_for("Ascend", soc="910b"):
+        assert device.ascend_soc() == "910B" and device.GRAPH.flash_attention
+    with device.building_for("Ascend", soc="910A"):
+        assert device.ascend_soc() == "910A" and not device.GRAPH.flash_attention
+    assert device.ASCEND_SOC_ENV not in device.os.environ
+    with pytest.raises(ValueError, match="soc='910B' needs target Ascend"):
+        with device.building_for("CPU", soc="910B"):
+            pass
+    monkeypatch.setenv(device.GRAPH_TARGET_ENV, "Ascend")
+    monkeypatch.setenv(device.ASCEND_SOC_ENV, "310P")
+    with pytest.raises(ValueError, match="MIND_DIFFUSION_ASCEND_SOC='310P': use one of 910A, 910B"):
+        device.ascend_soc()

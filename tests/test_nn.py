@@ -5,6 +5,7 @@ import pytest
 from mindspore import nn
 
 from mind_diffusion.nn import (
+    AvgPool2x2,
     Conv1x1,
     GroupNorm32,
     conv_nd,
@@ -87,6 +88,23 @@ def test_upsample_nearest_2x_repeats_pixels():
     x = np.arange(2 * 3 * 2 * 3, dtype=np.float32).reshape(2, 3, 2, 3)
     got = _Upsample()(ms.Tensor(x)).asnumpy()
     np.testing.assert_array_equal(got, x.repeat(2, axis=2).repeat(2, axis=3))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_avg_pool_2x2_is_the_block_mean_and_its_gradient_a_quarter(dtype):
+    """Values that are exact in both dtypes (multiples of 1/4 up to 64): the block means are exact too."""
+    x = (np.random.default_rng(3).integers(0, 256, (2, 3, 4, 6)) / 4).astype(dtype)
+    want = x.astype(np.float64).reshape(2, 3, 2, 2, 3, 2).mean(axis=(3, 5))
+    pool = AvgPool2x2()
+    got = pool(ms.Tensor(x))
+    assert got.dtype == ms.Tensor(x).dtype
+    np.testing.assert_array_equal(got.asnumpy().astype(np.float64), want)
+
+    def total(v):
+        return pool(v).sum()
+
+    grad = ms.grad(total)(ms.Tensor(x)).asnumpy()
+    np.testing.assert_array_equal(grad, np.full(x.shape, 0.25, dtype))
 
 
 def test_zero_module_zeroes_every_parameter():
