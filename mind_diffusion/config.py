@@ -182,11 +182,6 @@ class ModelConfig:
     low_res_size: int = option(0, "input resolution of glide_upsample (e.g. 64 for 64→256); "
                                "0 for other archs", at_least(0))
 
-    @property
-    def use_fp16(self):
-        """guided-diffusion's flag, read-only: whether the torso runs in float16 (``dtype == "fp16"``)."""
-        return self.dtype == "fp16"
-
 
 @dataclass
 class DiffusionConfig:

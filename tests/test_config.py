@@ -57,6 +57,10 @@ def test_recipes_carry_the_papers_numbers():
     assert tiny.model.arch == "glide" and tiny.model.image_size <= 16 and tiny.train.batch_size == 4
     upsample = load_config(os.path.join(ROOT, "configs", "glide_upsample256.yaml"))
     assert (upsample.model.image_size, upsample.model.low_res_size) == (256, 64)
+    # ADM and GLIDE train with ADM's float16 torso (use_fp16 True in their scripts)
+    assert [load_config(os.path.join(ROOT, "configs", f"{name}.yaml")).model.dtype
+            for name in ("adm_imagenet64", "glide_base64", "glide_upsample256", "ddpm_cifar10")] \
+        == ["fp16", "fp16", "fp16", "fp32"]
 
 
 def test_unknown_key_is_named_with_a_suggestion():
@@ -148,7 +152,7 @@ def test_use_fp16_is_read_as_model_dtype():
     assert config_from_dict({"model": {"use_fp16": False, "dtype": "bf16"}}).model.dtype == "bf16"
     old_saved = {"model": {"use_fp16": True}, "train": {"use_fp16": None}}
     assert config_from_dict(old_saved).model.dtype == "fp16"
-    assert config_from_dict({}, ["model.use_fp16=true"]).model.use_fp16 is True
+    assert config_from_dict({}, ["model.use_fp16=true"]).model.dtype == "fp16"
     for raw in ({"model": {"use_fp16": True, "dtype": "bf16"}}, {"model": {"use_fp16": False, "dtype": "fp16"}},
                 {"train": {"use_fp16": True}, "model": {"dtype": "fp32"}}):
         message = error_of(raw)
