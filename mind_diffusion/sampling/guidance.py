@@ -13,7 +13,9 @@ one, s > 1: sharper prompt adherence at the cost of diversity).
 :class:`ClassifierGuidance` — Dhariwal & Nichol 2021, "Diffusion Models Beat
 GANs", Sec. 4: the scaled gradient s · ∇_{x_t} log p_φ(y | x_t) of a noisy
 classifier (guided-diffusion's ``cond_fn``), which a sampler adds to the mean
-(DDPM, Alg. 1) or folds into ε (DDIM, Alg. 2).
+(DDPM, Alg. 1: :func:`condition_mean`) or folds into ε (DDIM, Alg. 2, and every
+ODE solver: :func:`condition_score`). The schedulers of
+:mod:`mind_diffusion.sampling.schedulers` take it in the same graph as the model.
 
 Both are ``nn.Cell``s built with ``auto_prefix=False``, so wrapping a model does
 not rename its parameters (its checkpoints keep loading).
@@ -75,6 +77,21 @@ class ClassifierFreeGuidance(nn.Cell):
         return ops.cat([eps, cond_out[:, self.eps_channels:]], axis=1)
 
 
+def condition_mean(mean, variance, gradient):
+    """μ + Σ · g: the mean of p_θ(x_{t−1} | x_t) shifted by the scaled classifier gradient
+    g = s ∇_{x_t} log p_φ(y | x_t), with Σ = Σ_θ(x_t, t) (Dhariwal & Nichol 2021, Alg. 1).
+
+    The ancestral draw μ + σ z is affine in μ, so the same shift applies to a drawn x_{t−1}.
+    """
+    return mean + variance * gradient
+
+
+def condition_score(eps, sqrt_one_minus_alpha_bar, gradient):
+    """ε̂ − √(1 − ᾱ_t) · g, the noise prediction of the score of p(x_t) p_φ(y | x_t)^s
+    (Dhariwal & Nichol 2021, Eq. 14 and Alg. 2), for DDIM and every other ODE solver."""
+    return eps - sqrt_one_minus_alpha_bar * gradient
+
+
 class ClassifierGuidance(nn.Cell):
     """Classifier guidance gradient: ``guide(x, t, y) = s · ∇_x log softmax(classifier(x, t))[y]``.
 
@@ -84,7 +101,11 @@ class ClassifierGuidance(nn.Cell):
         classifier_scale: s (guided-diffusion's ``--classifier_scale``).
 
     construct(x [B, C, H, W], t [B], y int [B]) -> gradient shaped like x (float32).
+    ``inputs`` names the conditioning tensors it reads after (x, t), in order (the
+    sampling loop hands it those of its ``cond_kwargs``).
     """
+
+    inputs = ("y",)
 
     def __init__(self, classifier, classifier_scale):
         super().__init__(auto_prefix=False)
