@@ -17,17 +17,13 @@ Prints median ms per call and GFLOP/s (forward 4·R·d·T·S flops, backward twi
 """
 import argparse
 import os
-import sys
 import time
 
+import mindspore as ms
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import mindspore as ms  # noqa: E402
-
-from mind_diffusion.kernels import attention as kernels  # noqa: E402
-from models.unet import _attend  # noqa: E402
+from mind_diffusion.kernels import attention as kernels
+from models.unet import _attend
 
 
 def callables(variant, q, k, v, w):

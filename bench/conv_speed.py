@@ -25,17 +25,13 @@ them alike; the ratios are the meaningful figures there. Prints median ms per ca
 """
 import argparse
 import os
-import sys
 import time
 
+import mindspore as ms
 import numpy as np
+from mindspore import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import mindspore as ms  # noqa: E402
-from mindspore import nn  # noqa: E402
-
-from mind_diffusion.kernels import conv as kernels  # noqa: E402
+from mind_diffusion.kernels import conv as kernels
 
 CHAIN = 4
 

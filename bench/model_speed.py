@@ -7,18 +7,14 @@ memory of the process. PyTorch on the same machine: bench/torch_reference.py (sa
     python bench/model_speed.py [--device CPU] [--batch-sizes 1 16] [--repeats 5]
 """
 import argparse
-import os
 import resource
 import statistics
-import sys
 import time
 
 import mindspore as ms
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from models.unet import create_model  # noqa: E402  (needs the repository on the path)
+from models.unet import create_model
 
 # improved-diffusion's CIFAR-10-sized model, scaled to 64 base channels.
 CIFAR10_UNET = dict(

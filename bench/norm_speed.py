@@ -20,18 +20,14 @@ Prints median ms per call.
 """
 import argparse
 import os
-import sys
 import time
 
+import mindspore as ms
 import numpy as np
+from mindspore import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import mindspore as ms  # noqa: E402
-from mindspore import nn  # noqa: E402
-
-from mind_diffusion.kernels import group_norm as kernels  # noqa: E402
-from mind_diffusion.nn import GroupNorm32, normalization_silu  # noqa: E402
+from mind_diffusion.kernels import group_norm as kernels
+from mind_diffusion.nn import GroupNorm32, normalization_silu
 
 LAYERS = 4
 

@@ -7,12 +7,9 @@ PyTorch on the same machine: bench/torch_reference.py (same network, same work).
     python bench/sample_speed.py [--batch 16] [--steps 50]
 """
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model_speed import CIFAR10_UNET  # noqa: E402
+from model_speed import CIFAR10_UNET  # bench/ is on the path when run as a script
 
 
 def main():

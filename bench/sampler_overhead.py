@@ -19,20 +19,15 @@ MIND_DIFFUSION_FUSED=0 to time the pure-ops fallback instead).
     python bench/sampler_overhead.py [--batch 16] [--size 32] [--steps 1000]
 """
 import argparse
-import os
-import sys
 import time
 
+import mindspore as ms
 import numpy as np
+from mindspore import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import mindspore as ms  # noqa: E402
-from mindspore import nn  # noqa: E402
-
-from mind_diffusion.gaussian_diffusion import create_diffusion  # noqa: E402
-from mind_diffusion.kernels.conv import Conv2d  # noqa: E402
-from mind_diffusion.sampling import DDIMSampler, DDPMSampler, fused  # noqa: E402
+from mind_diffusion.gaussian_diffusion import create_diffusion
+from mind_diffusion.kernels.conv import Conv2d
+from mind_diffusion.sampling import DDIMSampler, DDPMSampler, fused
 
 
 class SingleConv(nn.Cell):

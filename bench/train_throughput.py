@@ -8,16 +8,13 @@ images/s, and the peak resident memory. PyTorch on the same machine: bench/torch
     python bench/train_throughput.py [--batch 16] [--steps 10]
 """
 import argparse
-import os
 import resource
 import statistics
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model_speed import CIFAR10_UNET  # noqa: E402  (bench/ is on the path when run as a script)
+from model_speed import CIFAR10_UNET  # bench/ is on the path when run as a script
 
 
 def main():

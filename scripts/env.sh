@@ -1,4 +1,4 @@
-# Sourced by the launchers: finds the Python to run with and exports it as $PY.
+# Sourced by the launchers: finds the Python to run with and exports it as $PY, with the project importable.
 #
 #   1. $PY when the caller set it.
 #   2. The current python3 (or python) when the RUNTIME packages import there
@@ -9,10 +9,13 @@
 #      say which, rather than build a second MindSpore beside the installed one.
 #   4. Otherwise the project's own .venv, made once from requirements.txt.
 #
+# The project's own .venv gets the project installed in editable mode (pip install -e ., offline: no
+# build isolation, no dependency resolution), again whenever requirements.txt, pyproject.toml or the
+# project's folder change. Any other Python is left untouched: the project is put on its PYTHONPATH.
 # Nothing here changes the current directory: relative paths stay the user's.
 _md_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _md_venv="$_md_root/.venv"
-_md_stamp="$_md_venv/.requirements.sha"
+_md_stamp="$_md_venv/.install.sha"
 _md_runtime='import mindspore, numpy, yaml, tqdm, PIL, scipy'
 
 _md_pinned() {  # the version requirements.txt pins for package $1
@@ -20,7 +23,7 @@ _md_pinned() {  # the version requirements.txt pins for package $1
 }
 
 _md_missing() {  # runtime packages interpreter $1 cannot import, space-separated (pip names)
-  "$1" - <<'EOF' 2>/dev/null
+  "$1" - <<'PYEOF' 2>/dev/null
 import importlib
 pip_names = {"mindspore": "mindspore", "numpy": "numpy", "yaml": "pyyaml", "tqdm": "tqdm", "PIL": "pillow",
              "scipy": "scipy"}
@@ -31,7 +34,25 @@ for module, pip in pip_names.items():
     except Exception:  # noqa: BLE001 - absent or broken: either way not usable
         missing.append(pip)
 print(" ".join(missing))
-EOF
+PYEOF
+}
+
+_md_install_digest() {  # what the .venv's installation was made from: the two files and where the project is
+  { cat "$_md_root/requirements.txt" "$_md_root/pyproject.toml"; echo "$_md_root"; } | sha1sum | cut -d' ' -f1
+}
+
+_md_setup_venv() {  # create .venv if needed, install requirements.txt and the project (editable) into it
+  local python="$_md_venv/bin/python" pip_quiet=(--quiet --disable-pip-version-check)
+  echo "[mind_diffusion] setting up $_md_venv: requirements.txt and the project (editable; once, a few minutes)" >&2
+  if [ ! -x "$python" ]; then
+    python3 -m venv "$_md_venv" || { echo "error: python3 -m venv failed; install python3-venv" >&2; return 1; }
+  fi
+  # setuptools builds the editable install here, without build isolation (which would download it).
+  "$python" -m pip install "${pip_quiet[@]}" -r "$_md_root/requirements.txt" "setuptools>=64" \
+    || { echo "error: pip install -r requirements.txt failed" >&2; return 1; }
+  "$python" -m pip install "${pip_quiet[@]}" --no-build-isolation --no-deps -e "$_md_root" \
+    || { echo "error: pip install -e $_md_root failed" >&2; return 1; }
+  _md_install_digest > "$_md_stamp"
 }
 
 if [ -z "${PY:-}" ]; then
@@ -51,18 +72,16 @@ if [ -z "${PY:-}" ]; then
     echo "       that may not match this machine's CANN.)" >&2
     return 1
   else
-    _md_want="$(sha1sum "$_md_root/requirements.txt" | cut -d' ' -f1)"
-    if [ ! -x "$_md_venv/bin/python" ] || [ "$(cat "$_md_stamp" 2>/dev/null)" != "$_md_want" ]; then
-      echo "[mind_diffusion] setting up $_md_venv with requirements.txt (once; a few minutes)" >&2
-      python3 -m venv "$_md_venv" || { echo "error: python3 -m venv failed; install python3-venv" >&2; return 1; }
-      "$_md_venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-        -r "$_md_root/requirements.txt" || { echo "error: pip install -r requirements.txt failed" >&2; return 1; }
-      echo "$_md_want" > "$_md_stamp"
-    fi
     PY="$_md_venv/bin/python"
   fi
 fi
+if [ "$PY" = "$_md_venv/bin/python" ]; then
+  if [ ! -x "$PY" ] || [ "$(cat "$_md_stamp" 2>/dev/null)" != "$(_md_install_digest)" ]; then
+    _md_setup_venv || return 1
+  fi
+else
+  export PYTHONPATH="$_md_root${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PY
-export PYTHONPATH="$_md_root${PYTHONPATH:+:$PYTHONPATH}"
 # MindSpore prints framework warnings at level 2 by default; keep the console readable.
 export GLOG_v="${GLOG_v:-3}"

@@ -21,10 +21,8 @@ Read the total as a lower bound, leave ~20% headroom, and check on the device wi
 import argparse
 import glob
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 GB = 1024 ** 3
 HALF_DTYPES = ("fp16", "bf16")

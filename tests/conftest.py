@@ -22,15 +22,12 @@ with its reason in the run's short summary.
 """
 import json
 import os
-import sys
 
 import mindspore as ms
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 REQUIRE_KERNELS = "MIND_DIFFUSION_REQUIRE_KERNELS"

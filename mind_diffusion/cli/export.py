@@ -20,10 +20,6 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if __package__ in (None, ""):  # run as a file: make the project importable
-    sys.path.insert(0, ROOT)
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m mind_diffusion.cli.export",

@@ -32,13 +32,8 @@ import time
 import warnings
 from collections import namedtuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-if __package__ in (None, ""):  # run as a file (msrun launches files): make the project importable
-    sys.path.insert(0, ROOT)
-
-from mind_diffusion.generate import MIN_SAMPLING_STEPS  # noqa: E402
-from mind_diffusion.paths import PROJECT_ROOT, input_path, output_path  # noqa: E402
+from mind_diffusion.generate import MIN_SAMPLING_STEPS
+from mind_diffusion.paths import PROJECT_ROOT, input_path, output_path
 
 SHIPPED_CHECKPOINT = os.path.join(PROJECT_ROOT, "checkpoints", "demo.ckpt")
 RUNS_DIR = "runs"  # train.out_dir's default, under the user's current directory

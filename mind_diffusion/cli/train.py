@@ -12,11 +12,6 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-if __package__ in (None, ""):  # run as a file (msrun launches files): make the project importable
-    sys.path.insert(0, ROOT)
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(

@@ -10,10 +10,8 @@ the mechanism). Prints one JSON line per rank: start step, applied optimizer ste
 import argparse
 import json
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
 
 
 def main():
