@@ -174,3 +174,13 @@ def test_op_once_makes_each_operator_once_and_warns_once_when_refused():
     assert [str(w.message) for w in caught] == [
         "mind_diffusion: x unavailable, using y (excluded by MS_CUSTOM_AOT_WHITE_LIST)"]
     assert ops_cache == {"a": "op", "b": None, "c": None}
+
+
+def test_graphs_built_for_ascend_use_mint_dropout():
+    """nn.Dropout's backward (DropoutGrad) has no Ascend kernel: an Ascend-built Dropout takes mint's
+    DropoutExt, and a CPU-built one never does."""
+    from mind_diffusion.device import building_for
+    from mind_diffusion.kernels.dropout import Dropout
+    with building_for("Ascend"):
+        assert Dropout(0.1).on_npu
+    assert not Dropout(0.1).on_npu

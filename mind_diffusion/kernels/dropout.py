@@ -13,13 +13,14 @@ the step like the timesteps and the noise. Only the offset is used: in
 MindSpore 2.10's graph mode the generator's seed output is a per-process
 value, not the seed set from the host (the offset is the live one).
 
-The C++ path is chosen when a Dropout is built, in Python, and only on the CPU
-backend; ``nn.Dropout`` stays the fallback (its masks do not resume):
+The path is chosen when a Dropout is built, in Python. Graphs built for Ascend
+or GPU (``device.graph_target()``) use ``mint.nn.functional.dropout``, whose
+kernels (DropoutExt, DropoutGradExt) exist there. On CPU the C++ kernel is used,
+with ``nn.Dropout`` as the fallback (its masks do not resume):
 
 - ``MIND_DIFFUSION_FAST_DROPOUT=0`` (or ``false``/``off``/``no``) disables it;
-- any other device target, no g++, a failed build, or an
-  ``MS_CUSTOM_AOT_WHITE_LIST`` that excludes the kernel cache falls back, with
-  one RuntimeWarning saying why (none for the env var or the device);
+- no g++, a failed build, or an ``MS_CUSTOM_AOT_WHITE_LIST`` that excludes the
+  kernel cache falls back, with one RuntimeWarning saying why (none for the env var);
 - inside the graph a non-float32 input (an fp16 model) takes ``nn.Dropout``.
 """
 import os
@@ -27,9 +28,10 @@ import threading
 
 import numpy as np
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import mint, nn, ops
 from mindspore.common.generator import default_generator
 
+from mind_diffusion.device import graph_target
 from mind_diffusion.kernels import aot
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "dropout.cc")
@@ -90,8 +92,10 @@ def seed_step(seed, rank, step):
 class Dropout(nn.Cell):
     """Zero each element with probability p during training, scale the rest by 1/(1 − p).
 
-    On CPU the masks are counter-based (see the module docstring); elsewhere this is
-    ``nn.Dropout``. Identity in eval mode and for p = 0.
+    On CPU the masks are counter-based (see the module docstring). In graphs built for
+    Ascend or GPU it is ``mint.nn.functional.dropout`` (DropoutExt, whose backward
+    DropoutGradExt has an Ascend kernel, unlike ``nn.Dropout``'s DropoutGrad), drawing
+    from MindSpore's default generator. Identity in eval mode and for p = 0.
 
     :param p: the drop probability, in [0, 1).
     """
@@ -106,10 +110,13 @@ class Dropout(nn.Cell):
         self.p_tensor = ms.Tensor([self.p], ms.float32)
         self.one = ms.Tensor(1, ms.int64)
         self.fallback = nn.Dropout(p=self.p)
+        self.on_npu = graph_target() != "CPU"
 
     def construct(self, x):
         if not self.training or self.p == 0.0:
             return x
+        if self.on_npu:
+            return mint.nn.functional.dropout(x, self.p, training=True)
         if self.fast and x.dtype == ms.float32:
             _, counter = default_generator._step(self.one)  # pylint: disable=protected-access
             return self.op(x, counter, self.p_tensor)
