@@ -2,7 +2,7 @@
 # Train a diffusion model: bash run_train.sh [N] [config.yaml] [key=value ... | --resume [PATH] | --run-dir DIR]
 #   N          data-parallel workers in all (default 1); N > 1 starts them with msrun.
 #   config     a recipe (default: configs/demo.yaml; with no arguments at all, a short demo run
-#              into runs/demo_quick that fine-tunes checkpoints/demo_eps.ckpt for 200 steps).
+#              into runs/demo_quick (then _2, _3, ...) that fine-tunes checkpoints/demo_eps.ckpt for 200 steps).
 #   key=value  overrides, e.g. train.lr=1e-4 (same as --set key=value).
 #   --dry-run  print the command and the environment it would get, and run nothing.
 # Paths are the current directory's: run it from anywhere. A relative config, --run-dir, --resume
@@ -49,9 +49,12 @@ config=configs/demo.yaml
 if [[ ${#args[@]} -gt 0 && "${args[0]}" != -* && "${args[0]}" != *=* ]]; then config=${args[0]}; args=("${args[@]:1}"); fi
 extra=()
 if [[ $# -eq $dry_run ]]; then
-  # No arguments: a few minutes of the demo recipe on CPU, ending with a sample grid.
+  # No arguments: a few minutes of the demo recipe on CPU, ending with a sample grid. Each such run gets a
+  # folder of its own (runs/demo_quick, runs/demo_quick_2, ...): an earlier one is never mixed or replaced.
+  quick=runs/demo_quick; n=2
+  while [[ -e "$quick" ]]; do quick=runs/demo_quick_$n; n=$((n + 1)); done
   extra=(--set train.total_steps=200 --set train.batch_size=32 --set train.log_every=25
-         --set train.save_every=200 --set train.sample_every=0 --run-dir runs/demo_quick)
+         --set train.save_every=200 --set train.sample_every=0 --run-dir "$quick")
 fi
 for a in "${args[@]+"${args[@]}"}"; do
   if [[ "$a" == *=* && "$a" != -* ]]; then extra+=(--set "$a"); else extra+=("$a"); fi
