@@ -1,46 +1,126 @@
-"""Does the demo model draw what the prompt asks? Shape and colour judged on samples, per guidance scale.
+"""Does the demo model draw what the prompt asks? Shape, colour and background judged on samples,
+per prompt set and guidance scale.
 
-Prompts are drawn like the demo set's captions (Chinese and English, every
-template) but from a seed the model was not trained on; each sample is read by
-``mind_diffusion.evaluation.judge`` and counted right when both its shape and
-its colour match the prompt. Chance is 1/40 = 2.5%.
+Two prompt sets, each drawn from a seed the model was not trained on:
+
+- ``templates``: the ten caption templates of the first demo model
+  (``demo.TEMPLATES``, Chinese and English), every one of them in training;
+- ``heldout``: wordings never used in training (mind_diffusion/evaluation/heldout.py),
+  16 per language, with the demo vocabulary's synonyms.
+
+Each sample is read by ``mind_diffusion.evaluation.judge``: "both" counts shape
+and colour right (chance 1/40 = 2.5%); "background" is the share of the
+prompts that name a background whose image shows it, and "bg control" the
+share that shows instead another background drawn at random from those the
+prompt's colour allows (what ignoring the background words scores, about 1/7).
+The same sampling seed is used for every set and scale.
+
+Layout (spaces, case, punctuation, full-width forms) is normalised by the
+tokenizer; the bench checks that a scrambled-layout copy of every prompt gives
+the same tokens, so it cannot change a picture.
 
     python bench/prompt_adherence.py [--ckpt checkpoints/demo.ckpt] [--n 200] [--scales 0,1,3,5]
+                                     [--sets templates,heldout]
 """
 import argparse
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+SETS = ("templates", "heldout")
 
-def demo_prompts(count, seed, image_size):
-    """``count`` prompts in the demo set's own distribution of shapes, colours, backgrounds and templates."""
+
+def template_prompts(count, seed):
+    """``count`` (prompt, wanted) pairs from the ten core templates: shapes, colours,
+    backgrounds drawn like the demo set's, languages alternating, templates in turn."""
     from mind_diffusion.data import demo
+    rng = np.random.default_rng([seed, 10])
     prompts = []
     for index in range(count):
-        a = demo.sample_attributes(seed, index, image_size)
-        prompts.append(demo.make_caption(a["shape"], a["color"], a["background"], a["lang"], a["template"]))
+        lang = ("en", "zh")[index % 2]
+        template = (index // 2) % len(demo.TEMPLATES[lang])
+        shape = demo.SHAPES[rng.integers(len(demo.SHAPES))].name
+        colour = demo.COLORS[rng.integers(len(demo.COLORS))].name
+        allowed = demo.ALLOWED_BACKGROUNDS[colour]
+        background = allowed[rng.integers(len(allowed))]
+        named = "{background}" in demo.TEMPLATES[lang][template]
+        prompts.append((demo.make_caption(shape, colour, background, lang, template),
+                        {"shape": shape, "color": colour, "background": background if named else None}))
     return prompts
+
+
+def prompt_set(name, count, seed):
+    """(prompts, wanted attributes) of one named set."""
+    from mind_diffusion.evaluation.heldout import held_out_prompts
+    pairs = template_prompts(count, seed) if name == "templates" else held_out_prompts(count, seed)
+    return [p for p, _ in pairs], [w for _, w in pairs]
+
+
+def scrambled_layout(prompt, rng):
+    """The prompt with its layout changed at random: case, spaces, full-width forms, end punctuation."""
+    text = "".join(ch.upper() if ch.isascii() and rng.random() < 0.5 else ch for ch in prompt)
+    text = text.replace(" ", "  ").replace(",", " ，")
+    text = "".join(chr(ord(ch) + 0xFEE0) if "a" <= ch.lower() <= "z" and rng.random() < 0.2 else ch
+                   for ch in text)
+    return "  " + text + ("!!", "。", " ?", "...")[rng.integers(4)]
+
+
+def layout_mismatches(tokenizer, prompts, seed):
+    """How many prompts tokenise differently from a scrambled-layout copy of themselves."""
+    rng = np.random.default_rng(seed)
+    with warnings.catch_warnings():  # unnormalised, a scrambled prompt may be cut to fit: that is a mismatch too
+        warnings.simplefilter("ignore", UserWarning)
+        plain = tokenizer(prompts)[0]
+        scrambled = tokenizer([scrambled_layout(p, rng) for p in prompts])[0]
+    return int((plain != scrambled).any(axis=1).sum())
+
+
+def background_control(wanted, judged, seed):
+    """Share of the background-naming prompts whose image shows a different, random allowed background."""
+    from mind_diffusion.data import demo
+    rng = np.random.default_rng(seed)
+    hits = []
+    for asked, seen in zip(wanted, judged):
+        if asked["background"] is None:
+            continue
+        others = [b for b in demo.ALLOWED_BACKGROUNDS[asked["color"]] if b != asked["background"]]
+        hits.append(seen["background"] == others[rng.integers(len(others))])
+    return sum(hits) / len(hits) if hits else None
+
+
+def _percent(value):
+    return "–" if value is None else f"{100 * value:.1f}%"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default=None, help="checkpoint (default: as run_infer.sh picks it)")
-    parser.add_argument("--n", type=int, default=200, help="samples per guidance scale (default: %(default)s)")
+    parser.add_argument("--n", type=int, default=200, help="prompts per set and scale (default: %(default)s)")
     parser.add_argument("--scales", default="0,1,3,5", help="guidance scales (default: %(default)s)")
+    parser.add_argument("--sets", default=",".join(SETS), help="prompt sets, of " + ", ".join(SETS)
+                        + " (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the recipe's)")
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default: the recipe's")
     parser.add_argument("--batch", type=int, default=50, help="images per sampling batch (default: %(default)s)")
-    parser.add_argument("--prompt-seed", type=int, default=12345, help="seed of the prompt list (not a training seed)")
+    parser.add_argument("--prompt-seed", type=int, default=12345, help="seed of the prompt lists (not a training seed)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA copy")
-    parser.add_argument("--grids", default=None, help="folder to write one PNG grid per scale")
+    parser.add_argument("--grids", default=None, help="folder to write one PNG grid per set and scale")
+    parser.add_argument("--no-normalise", action="store_true",
+                        help="tokenise prompts exactly as written, as models from before text normalisation were")
     args = parser.parse_args()
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    unknown = [s for s in sets if s not in SETS]
+    if unknown or not sets:
+        parser.error(f"--sets: unknown {unknown or sets}; choose from {', '.join(SETS)}")
+    if args.n < 1 or args.batch < 1:
+        parser.error("--n and --batch must be at least 1")
 
     import mindspore as ms
     from mind_diffusion.cli.factory import build_diffusion, build_model
@@ -61,30 +141,41 @@ def main():
         sys.exit(f"{path} is not a text-to-image checkpoint")
     weights = model_weights(checkpoint, raw=args.raw)
     restore_state(dict(model.parameters_and_names()), {k: ms.Tensor(v.asnumpy()) for k, v in weights.items()}, path)
+    tokenizer.normalise = not args.no_normalise
     size = config.model.image_size
     generator = ImageGenerator(model, build_diffusion(config.diffusion, config.model), (3, size, size), tokenizer)
-    prompts = demo_prompts(args.n, args.prompt_seed, size)
-    chinese = np.array([any("\u4e00" <= ch <= "\u9fff" for ch in p) for p in prompts])
     sampler, steps = args.sampler or config.sample.sampler, args.steps or config.sample.steps
 
-    print(f"checkpoint {path}: {args.n} prompts per scale ({chinese.sum()} Chinese, {(~chinese).sum()} English), "
-          f"{sampler}-{steps}, judged by mind_diffusion.evaluation.judge; chance = 2.5%")
-    print("| scale | shape | colour | both | both (en) | both (zh) | s/image |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"checkpoint {path}: {args.n} prompts per set and scale (alternately English and Chinese), "
+          f"{sampler}-{steps}, judged by mind_diffusion.evaluation.judge; chance = 2.5% for both; "
+          f"prompts {'as written' if args.no_normalise else 'normalised'}")
+    for name in sets:
+        prompts, _ = prompt_set(name, args.n, args.prompt_seed)
+        print(f"{name}: {layout_mismatches(tokenizer, prompts, args.prompt_seed)} of {len(prompts)} prompts "
+              f"tokenise differently once their layout is scrambled")
+    print("| set | scale | shape | colour | both | both (en) | both (zh) | background (named) | bg control | s/image |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for scale in (float(s) for s in args.scales.split(",")):
-        started = time.perf_counter()
-        images = generator.sample(args.n, prompts=prompts, sampler=sampler, steps=steps,
-                                  eta=config.sample.eta, guidance_scale=scale, batch_size=args.batch,
-                                  seed=args.seed, clip_denoised=config.sample.clip_denoised)
-        seconds = (time.perf_counter() - started) / args.n
-        result = adherence(to_uint8(images), prompts)
-        both = np.array([s["both_ok"] for s in result["samples"]])
-        print(f"| {scale:g} | {100 * result['shape']:.1f}% | {100 * result['color']:.1f}% | "
-              f"{100 * result['both']:.1f}% | {100 * both[~chinese].mean():.1f}% | "
-              f"{100 * both[chinese].mean():.1f}% | {seconds:.3f} |", flush=True)
-        if args.grids:
-            save_grid(to_uint8(images[:64]), os.path.join(args.grids, f"adherence_s{scale:g}.png"), columns=8,
-                      scale=max(1, 64 // size))
+        for name in sets:
+            prompts, wanted = prompt_set(name, args.n, args.prompt_seed)
+            chinese = np.array([any("\u4e00" <= ch <= "\u9fff" for ch in p) for p in prompts])
+            started = time.perf_counter()
+            images = generator.sample(args.n, prompts=prompts, sampler=sampler, steps=steps,
+                                      eta=config.sample.eta, guidance_scale=scale, batch_size=args.batch,
+                                      seed=args.seed, clip_denoised=config.sample.clip_denoised)
+            seconds = (time.perf_counter() - started) / args.n
+            pictures = to_uint8(images)
+            result = adherence(pictures, prompts, wanted)
+            both = np.array([s["both_ok"] for s in result["samples"]])
+            control = background_control(wanted, [s["judged"] for s in result["samples"]], args.prompt_seed)
+            print(f"| {name} | {scale:g} | {_percent(result['shape'])} | {_percent(result['color'])} | "
+                  f"{_percent(result['both'])} | {_percent(both[~chinese].mean() if (~chinese).any() else None)} | "
+                  f"{_percent(both[chinese].mean() if chinese.any() else None)} | "
+                  f"{_percent(result['background'])} ({result['background_named']}) | {_percent(control)} | "
+                  f"{seconds:.3f} |", flush=True)
+            if args.grids:
+                grid = os.path.join(args.grids, f"adherence_{name}_s{scale:g}.png")
+                save_grid(pictures[:64], grid, columns=8, scale=max(1, 64 // size), captions=prompts[:64])
 
 
 if __name__ == "__main__":

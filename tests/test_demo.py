@@ -1,15 +1,18 @@
-"""The procedural bilingual demo set and the judge that reads it."""
+"""The procedural bilingual demo set, its caption grammar, the held-out wordings, and the judge that reads it."""
 import itertools
 import os
+import re
 
 import numpy as np
 import pytest
 
 from mind_diffusion.config import load_config
-from mind_diffusion.data.demo import (ALLOWED_BACKGROUNDS, COLORS, SHAPES, TEMPLATES, DemoSet,
-                                      make_caption, prompt_to_attributes, render,
-                                      sample_attributes)
+from mind_diffusion.data.demo import (ALLOWED_BACKGROUNDS, COLORS, GRAMMAR, MAX_CAPTION_BYTES, SHAPES,
+                                      TEMPLATES, DemoSet, grammar_caption, grammar_templates, make_caption,
+                                      prompt_to_attributes, render, sample_attributes)
+from mind_diffusion.evaluation.heldout import HELD_OUT, held_out_prompts
 from mind_diffusion.evaluation.judge import adherence, judge
+from models.text import normalise_prompt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_RESOLUTION = 32   # configs/demo.yaml
@@ -49,7 +52,7 @@ def test_every_shape_and_colour_renders_recognisably(image_size):
         image = render(shape.name, colour.name, background, 0.5 * image_size,
                        (image_size / 2, image_size / 2), image_size)
         assert (image != image[0, 0]).any(axis=-1).sum() > 0.1 * image_size ** 2
-        assert judge(image) == {"shape": shape.name, "color": colour.name}
+        assert judge(image) == {"shape": shape.name, "color": colour.name, "background": background}
 
 
 def test_captions_in_both_languages_parse_back():
@@ -72,8 +75,92 @@ def test_longest_caption_fits_the_demo_recipes_text_context():
     longest = max(len(make_caption(s.name, c.name, b, lang, k).encode("utf-8"))
                   for s, c in itertools.product(SHAPES, COLORS) for b in ALLOWED_BACKGROUNDS[c.name]
                   for lang, templates in TEMPLATES.items() for k in range(len(templates)))
+    longest = max(longest, MAX_CAPTION_BYTES,
+                  max(len(prompt.encode("utf-8")) for prompt, _ in held_out_prompts(2000, seed=1)))
     for recipe in ("tiny.yaml", "demo.yaml"):
         assert longest + 1 <= load_config(os.path.join(ROOT, "configs", recipe)).model.text_ctx
+
+
+def test_grammar_captions_fit_parse_back_and_vary():
+    captions = set()
+    for index in range(3000):
+        attributes = sample_attributes(11, index, 16)
+        caption = attributes["caption"]
+        captions.add(caption)
+        assert len(caption.encode("utf-8")) <= MAX_CAPTION_BYTES
+        assert "{" not in caption and "  " not in caption and "\0" not in caption
+        named = attributes["background"] if attributes["names_background"] else None
+        assert prompt_to_attributes(caption) == {
+            "shape": attributes["shape"], "color": attributes["color"], "background": named}, caption
+    assert len(captions) > 2500          # hardly a caption repeats
+    names = [sample_attributes(11, i, 16)["names_background"] for i in range(3000)]
+    assert 0.4 < np.mean(names) < 0.6
+    # "an orange", never "a orange" (but core template 1 keeps the first model's "on a orange background")
+    text = " ".join(captions).replace("on a orange background", "")
+    assert not re.search(r"\ba (?=[aeiou])", text) and "an orange" in text
+
+
+def test_grammar_caption_is_drawn_again_when_too_long():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        text, named = grammar_caption(rng, "star", "purple", "yellow", "en")
+        assert len(text.encode("utf-8")) <= MAX_CAPTION_BYTES
+        assert prompt_to_attributes(text)["background"] == ("yellow" if named else None)
+
+
+def _training_templates(lang):
+    return {normalise_prompt(t) for t in grammar_templates(lang)} | {normalise_prompt(t) for t in TEMPLATES[lang]}
+
+
+def _template_words(template, lang):
+    """The words (English) or CJK characters (Chinese) of a template outside its slots."""
+    text = re.sub(r"\{\w+\}", " ", normalise_prompt(template))
+    if lang == "en":
+        return set(re.findall(r"[a-z']+", text))
+    return {ch for ch in text if "\u4e00" <= ch <= "\u9fff"}
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_held_out_wordings_are_never_in_training(lang):
+    """No held-out wording is a training template, and each has a word (a character in
+    Chinese) that no training template has: they test words learnt, not sentences."""
+    training = _training_templates(lang)
+    vocabulary = set().union(*(_template_words(t, lang) for t in training))
+    assert len(HELD_OUT[lang]) >= 12 and len(set(HELD_OUT[lang])) == len(HELD_OUT[lang])
+    for wording in HELD_OUT[lang]:
+        assert normalise_prompt(wording) not in training, wording
+        assert _template_words(wording, lang) - vocabulary, f"{wording!r} has no word unseen in training"
+    # nor does any caption of the training set, whatever its words
+    held_out = {normalise_prompt(p) for p, _ in held_out_prompts(400, seed=3)}
+    assert not held_out & {normalise_prompt(sample_attributes(0, i, 16)["caption"]) for i in range(5000)}
+
+
+def test_held_out_prompts_alternate_languages_and_name_what_they_ask():
+    prompts = held_out_prompts(64, seed=12345)
+    assert len(prompts) == 64 and prompts == held_out_prompts(64, seed=12345)
+    for index, (text, wanted) in enumerate(prompts):
+        chinese = any("\u4e00" <= ch <= "\u9fff" for ch in text)
+        assert chinese == (index % 2 == 1), text
+        assert wanted["background"] is None or wanted["background"] in ALLOWED_BACKGROUNDS[wanted["color"]]
+    named = sum(w["background"] is not None for _, w in prompts)
+    assert 24 <= named <= 40
+    wordings = {t for lang in ("en", "zh") for t in HELD_OUT[lang]}
+    assert len({w for w in wordings if any(_matches(w, text) for text, _ in prompts)}) == len(wordings)
+
+
+def _matches(wording, text):
+    """Whether ``text`` is ``wording`` with its slots filled (any words)."""
+    pattern = re.escape(wording).replace(r"\{a\}", "an?")
+    for slot in ("color", "shape", "background"):
+        pattern = pattern.replace(re.escape("{" + slot + "}"), r"[\w\- ]+?")
+    return re.fullmatch(pattern, text) is not None
+
+
+def test_parser_ignores_layout():
+    for caption in ("a red circle on a blue background", "一个红色的圆形，背景是蓝色", "the box in violet, the background is grey"):
+        wanted = prompt_to_attributes(caption)
+        assert wanted["shape"] and wanted["color"] and wanted["background"]
+        assert prompt_to_attributes("  " + caption.upper() + "!!") == wanted
 
 
 def test_prompt_parser_handles_free_variations():
@@ -85,12 +172,13 @@ def test_prompt_parser_handles_free_variations():
 
 
 def test_judge_reads_the_generators_images(record_property):
-    """The judge must be right on shape AND colour for >= 98% of 500 demo images."""
+    """The judge must be right on shape, colour AND background for >= 98% of 500 demo images."""
     demo = DemoSet(500, DEMO_RESOLUTION, seed=2024)
     correct = 0
     for i in range(len(demo)):
         image, _, attributes = demo[i]
-        correct += judge(image) == {"shape": attributes["shape"], "color": attributes["color"]}
+        correct += judge(image) == {"shape": attributes["shape"], "color": attributes["color"],
+                                    "background": attributes["background"]}
     record_property("judge_accuracy", correct / len(demo))
     assert correct / len(demo) >= 0.98
 
@@ -101,7 +189,8 @@ def test_judge_accepts_model_outputs_and_adherence_scores_them():
     model_outputs = [image.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1 for image in images]
     assert [judge(x) for x in model_outputs] == [judge(x) for x in images]
     right = adherence(model_outputs, captions)
-    assert right["both"] == right["shape"] == right["color"] == 1.0
+    assert right["both"] == right["shape"] == right["color"] == right["background"] == 1.0
+    assert right["background_named"] == sum(demo[i][2]["names_background"] for i in range(len(demo))) > 0
     assert len(right["samples"]) == 40 and all(s["both_ok"] for s in right["samples"])
     actual = demo[0][2]
     other_shape = next(s.name for s in SHAPES if s.name != actual["shape"])

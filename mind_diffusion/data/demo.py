@@ -35,20 +35,20 @@ class Colour(NamedTuple):
 
 
 SHAPES = (
-    Shape("circle", ("circle",), ("圆形", "圆", "圆圈")),
-    Shape("square", ("square",), ("正方形", "方形", "方块")),
+    Shape("circle", ("circle", "disc", "disk", "dot"), ("圆形", "圆", "圆圈", "圆盘")),
+    Shape("square", ("square", "box"), ("正方形", "方形", "方块")),
     Shape("triangle", ("triangle",), ("三角形", "三角")),
-    Shape("star", ("star",), ("星形", "星星", "五角星", "星")),
-    Shape("cross", ("cross", "plus"), ("十字形", "十字", "加号")),
+    Shape("star", ("star", "five-pointed star"), ("星形", "星星", "五角星", "星")),
+    Shape("cross", ("cross", "plus", "plus sign"), ("十字形", "十字", "加号")),
 )
 
 # Shape colours: hues far apart, plus white, so that each stays nameable.
 COLORS = (
     Colour("red", (220, 30, 30), ("red",), ("红色", "红")),
-    Colour("orange", (250, 140, 0), ("orange",), ("橙色", "橘色", "橙")),
+    Colour("orange", (250, 140, 0), ("orange",), ("橙色", "橘色", "橙", "橘黄色")),
     Colour("yellow", (250, 225, 30), ("yellow",), ("黄色", "黄")),
     Colour("green", (30, 160, 50), ("green",), ("绿色", "绿")),
-    Colour("cyan", (0, 200, 210), ("cyan",), ("青色", "青")),
+    Colour("cyan", (0, 200, 210), ("cyan", "turquoise", "aqua"), ("青色", "青", "蓝绿色")),
     Colour("blue", (30, 70, 225), ("blue",), ("蓝色", "蓝")),
     Colour("purple", (145, 50, 200), ("purple", "violet"), ("紫色", "紫")),
     Colour("white", (245, 245, 245), ("white",), ("白色", "白")),
@@ -139,6 +139,8 @@ def render(shape, color, background, size, center, image_size, supersample=SUPER
 # Captions.
 # ---------------------------------------------------------------------------
 
+# The ten templates of the first demo model, kept as they were: the "training
+# wordings" of the prompt-adherence bench, and a quarter of the captions.
 EN_TEMPLATES = (
     "{a} {color} {shape}",
     "{a} {color} {shape} on a {background} background",
@@ -154,10 +156,87 @@ ZH_TEMPLATES = (
     "一个{color}的{shape}，背景是{background}",
 )
 TEMPLATES = {"en": EN_TEMPLATES, "zh": ZH_TEMPLATES}
+CORE_TEMPLATE_SHARE = 0.25
+
+# The caption grammar: a template is lead + noun phrase + background phrase + tail,
+# or background-first phrase + noun phrase + tail; every choice is drawn at
+# random, and the colour and shape words from all their synonyms. So many
+# wordings teach the model the words rather than the sentences. The evaluation's
+# held-out wordings (mind_diffusion/evaluation/heldout.py) are kept out of it,
+# and tests/test_demo.py checks that none of them can be produced here.
+# "{a}" is the article of the word after it ("a" or "an").
+GRAMMAR = {
+    "en": {
+        "leads": ("", "a picture of ", "an image of ", "a photo of ", "a drawing of ", "a painting of ",
+                  "an illustration of ", "a render of ", "show ", "show me ", "make ", "generate ",
+                  "create ", "render ", "give me ", "paint ", "i want ", "please make ", "please show ",
+                  "here is ", "now ", "just "),
+        "nouns": ("{a} {color} {shape}", "{color} {shape}", "the {color} {shape}", "one {color} {shape}",
+                  "{a} {size} {color} {shape}", "{a} {shape} in {color}", "{a} {shape}, {color}",
+                  "{a} {shape} coloured {color}", "{a} {shape} colored {color}", "{a} {color} coloured {shape}",
+                  "{a} {shape} of {color} colour", "{a} {shape} of {color} color", "{a} {color} {shape} shape",
+                  "{a} solid {color} {shape}", "{a} {shape} filled with {color}"),
+        "sizes": ("small", "big", "large", "little", "medium"),
+        "backgrounds_after": (" on {a} {background} background", ", {background} background",
+                              " with {a} {background} background", " on {background}",
+                              " in front of {a} {background} background", ", background {background}",
+                              ", the background is {background}", " on a background of {background}",
+                              " and {a} {background} background", " with {background} around it",
+                              " on a plain {background} background"),
+        "backgrounds_before": ("{background} background, ", "on {a} {background} background, ",
+                               "{a} {background} background with "),
+        "tails": ("", " please", ", please", " thanks", " now"),
+    },
+    "zh": {
+        "leads": ("{noun}", "一张{noun}的图片", "一幅{noun}的图", "生成{noun}", "给我{noun}", "展示{noun}",
+                  "显示{noun}", "我要{noun}", "请生成{noun}", "{noun}的图片", "图片:{noun}"),
+        "nouns": ("{color}的{shape}", "{color}{shape}", "一个{color}{shape}", "一个{color}的{shape}",
+                  "{shape},{color}", "{shape}({color})", "{color}颜色的{shape}", "一个{shape},{color}的",
+                  "一个{size}{color}{shape}", "{size}的{color}{shape}", "纯{color}的{shape}"),
+        "sizes": ("小", "大"),
+        "backgrounds_after": (",背景是{background}", ",背景为{background}", ",{background}背景",
+                              ",{background}的背景", ",背景:{background}", ",配{background}背景",
+                              ",在{background}背景上"),
+        "backgrounds_before": ("{background}背景上的", "在{background}背景上的", "{background}背景,",
+                               "背景是{background},", "{background}的背景上,"),
+        "tails": ("", ",谢谢", "吧", "。"),
+    },
+}
+BACKGROUND_SHARE = 0.5     # grammar captions that name the background
+MAX_CAPTION_BYTES = 63     # configs/demo.yaml's text_ctx (64) less the end token
+
+
+def grammar_templates(lang):
+    """Every template the grammar can produce for ``lang`` (the core templates not included),
+    with ``{color}``, ``{shape}``, ``{size}``, ``{background}`` and ``{a}`` slots."""
+    grammar = GRAMMAR[lang]
+    if lang == "en":
+        plain = [lead + noun for lead in grammar["leads"] for noun in grammar["nouns"]]
+    else:
+        plain = [lead.replace("{noun}", noun) for lead in grammar["leads"] for noun in grammar["nouns"]]
+    # a background-first phrase goes before a bare noun phrase only: "蓝色背景上的生成…" is not Chinese
+    bare = grammar["nouns"]
+    bodies = (plain + [body + after for body in plain for after in grammar["backgrounds_after"]]
+              + [before + noun for before in grammar["backgrounds_before"] for noun in bare])
+    return [body + tail for body in bodies for tail in grammar["tails"]]
+
+
+def _with_articles(text):
+    """Replace each "{a}" marker (already formatted as "\0") by "a" or "an" for the word after it."""
+    return re.sub("\0 (?=[aeiou])", "an ", text).replace("\0", "a")
+
+
+def fill_template(template, shape_word, colour_word, background_word=None, size_word=""):
+    """A template with its slots filled by the given words (and its articles chosen)."""
+    if "{background}" in template and background_word is None:
+        raise ValueError(f"template {template!r} names the background; pass background")
+    return _with_articles(template.format(a="\0", color=colour_word, shape=shape_word,
+                                          background=background_word, size=size_word))
 
 
 def make_caption(shape, color, background=None, lang="en", template=0):
-    """A caption in ``lang`` ("en" or "zh") from template number ``template``.
+    """A caption in ``lang`` ("en" or "zh") from core template number ``template``
+    (:data:`TEMPLATES`), with each attribute's first word.
 
     Templates that name the background need ``background``; asking for one
     without it raises ValueError.
@@ -169,13 +248,46 @@ def make_caption(shape, color, background=None, lang="en", template=0):
         raise ValueError(f"template {template} ({text!r}) names the background; pass background")
     shape_words, colour = SHAPE_BY_NAME[shape], COLOR_BY_NAME[color]
     if lang == "en":
-        colour_word = colour.en[0]
-        return text.format(a="an" if colour_word[0] in "aeiou" else "a", color=colour_word,
-                           shape=shape_words.en[0],
-                           background=background and COLOR_BY_NAME[background].en[0])
+        return fill_template(text, shape_words.en[0], colour.en[0],
+                             background and COLOR_BY_NAME[background].en[0])
     return text.format(color=colour.zh[0], shape=shape_words.zh[0], shape_short=shape_words.zh[1],
                        background=background and COLOR_BY_NAME[background].zh[0])
 
+
+def _pick(rng, options):
+    return options[int(rng.integers(len(options)))]
+
+
+def grammar_caption(rng, shape, color, background, lang):
+    """A random caption from the grammar: (text, whether it names the background).
+
+    Draws lead, noun phrase, background phrase (with probability
+    :data:`BACKGROUND_SHARE`), tail and synonyms from ``rng``; a caption longer than
+    :data:`MAX_CAPTION_BYTES` is drawn again, so every one fits the demo text context.
+    """
+    grammar = GRAMMAR[lang]
+    words = "en" if lang == "en" else "zh"
+    while True:
+        noun = _pick(rng, grammar["nouns"])
+        names_background = rng.random() < BACKGROUND_SHARE
+        if names_background and rng.random() < 0.25:
+            body = _pick(rng, grammar["backgrounds_before"]) + noun
+        else:
+            lead = _pick(rng, grammar["leads"])
+            body = lead + noun if lang == "en" else lead.replace("{noun}", noun)
+            if names_background:
+                body += _pick(rng, grammar["backgrounds_after"])
+        template = body + _pick(rng, grammar["tails"])
+        text = fill_template(template, _pick(rng, getattr(SHAPE_BY_NAME[shape], words)),
+                             _pick(rng, getattr(COLOR_BY_NAME[color], words)),
+                             _pick(rng, getattr(COLOR_BY_NAME[background], words)), _pick(rng, grammar["sizes"]))
+        if len(text.encode("utf-8")) <= MAX_CAPTION_BYTES:
+            return text, names_background
+
+
+# ---------------------------------------------------------------------------
+# Reading a prompt back.
+# ---------------------------------------------------------------------------
 
 def _find_words(text, words_by_name, english):
     """(position, -length, name, start, end) for every vocabulary word in ``text``."""
@@ -188,30 +300,45 @@ def _find_words(text, words_by_name, english):
     return sorted(found)
 
 
+# Background phrases, "{w}" standing for a colour word: the grammar's and a few more.
+EN_BACKGROUND_PATTERNS = (
+    r"\b(?:(?:on|with|and|in front of|over) )?(?:an? )?(?:plain )?{w} background\b",
+    r"\b(?:the )?background(?: is| of|:)? {w}\b",
+    r"\bon {w}$",
+    r"\bon {w}(?= please| thanks| now|,)",
+    r"\bwith {w} around it\b",
+)
+ZH_BACKGROUND_PATTERNS = (
+    r"(?:在|配)?{w}(?:的)?背景(?:上|中|里)?(?:的)?",
+    r"背景(?:是|为|:|:){w}",
+)
+
+
 def _background_in(text):
     """Find a background phrase; returns (name, text without it) or (None, text)."""
-    for colour in BACKGROUNDS:
-        for word in colour.en:
-            match = re.search(rf"\b(?:on an? )?{word} background\b", text)
-            if match:
-                return colour.name, text[:match.start()] + text[match.end():]
-    for colour in BACKGROUNDS:
-        # longest word first, so 红色 wins over 红 and nothing of it is left behind
-        for word in sorted(colour.zh, key=len, reverse=True):
-            match = re.search(rf"(?:在)?{word}(?:的)?背景(?:上|中|里)?(?:的)?|背景(?:是|为){word}", text)
-            if match:
-                return colour.name, text[:match.start()] + text[match.end():]
+    for patterns, english in ((EN_BACKGROUND_PATTERNS, True), (ZH_BACKGROUND_PATTERNS, False)):
+        # longest word first, so 蓝绿色 wins over 绿色 and 红色 over 红, and nothing of it is left behind
+        words = sorted(((word, colour.name) for colour in BACKGROUNDS
+                        for word in (colour.en if english else colour.zh)), key=lambda pair: -len(pair[0]))
+        for pattern in patterns:
+            for word, name in words:
+                match = re.search(pattern.replace("{w}", re.escape(word)), text)
+                if match:
+                    return name, text[:match.start()] + " " + text[match.end():]
     return None, text
 
 
 def prompt_to_attributes(text):
     """Parse a demo caption or prompt into ``{"shape", "color", "background"}``.
 
-    Works for both languages and the templates' variations ("a red circle on a
-    blue background", "蓝色背景上的红色圆形", "红色的圆"). Anything not named
-    is None; when several colours or shapes appear, the first one wins.
+    Works for both languages and the caption grammar's wordings ("a red circle on a
+    blue background", "蓝色背景上的红色圆形", "红色的圆", "a box in violet, the
+    background is grey"); the text is normalised first, as the tokenizer does.
+    Anything not named is None; when several colours or shapes appear, the first
+    one wins.
     """
-    text = text.strip().lower()
+    from models.text import normalise_prompt
+    text = normalise_prompt(text)
     background, rest = _background_in(text)
     attributes = {"shape": None, "color": None, "background": background}
     for key, vocabulary in (("shape", SHAPES), ("color", BACKGROUNDS)):
@@ -229,7 +356,8 @@ def prompt_to_attributes(text):
 
 def sample_attributes(seed, index, image_size):
     """The attributes of item ``index`` of the demo set ``seed``: a dict with shape,
-    color, background, size, center (pixels), lang and template."""
+    color, background, size, center (pixels), lang, caption and names_background
+    (whether the caption names the background colour)."""
     rng = np.random.default_rng([seed, index])
     shape = SHAPES[rng.integers(len(SHAPES))].name
     colour = COLORS[rng.integers(len(COLORS))].name
@@ -240,9 +368,14 @@ def sample_attributes(seed, index, image_size):
     low, high = size / 2 + 1, image_size - size / 2 - 1
     center = (float(rng.uniform(low, high)), float(rng.uniform(low, high)))
     lang = ("en", "zh")[rng.integers(2)]
-    template = int(rng.integers(len(TEMPLATES[lang])))
+    if rng.random() < CORE_TEMPLATE_SHARE:
+        template = TEMPLATES[lang][int(rng.integers(len(TEMPLATES[lang])))]
+        caption = make_caption(shape, colour, background, lang, TEMPLATES[lang].index(template))
+        names_background = "{background}" in template
+    else:
+        caption, names_background = grammar_caption(rng, shape, colour, background, lang)
     return {"shape": shape, "color": colour, "background": background, "size": float(size),
-            "center": center, "lang": lang, "template": template}
+            "center": center, "lang": lang, "caption": caption, "names_background": names_background}
 
 
 def class_label(shape, color):
@@ -272,6 +405,4 @@ class DemoSet:
         attributes = sample_attributes(self.seed, index, self.image_size)
         image = render(attributes["shape"], attributes["color"], attributes["background"],
                        attributes["size"], attributes["center"], self.image_size)
-        caption = make_caption(attributes["shape"], attributes["color"], attributes["background"],
-                               attributes["lang"], attributes["template"])
-        return image, caption, attributes
+        return image, attributes["caption"], attributes

@@ -1,10 +1,11 @@
-"""A judge that says which demo shape and colour an image shows.
+"""A judge that says which demo shape, colour and background an image shows.
 
 It reads images the way the demo set draws them: one shape on a plain
 background.
 
 1. Background colour = the median of the border pixels (the generator keeps a
-   1-pixel margin, so the border is pure background).
+   1-pixel margin, so the border is pure background); its name is the nearest
+   colour of the background palette (demo BACKGROUNDS).
 2. Foreground = the largest connected region of pixels whose colour lies more
    than half-way from the background to the most distant colours in the image.
 3. Colour = the palette colour (demo COLORS) nearest to the median of the
@@ -15,7 +16,7 @@ background.
    resized to a fixed grid and compared with the same map of each shape drawn by
    the generator at several sizes and sub-pixel offsets; the nearest wins.
 
-Validated on the generator's own images (tests/test_demo.py).
+Validated on the generator's own images (tests/test_demo.py, tests/test_judge.py).
 """
 import functools
 
@@ -23,7 +24,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from mind_diffusion.data.demo import COLORS, SHAPES, prompt_to_attributes, render
+from mind_diffusion.data.demo import BACKGROUNDS, COLORS, SHAPES, prompt_to_attributes, render
 
 GRID = 24                           # side of the normalised coverage map
 TEMPLATE_IMAGE_SIZE = 32            # templates are drawn like demo images of this side
@@ -33,6 +34,11 @@ FOREGROUND_FRACTION = 0.5           # "half-way from the background" threshold
 CORE_FRACTION = 0.8                 # core pixels for the colour estimate
 CONTRAST_PERCENTILE = 99.0          # the shape's distance from the background, robust to outliers
 PALETTE = np.array([colour.rgb for colour in COLORS], dtype=np.float64)
+BACKGROUND_PALETTE = np.array([colour.rgb for colour in BACKGROUNDS], dtype=np.float64)
+
+
+def _nearest(palette, names, rgb):
+    return names[int(np.argmin(np.linalg.norm(palette - rgb, axis=1)))].name
 
 
 def as_rgb_pixels(image):
@@ -92,48 +98,61 @@ def _templates():
 
 
 def judge(image):
-    """Which shape and colour the image shows: ``{"shape", "color"}`` (None when blank)."""
+    """Which shape, colour and background the image shows: ``{"shape", "color", "background"}``
+    (shape and colour None when the image is blank)."""
     pixels = as_rgb_pixels(image)
-    coverage, mask, _ = _coverage(pixels)
+    coverage, mask, background_rgb = _coverage(pixels)
+    background = _nearest(BACKGROUND_PALETTE, BACKGROUNDS, background_rgb)
     if not mask.any():
-        return {"shape": None, "color": None}
+        return {"shape": None, "color": None, "background": background}
     core = mask & (coverage >= CORE_FRACTION)
-    colour_rgb = np.median(pixels[core if core.any() else mask], axis=0)
-    colour = COLORS[int(np.argmin(np.linalg.norm(PALETTE - colour_rgb, axis=1)))].name
+    colour = _nearest(PALETTE, COLORS, np.median(pixels[core if core.any() else mask], axis=0))
 
     observed = _normalised_map(coverage, mask)
     errors = {name: np.min(np.mean((maps - observed) ** 2, axis=(1, 2)))
               for name, maps in _templates().items()}
-    return {"shape": min(errors, key=errors.get), "color": colour}
+    return {"shape": min(errors, key=errors.get), "color": colour, "background": background}
 
 
-def adherence(images, prompts):
+def adherence(images, prompts, wanted=None):
     """How well images follow their prompts, by the judge.
 
     :param images: a sequence (or batch array) of images, uint8 HWC or float CHW in [-1, 1].
     :param prompts: one demo-style prompt per image, English or Chinese.
-    :return: ``{"samples": [per-image dicts with wanted, judged, shape_ok, color_ok,
-        both_ok], "shape": share, "color": share, "both": share}``.
+    :param wanted: what each prompt asks for, ``{"shape", "color", "background"}`` dicts
+        (background None when not named); default: read from the prompts by
+        :func:`mind_diffusion.data.demo.prompt_to_attributes`.
+    :return: ``{"samples": [per-image dicts with prompt, wanted, judged, shape_ok, color_ok,
+        both_ok, background_ok (None when no background is named)], "shape": share,
+        "color": share, "both": share, "background": share of the images whose prompt
+        names a background that show it (None when no prompt names one),
+        "background_named": how many prompts name one}``.
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     if len(prompts) == 0:
         raise ValueError("adherence needs at least one image")
+    if wanted is not None and len(wanted) != len(prompts):
+        raise ValueError(f"{len(wanted)} wanted attributes but {len(prompts)} prompts")
     samples = []
-    for image, prompt in zip(images, prompts):
-        wanted = prompt_to_attributes(prompt)
-        if wanted["shape"] is None or wanted["color"] is None:
+    for index, (image, prompt) in enumerate(zip(images, prompts)):
+        asked = prompt_to_attributes(prompt) if wanted is None else wanted[index]
+        if asked["shape"] is None or asked["color"] is None:
             raise ValueError(f"prompt {prompt!r} names no demo shape and colour")
         judged = judge(image)
-        shape_ok = judged["shape"] == wanted["shape"]
-        color_ok = judged["color"] == wanted["color"]
-        samples.append({"prompt": prompt, "wanted": wanted, "judged": judged,
+        shape_ok = judged["shape"] == asked["shape"]
+        color_ok = judged["color"] == asked["color"]
+        background_ok = None if asked.get("background") is None else judged["background"] == asked["background"]
+        samples.append({"prompt": prompt, "wanted": asked, "judged": judged,
                         "shape_ok": shape_ok, "color_ok": color_ok,
-                        "both_ok": shape_ok and color_ok})
+                        "both_ok": shape_ok and color_ok, "background_ok": background_ok})
     count = len(samples)
+    named = [s["background_ok"] for s in samples if s["background_ok"] is not None]
     return {
         "samples": samples,
         "shape": sum(s["shape_ok"] for s in samples) / count,
         "color": sum(s["color_ok"] for s in samples) / count,
         "both": sum(s["both_ok"] for s in samples) / count,
+        "background": sum(named) / len(named) if named else None,
+        "background_named": len(named),
     }
