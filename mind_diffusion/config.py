@@ -263,8 +263,9 @@ class TrainConfig:
 class SampleConfig:
     """Sampling defaults for periodic grids and run_infer.sh."""
     sampler: str = option("ddpm", "ancestral ddpm or deterministic-capable ddim", one_of("ddpm", "ddim"))
-    steps: int = option(250, "sampling steps (respacing of the trained T steps)", at_least(1))
-    eta: float = option(0.0, "DDIM η: 0 = deterministic, 1 = DDPM-like noise", at_least(0.0))
+    steps: int = option(250, "sampling steps (respacing of the trained T steps), at least 2", at_least(2))
+    eta: float = option(0.0, "DDIM η in [0, 1]: 0 = deterministic, 1 = DDPM-like noise (above 1 "
+                        "√(1 − ᾱ_{t−1} − σ_t²) turns imaginary)", in_range(0.0, 1.0))
     guidance_scale: float = option(3.0, "guidance scale: classifier-free s in ε_u + s·(ε_c − ε_u) "
                                    "for text models (1 = conditional only, 0 = unconditional), "
                                    "classifier scale for class-conditional ones", at_least(0.0))
@@ -333,9 +334,17 @@ def load_config(path, overrides=()):
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
     try:
-        return config_from_dict(raw if raw is not None else {}, overrides)
+        config = config_from_dict(raw if raw is not None else {}, overrides)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+    # Input paths a user writes in a recipe are the current directory's, with the project's shipped
+    # files as a fallback (mind_diffusion/paths.py); the run's saved config.yaml records them absolute.
+    from mind_diffusion.paths import input_path
+    if config.train.init_from:
+        config.train.init_from = input_path(config.train.init_from)
+    if config.data.path:
+        config.data.path = input_path(config.data.path)
+    return config
 
 
 def config_from_dict(raw, overrides=()):
@@ -663,6 +672,9 @@ def _check_data(data, model):
     if data.class_cond and data.kind == "demo" and model.num_classes < DEMO_NUM_CLASSES:
         _fail("model.num_classes", f"must be >= {DEMO_NUM_CLASSES} for the demo set's "
               "(shape, colour) class labels", model.num_classes)
+    if data.kind == "demo" and model.in_channels != 3:
+        _fail("model.in_channels", "must be 3 with data.kind 'demo' (the demo set draws RGB images); "
+              "use an image folder or caption file for grayscale models", model.in_channels)
     if data.class_cond and data.kind == "captions":
         _fail("data.kind", "must be 'folder' or 'demo' when model.class_cond is true: a caption "
               "file has no class labels", data.kind)

@@ -166,3 +166,25 @@ def test_checkpoint_retention_and_jit_level_keys():
     assert "train.keep_checkpoints: must be >= 0" in error_of({"train": {"keep_checkpoints": -1}})
     assert "train.jit_level: must be one of: 'O0', 'O1', 'auto'" in error_of({"train": {"jit_level": "O2"}})
     assert config_from_dict({}, ["train.jit_level=O1", "train.keep_checkpoints=3"]).train.keep_checkpoints == 3
+
+
+def test_sampling_values_outside_their_range_are_named():
+    from mind_diffusion.config import ConfigError, config_from_dict
+    with pytest.raises(ConfigError, match="sample.steps"):
+        config_from_dict({"sample": {"steps": 1}})
+    with pytest.raises(ConfigError, match="sample.eta"):
+        config_from_dict({"sample": {"eta": 1.5}})
+    with pytest.raises(ConfigError, match="model.in_channels.*demo"):
+        config_from_dict({"model": {"in_channels": 1}, "data": {"kind": "demo"}})
+
+
+def test_recipe_input_paths_are_the_users_with_shipped_files_as_fallback(tmp_path, monkeypatch):
+    """demo.yaml's train.init_from (checkpoints/demo_eps.ckpt) is found from any directory; a relative
+    data.path means the current directory; both are recorded absolute."""
+    from mind_diffusion.config import load_config
+    from mind_diffusion.paths import PROJECT_ROOT
+    monkeypatch.chdir(tmp_path)
+    config = load_config(os.path.join(PROJECT_ROOT, "configs", "demo.yaml"),
+                         ["data.kind=captions", "data.path=mine.jsonl"])
+    assert config.train.init_from == os.path.join(PROJECT_ROOT, "checkpoints", "demo_eps.ckpt")
+    assert config.data.path == str(tmp_path / "mine.jsonl")
