@@ -106,8 +106,9 @@ def main(argv=None):
                                   clip_denoised=s.clip_denoised, low_res=low_res)
         if not write:
             return None
+        captions = prompts or ([f"class {label}" for label in labels] if labels else None)
         return save_grid(to_uint8(images), os.path.join(run_dir, "samples", f"step_{step:08d}.png"),
-                         scale=max(1, 128 // config.model.image_size))
+                         scale=max(1, 128 // config.model.image_size), captions=captions)
 
     trainer = Trainer(config, model, diffusion, run_dir, tokenizer=tokenizer, sample_fn=sample_grid,
                       rank=rank, world_size=world_size)
@@ -131,7 +132,7 @@ def default_conditions(config):
     if config.model.arch == "glide_upsample":
         from mind_diffusion.data import preview_items
         from mind_diffusion.data.transforms import box_downsample
-        images, texts, _ = preview_items(config.data, config.sample.num_samples)
+        images, texts, _ = preview_items(config.data, config.sample.num_samples, config.model.in_channels)
         return [text or "" for text in texts], None, box_downsample(images, config.model.low_res_size)
     if config.model.arch == "glide":
         from mind_diffusion.data import demo
