@@ -11,11 +11,14 @@ one is padded), so repeated calls reuse the graphs.
 import numpy as np
 import mindspore as ms
 
-from .sampling import create_sampler
+from .sampling import create_sampler, schedulers
 from .sampling.guidance import ClassifierFreeGuidance
 
 # GaussianDiffusion needs two steps (β̃ at t = 0 is borrowed from t = 1), so a respacing does too.
 MIN_SAMPLING_STEPS = 2
+# ddpm and ddim run through the Sampler classes (the schedulers of the same names draw bit for bit the same);
+# the others are schedulers of mind_diffusion.sampling.schedulers.
+SAMPLER_NAMES = tuple(schedulers.SCHEDULERS)
 
 
 class ImageGenerator:
@@ -50,21 +53,52 @@ class ImageGenerator:
                              f"with T = {total} diffusion steps; a respaced process needs at least "
                              f"{MIN_SAMPLING_STEPS}), got {steps}")
 
+    def _guided_model(self, scale):
+        """The model, wrapped in classifier-free guidance for a text model at a scale other than 0 and 1."""
+        if self.tokenizer is not None and scale not in (0.0, 1.0):
+            uncond_tokens, uncond_mask = self.tokenizer.unconditional(1)
+            return ClassifierFreeGuidance(self.model, scale, uncond_tokens, uncond_mask,
+                                          eps_channels=self.image_shape[0])
+        return self.model
+
+    def _respaced(self, steps):
+        """The trained process on ``steps`` steps (itself at its own length)."""
+        diffusion = self.diffusion
+        if steps == diffusion.num_timesteps:
+            return diffusion
+        if diffusion.num_timesteps != diffusion.original_num_steps:
+            raise ValueError(f"the process is already respaced to {diffusion.num_timesteps} of its "
+                             f"{diffusion.original_num_steps} steps (diffusion.timestep_respacing), so it cannot "
+                             f"be sampled on {steps}: sample with {diffusion.num_timesteps} steps, or build the "
+                             "process without timestep_respacing")
+        return diffusion.respace(str(steps))
+
     def _sampler(self, name, steps, eta, scale, clip_denoised, progress):
+        if name not in ("ddpm", "ddim"):
+            return self._scheduler(name, steps, eta, scale, clip_denoised, progress)
         key = (name, steps, eta, scale, clip_denoised)
         if key not in self._samplers:
-            diffusion = self.diffusion
-            if steps < diffusion.num_timesteps:
-                diffusion = diffusion.respace(str(steps))
-            model = self.model
-            if self.tokenizer is not None and scale not in (0.0, 1.0):
-                uncond_tokens, uncond_mask = self.tokenizer.unconditional(1)
-                model = ClassifierFreeGuidance(self.model, scale, uncond_tokens, uncond_mask,
-                                               eps_channels=self.image_shape[0])
-            self._samplers[key] = create_sampler(name, diffusion, model, eta=eta, clip_denoised=clip_denoised)
+            self._samplers[key] = create_sampler(name, self._respaced(steps), self._guided_model(scale), eta=eta,
+                                                 clip_denoised=clip_denoised)
         sampler = self._samplers[key]
         sampler.progress = progress
         return sampler
+
+    def _scheduler(self, name, steps, eta, scale, clip_denoised, progress):
+        """A scheduler-driven walker with the Sampler's ``sample(shape, model_kwargs, seed)`` call."""
+        key = (name, steps, eta, scale, clip_denoised)
+        if key not in self._samplers:
+            diffusion = self.diffusion
+            if diffusion.num_timesteps != diffusion.original_num_steps:
+                raise ValueError(f"sampler {name!r} respaces the trained process itself, but this one is already "
+                                 f"respaced to {diffusion.num_timesteps} of its {diffusion.original_num_steps} steps "
+                                 "(diffusion.timestep_respacing): build the process without timestep_respacing")
+            # sample.eta is DDIM's η: Euler ancestral keeps its own (1), the others have none.
+            scheduler = schedulers.create_scheduler(name, diffusion, clip_denoised=clip_denoised)
+            self._samplers[key] = _SchedulerWalker(scheduler.set_timesteps(steps), self._guided_model(scale))
+        walker = self._samplers[key]
+        walker.progress = progress
+        return walker
 
     def conditioning(self, prompts=None, labels=None, scale=1.0, low_res=None):
         """The model's keyword inputs for a batch of prompts or labels (and low-res images)."""
@@ -99,6 +133,8 @@ class ImageGenerator:
                guidance_scale=1.0, batch_size=16, seed=0, clip_denoised=True, progress=False, low_res=None):
         """``count`` images as float32 [count, C, H, W] in [-1, 1].
 
+        :param sampler: one of :data:`SAMPLER_NAMES` (ddpm, ddim, plms, dpm++2m, dpm++3m, euler_a); η is DDIM's.
+
         Prompts (or labels, or low-resolution images) are cycled to ``count``;
         sample i of the same seed is the same image whatever ``count`` is, as
         long as the batch size is.
@@ -126,3 +162,16 @@ class ImageGenerator:
                                    seed=seed * 1_000_003 + start)
             batches.append(images.asnumpy()[:min(batch_size, count - start)])
         return np.concatenate(batches)[:count]
+
+
+class _SchedulerWalker:
+    """A scheduler and its model behind the ``sample(shape, model_kwargs, seed)`` call of the Sampler classes."""
+
+    def __init__(self, scheduler, model):
+        self.scheduler = scheduler
+        self.model = model
+        self.progress = False
+
+    def sample(self, shape, model_kwargs=None, seed=0):
+        return schedulers.sample(self.model, shape, self.scheduler, seed=seed, model_kwargs=model_kwargs,
+                                 progress=self.progress)

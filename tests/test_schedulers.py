@@ -569,3 +569,32 @@ def test_bad_requests_are_refused():
     with pytest.raises(ValueError, match=r"needs \['y'\] in cond_kwargs"):
         sample(model, SHAPE, scheduler, cond_fn=cond_fn)
     assert create_scheduler("ddim", base).set_timesteps(10, spacing="ddim").timesteps[0] == 900
+
+
+class LabelledModel(nn.Cell):
+    """A class-conditional stand-in: ε̂ = 0.5 x + 0.01 y."""
+
+    def construct(self, x, t, y):
+        return 0.5 * x + 0.01 * y.astype(ms.float32).reshape(-1, 1, 1, 1)
+
+
+def test_image_generator_runs_the_schedulers():
+    """generate.ImageGenerator draws with any scheduler name what sample() draws (same seed per batch), and
+    says what to do with a process respaced by diffusion.timestep_respacing instead of crashing."""
+    from mind_diffusion.generate import SAMPLER_NAMES, ImageGenerator
+    assert SAMPLER_NAMES == ("ddpm", "ddim", "plms", "dpm++2m", "dpm++3m", "euler_a")
+    base = create_diffusion(100, "cosine")
+    model = LabelledModel()
+    generator = ImageGenerator(model, base, (3, 4, 4), num_classes=3)
+    images = generator.sample(3, labels=[2, 0], sampler="dpm++2m", steps=6, batch_size=2, seed=4)
+    scheduler = create_scheduler("dpm++2m", base).set_timesteps(6)
+    for start, labels in ((0, [2, 0]), (2, [2, 2])):  # the last batch is padded with the last label
+        want = sample(model, (2, 3, 4, 4), scheduler, seed=4 * 1_000_003 + start,
+                      model_kwargs={"y": ms.Tensor(np.array(labels, np.int32))}).asnumpy()
+        np.testing.assert_array_equal(images[start:start + 2], want[:len(images[start:start + 2])])
+    respaced = ImageGenerator(model, create_diffusion(100, "cosine", timestep_respacing="50"), (3, 4, 4),
+                              num_classes=3)
+    with pytest.raises(ValueError, match="already respaced to 50 of its 100 steps"):
+        respaced.sample(2, labels=[0], sampler="ddim", steps=10)
+    with pytest.raises(ValueError, match="'plms' respaces the trained process itself"):
+        respaced.sample(2, labels=[0], sampler="plms", steps=50)
