@@ -598,3 +598,9 @@ def test_image_generator_runs_the_schedulers():
         respaced.sample(2, labels=[0], sampler="ddim", steps=10)
     with pytest.raises(ValueError, match="'plms' respaces the trained process itself"):
         respaced.sample(2, labels=[0], sampler="plms", steps=50)
+
+
+def test_run_infer_offers_every_scheduler():
+    from mind_diffusion.cli.infer import build_parser
+    for name in ("ddpm", "ddim", "plms", "dpm++2m", "dpm++3m", "euler_a"):
+        assert build_parser().parse_args(["a red circle", "--sampler", name]).sampler == name

@@ -32,7 +32,7 @@ import time
 import warnings
 from collections import namedtuple
 
-from mind_diffusion.generate import MIN_SAMPLING_STEPS
+from mind_diffusion.generate import MIN_SAMPLING_STEPS, SAMPLER_NAMES
 from mind_diffusion.paths import PROJECT_ROOT, input_path, output_path
 
 SHIPPED_CHECKPOINT = os.path.join(PROJECT_ROOT, "checkpoints", "demo.ckpt")
@@ -109,8 +109,10 @@ def build_parser(defaults=None):
     parser.add_argument("--steps", type=_bounded(int, MIN_SAMPLING_STEPS), default=None,
                         help=f"sampling steps, {MIN_SAMPLING_STEPS}..T (default: " + default("steps", "the checkpoint's sample.steps")
                              + (f"; T = {defaults['T']}" if defaults else "") + ")")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default=None,
-                        help="default: " + default("sampler", "the checkpoint's sample.sampler"))
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+                        help="ddpm (ancestral), ddim (eta), plms (K+1 network calls), dpm++2m / dpm++3m "
+                             "(DPM-Solver++ multistep), euler_a (Euler ancestral); default: "
+                             + default("sampler", "the checkpoint's sample.sampler"))
     parser.add_argument("--eta", type=_bounded(float, 0.0, 1.0), default=None,
                         help="DDIM η in [0, 1] (default: " + default("eta", "the checkpoint's sample.eta") + ")")
     parser.add_argument("--n", type=_bounded(int, 1), default=16,
