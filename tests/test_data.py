@@ -1,6 +1,7 @@
 """Data: folders, caption files, transforms, corrupt images, sharding, resume, caption dropout."""
 import itertools
 import json
+import os
 import logging
 
 import numpy as np
@@ -181,3 +182,48 @@ def test_folder_without_captions_refuses_a_tokenizer(labelled_folder):
     with pytest.raises(ValueError, match="no captions"):
         create_dataset(data_cfg(kind="folder", path=str(labelled_folder)), batch_size=1,
                        tokenizer=byte_tokenizer)
+
+
+def test_grayscale_and_transparent_images_load_with_the_models_channels(tmp_path):
+    """model.in_channels = 1 loads folder images as grayscale (ITU-R 601 luma, PIL's "L"); RGBA is
+    composited over white before RGB, so a fully transparent pixel is white, not its stored colour."""
+    from PIL import Image
+    os.makedirs(tmp_path / "g")
+    Image.new("RGB", (16, 16), (200, 100, 50)).save(tmp_path / "g" / "0.png")
+    Image.new("L", (16, 16), 77).save(tmp_path / "g" / "1.png")
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0] = 255            # stored red, but transparent on the left half
+    rgba[:, 8:, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "g" / "2.png")
+    gray = create_dataset(data_cfg(kind="folder", path=str(tmp_path / "g"), random_flip=False), batch_size=3,
+                          channels=1)
+    batch = first_batches(gray, 1)[0]
+    assert batch["images"].shape == (3, 1, 16, 16)
+    by_index = {int(i): img for i, img in zip(batch["index"], batch["images"])}
+    luma = round(0.299 * 200 + 0.587 * 100 + 0.114 * 50)  # PIL's integer conversion rounds
+    np.testing.assert_allclose(by_index[0], luma / 127.5 - 1, atol=1 / 127.5)
+    np.testing.assert_allclose(by_index[1], 77 / 127.5 - 1, atol=1e-6)
+    rgb = first_batches(create_dataset(data_cfg(kind="folder", path=str(tmp_path / "g"), random_flip=False),
+                                       batch_size=3), 1)[0]
+    transparent = {int(i): img for i, img in zip(rgb["index"], rgb["images"])}[2]
+    np.testing.assert_allclose(transparent[:, :, :8], 1.0)                 # white where transparent
+    red = np.broadcast_to(np.array([1.0, -1.0, -1.0], np.float32).reshape(3, 1, 1), (3, 16, 8))
+    np.testing.assert_allclose(transparent[:, :, 8:], red)  # red where opaque
+    with pytest.raises(ValueError, match="model.in_channels=1"):
+        create_dataset(data_cfg(kind="demo", demo_size=8), batch_size=2, channels=1)
+
+
+def test_malformed_caption_lines_are_skipped_and_counted(tmp_path, caplog):
+    lines = [json.dumps({"path": "a.png", "text": "a cat"}), "{not json", json.dumps({"path": "b.png"}),
+             json.dumps(["a list"]), json.dumps({"image": "c.png", "caption": "一只猫"})]
+    path = tmp_path / "caps.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="mind_diffusion.data"):
+        pairs = read_captions(str(path))
+    assert [text for _, text in pairs] == ["a cat", "一只猫"]
+    message = " ".join(r.message for r in caplog.records)
+    assert "skipped 3 malformed line(s)" in message and "caps.jsonl:2" in message and "caps.jsonl:3" in message
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no image-caption pairs.*1 malformed"):
+        read_captions(str(bad))

@@ -38,8 +38,12 @@ def trained(tmp_path_factory):
     trainer = Trainer(config, model, build_diffusion(config.diffusion, config.model), str(run_dir),
                       tokenizer=tokenizer)
     assert trainer.cond_names == ("tokens", "mask", "low_res")
-    batch = {"images": np.random.default_rng(1).uniform(-1, 1, (4, 3, 16, 16)).astype(np.float32)}
-    np.testing.assert_array_equal(trainer._condition(batch, "low_res"), box_downsample(batch["images"], 8))
+    assert trainer.step_columns == ["images", "u", "noise", "tokens", "mask", "low_res"]
+    # the low-res input is a dataset column: the batch's own images, box-downsampled
+    from mind_diffusion.data import create_dataset
+    stream = create_dataset(config.data, 4, tokenizer=tokenizer, low_res_size=8, end_step=1)
+    batch = next(iter(stream))
+    np.testing.assert_array_equal(batch["low_res"], box_downsample(batch["images"], 8))
     final = trainer.fit(progress=False)
     return config, final, run_dir
 

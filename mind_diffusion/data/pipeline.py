@@ -19,10 +19,13 @@ step needs no host arrays of its own, a resumed run draws exactly what the
 uninterrupted run drew, and the whole input can sink to the device.
 
 MindSpore. A run reads ONE ``mindspore.dataset.GeneratorDataset`` over a
-random-access source, fed by a sampler that lists this run's sample numbers
-lazily, decoded by ``data.num_workers`` threads (or processes with
+random-access source, fed by a sampler that lists this run's sample numbers,
+decoded by ``data.num_workers`` threads (or processes with
 ``data.python_multiprocessing``), and batched with ``drop_remainder``; the
-same dataset feeds the host loop (CPU) or ``ms.data_sink`` (Ascend).
+same dataset feeds the host loop (CPU) or ``ms.data_sink`` (Ascend). MindSpore
+holds the list of sample ids in memory (8 bytes each: 64 MB for a million
+steps of 8 images); a stream without an end step (benches, previews) chains
+datasets of ``CHUNK_BATCHES`` batches instead.
 MindSpore's own ``num_shards``/``shard_id`` sharding reshuffles from an
 internal seed each epoch and can only resume by replaying; the arithmetic
 above gives the same disjoint per-rank shards and resumes exactly.
@@ -32,6 +35,7 @@ item is skipped and the next item (``i+1``, ``i+2``, ...) takes its place so
 the batch stays full. Skips are counted and logged with the first few paths.
 """
 import functools
+import itertools
 import logging
 
 import mindspore.dataset as ds
@@ -42,20 +46,21 @@ from mind_diffusion.data import captions, demo, folder, transforms
 logger = logging.getLogger("mind_diffusion.data")
 
 REPORTED_PATHS = 5         # unreadable paths named in the log line
-ENDLESS_BATCHES = 1 << 40  # the sample count of a stream with no end step
+CHUNK_BATCHES = 64         # batches per dataset of an endless stream (MindSpore materialises the sample ids)
 
 
 class _ImageItems:
-    """Items decoded from files: ``load(i)`` → (uint8 HWC image, caption or None, label)."""
+    """Items decoded from files: ``load(i)`` → (uint8 HWC image with ``channels``, caption or None, label)."""
 
-    def __init__(self, paths, texts, labels, image_size):
+    def __init__(self, paths, texts, labels, image_size, channels=3):
         self.paths, self.texts, self.labels, self.image_size = paths, texts, labels, image_size
+        self.channels = channels
 
     def __len__(self):
         return len(self.paths)
 
     def load(self, index):
-        image = transforms.center_crop_arr(transforms.load_rgb(self.paths[index]), self.image_size)
+        image = transforms.center_crop_arr(transforms.load_image(self.paths[index], self.channels), self.image_size)
         text = self.texts[index] if self.texts is not None else None
         return image, text, self.labels[index]
 
@@ -75,17 +80,19 @@ class _DemoItems:
         return image, caption, demo.class_label(attributes["shape"], attributes["color"])
 
 
-def _items_for(data_cfg):
-    """The item list of a data config, with early, explicit failures for bad sources."""
+def _items_for(data_cfg, channels=3):
+    """The item list of a data config (images with ``channels``), with early, explicit failures for bad sources."""
     if data_cfg.kind == "demo":
+        if channels != 3:
+            raise ValueError(f"data.kind 'demo' draws RGB images; it cannot feed model.in_channels={channels}")
         return _DemoItems(data_cfg.demo_size, data_cfg.image_size, data_cfg.demo_seed), None
     if data_cfg.kind == "folder":
         image_folder = folder.ImageFolder(data_cfg.path, class_cond=data_cfg.class_cond)
-        items = _ImageItems(image_folder.paths, None, image_folder.labels, data_cfg.image_size)
+        items = _ImageItems(image_folder.paths, None, image_folder.labels, data_cfg.image_size, channels)
         return items, image_folder.class_names
     pairs = captions.read_captions(data_cfg.path)
     paths, texts = [p for p, _ in pairs], [t for _, t in pairs]
-    return _ImageItems(paths, texts, [0] * len(paths), data_cfg.image_size), None
+    return _ImageItems(paths, texts, [0] * len(paths), data_cfg.image_size, channels), None
 
 
 def sample_randomness(seed, rank, sample, shape):
@@ -183,7 +190,7 @@ class _SpanSampler:
 class BatchStream:
     """The iterator of batch dicts of one rank for one run (see the module docstring).
 
-    Each batch holds ``images`` float32 [B, 3, H, W] in [-1, 1], ``index``
+    Each batch holds ``images`` float32 [B, C, H, W] in [-1, 1], ``index``
     int32 [B] (ids of the items loaded, for checks), ``u`` float32 [B] and
     ``noise`` float32 [B, C, H, W] with a ``noise_shape``, ``low_res`` (the
     images box-downsampled) with a ``low_res_size``, ``labels`` int32 [B] when
@@ -219,20 +226,31 @@ class BatchStream:
         """Batches per rank per pass over its shard."""
         return self.source.per_shard // self.batch_size
 
-    def dataset(self):
-        """The batched GeneratorDataset of this run: batches [start_step, end_step) of this rank."""
-        batches = ENDLESS_BATCHES if self.end_step is None else self.end_step - self.start_step
+    def dataset(self, first_step=None, num_steps=None):
+        """The batched GeneratorDataset of batches [first_step, first_step + num_steps) of this rank
+        (default: this run's, from start_step to end_step)."""
+        first_step = self.start_step if first_step is None else first_step
+        if num_steps is None:
+            if self.end_step is None:
+                raise ValueError("a stream without end_step has no single dataset; iterate it instead")
+            num_steps = self.end_step - first_step
         dataset = ds.GeneratorDataset(
             self.source, column_names=self.columns,
-            sampler=_SpanSampler(self.start_step * self.batch_size, batches * self.batch_size),
+            sampler=_SpanSampler(first_step * self.batch_size, num_steps * self.batch_size),
             num_parallel_workers=self.num_workers,
             python_multiprocessing=self.python_multiprocessing)
         return dataset.batch(self.batch_size, drop_remainder=True)
 
     def __iter__(self):
-        for batch in self.dataset().create_dict_iterator(num_epochs=1, output_numpy=True):
-            self._note_skips(batch.pop("skipped"), batch["index"])
-            yield batch
+        if self.end_step is not None:
+            datasets = [self.dataset()]
+        else:
+            datasets = (self.dataset(first, CHUNK_BATCHES) for first in
+                        itertools.count(self.start_step, CHUNK_BATCHES))
+        for dataset in datasets:
+            for batch in dataset.create_dict_iterator(num_epochs=1, output_numpy=True):
+                self._note_skips(batch.pop("skipped"), batch["index"])
+                yield batch
 
     def _note_skips(self, skipped, indices):
         """Record the unreadable items passed over for this batch and log as counts grow."""
@@ -250,7 +268,7 @@ class BatchStream:
 
 
 def create_dataset(data_cfg, batch_size, rank=0, world_size=1, tokenizer=None, seed=0,
-                   start_step=0, end_step=None, noise_shape=None, low_res_size=None):
+                   start_step=0, end_step=None, noise_shape=None, low_res_size=None, channels=3):
     """Build the endless batch stream of one rank.
 
     :param data_cfg: the ``data`` section of a :class:`mind_diffusion.config.Config`.
@@ -264,12 +282,13 @@ def create_dataset(data_cfg, batch_size, rank=0, world_size=1, tokenizer=None, s
     :param end_step: the stream ends before this batch (None: endless).
     :param noise_shape: (C, H, W): add the diffusion's ``u`` and ``noise`` columns.
     :param low_res_size: add ``low_res``, the images box-downsampled to this size (upsamplers).
+    :param channels: the model's image channels: 1 loads grayscale, 3 RGB (transparency over white).
     :raises FileNotFoundError, ValueError: missing/empty folder or caption file,
         a tokenizer for a source without captions, fewer items than one batch per rank.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, {world_size})")
-    items, class_names = _items_for(data_cfg)
+    items, class_names = _items_for(data_cfg, channels)
     if tokenizer is not None and data_cfg.kind == "folder":
         raise ValueError(f"data.kind 'folder' ({data_cfg.path!r}) has no captions to tokenize; "
                          "use data.kind 'captions' or 'demo' for a text-conditioned model")
@@ -285,13 +304,13 @@ def create_dataset(data_cfg, batch_size, rank=0, world_size=1, tokenizer=None, s
                        data_cfg.python_multiprocessing, class_names, end_step=end_step)
 
 
-def preview_items(data_cfg, count):
+def preview_items(data_cfg, count, channels=3):
     """The first ``count`` readable items of a data source, unshuffled, for sample grids.
 
     :return: (images float32 [n, 3, S, S] in [-1, 1], captions (list of str or None), labels [n]);
         n < ``count`` only when the source has fewer readable items.
     """
-    items, _ = _items_for(data_cfg)
+    items, _ = _items_for(data_cfg, channels)
     images, texts, labels = [], [], []
     for index in range(len(items)):
         if len(images) == count:
