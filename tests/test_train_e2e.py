@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from mind_diffusion.train.checkpoint import list_checkpoints, read_checkpoint
+from mind_diffusion.checkpoints import list_checkpoints, read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "configs/tiny.yaml"

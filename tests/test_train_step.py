@@ -6,9 +6,10 @@ import pytest
 import mindspore as ms
 from mindspore import nn, ops
 
+from mind_diffusion.checkpoints import ema_rates, ema_state
 from mind_diffusion.gaussian_diffusion import create_diffusion
 from mind_diffusion.resample import UniformSampler
-from mind_diffusion.train.step import EMA, AdamW, DiffusionLoss, TrainStep, WarmupLR, ema_rates, ema_state
+from mind_diffusion.train.step import EMA, AdamW, DiffusionLoss, TrainStep, WarmupLR
 from mind_diffusion.data.pipeline import sample_randomness
 
 
@@ -135,7 +136,7 @@ def test_divergence_writes_no_checkpoint_and_names_one_from_before_it(tmp_path):
     The stop names the checkpoint saved before the explosion, and none is written after it."""
     from mind_diffusion.cli.factory import build_diffusion, build_model
     from mind_diffusion.config import load_config
-    from mind_diffusion.train.checkpoint import list_checkpoints, read_checkpoint
+    from mind_diffusion.checkpoints import list_checkpoints, read_checkpoint
     from mind_diffusion.train.trainer import MAX_NONFINITE_STREAK, Trainer, TrainingDiverged
 
     config = load_config("configs/tiny.yaml", [f"train.total_steps={MAX_NONFINITE_STREAK + 10}", "train.lr=1e6",
@@ -179,7 +180,8 @@ def test_init_from_loads_the_ema_copy_and_debiasing_subtracts_it(tmp_path):
     the exporter's debiasing then takes θ_0 from that checkpoint, not from the recipe's seed."""
     from mind_diffusion.cli.export import debiased_ema
     from mind_diffusion.config import config_from_dict, config_to_dict
-    from mind_diffusion.train.checkpoint import load_initial_weights, read_checkpoint
+    from mind_diffusion.checkpoints import read_checkpoint
+    from mind_diffusion.train.checkpoint import load_initial_weights
 
     rng = np.random.default_rng(0)
     start = {"weight": rng.standard_normal((3, 2)).astype(np.float32), "bias": rng.standard_normal(3).astype(np.float32)}

@@ -35,9 +35,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import mindspore as ms
-    from mind_diffusion.train.checkpoint import model_weights
-    from mind_diffusion.train.checkpoint import checkpoint_config, checkpoint_step, read_checkpoint, \
-        save_training_checkpoint
+    from mind_diffusion.checkpoints import checkpoint_config, checkpoint_step, model_weights, read_checkpoint, \
+        write_checkpoint
 
     checkpoint = read_checkpoint(args.checkpoint)
     config = checkpoint_config(checkpoint)
@@ -59,7 +58,7 @@ def main(argv=None):
         arrays = debiased_ema(arrays, checkpoint, config, args.ema_rate, step)
     weights = {f"model.{name}": ms.Parameter(ms.Tensor(value.astype(dtype)), name=f"model.{name}")
                for name, value in arrays.items()}
-    save_training_checkpoint(args.out, weights, step, config)
+    write_checkpoint(args.out, weights, step, config)
     size = os.path.getsize(args.out) / 2 ** 20
     print(f"{args.out}: {len(weights)} tensors ({'float16' if args.fp16 else 'float32'}) from step {step}, "
           f"{size:.1f} MiB; recipe {json.dumps(config.get('name'))}")
@@ -70,9 +69,9 @@ def debiased_ema(arrays, checkpoint, config_dict, ema_rate, step):
     """(θ̄_n − r^n θ_0) / (1 − r^n), with θ_0 rebuilt from the recipe's seed (see the module docstring),
     or read from ``train.init_from`` when the run started from another checkpoint."""
     import mindspore as ms
+    from mind_diffusion.checkpoints import ema_rates, model_weights, read_checkpoint
     from mind_diffusion.cli.factory import build_model
     from mind_diffusion.config import config_from_dict
-    from mind_diffusion.train.step import ema_rates
 
     rates = ema_rates(checkpoint)
     if not rates or step < 1:
@@ -80,7 +79,6 @@ def debiased_ema(arrays, checkpoint, config_dict, ema_rate, step):
     rate = rates[-1] if ema_rate is None else ema_rate
     config = config_from_dict(config_dict)
     if config.train.init_from:  # the run started from another network's weights: those are θ_0
-        from mind_diffusion.train.checkpoint import model_weights, read_checkpoint
         initial = {name: value.asnumpy().astype(np.float64)
                    for name, value in model_weights(read_checkpoint(config.train.init_from)).items()}
     else:

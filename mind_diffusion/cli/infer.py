@@ -174,7 +174,7 @@ def display_path(path):
 def checkpoint_header(path):
     """(step, recipe dict) of a training checkpoint, reading only those two entries (fast for any size)."""
     import mindspore as ms
-    from mind_diffusion.train.checkpoint import checkpoint_config, checkpoint_step
+    from mind_diffusion.checkpoints import checkpoint_config, checkpoint_step
     try:
         header = ms.load_checkpoint(path, choice_func=lambda name: name in ("step", "config"))
     except Exception as err:  # MindSpore raises ValueError/RuntimeError for foreign or truncated files
@@ -185,7 +185,7 @@ def checkpoint_header(path):
 
 def run_checkpoints(runs_dir):
     """(step, path) of every training checkpoint under ``runs_dir`` (the step read from its name)."""
-    from mind_diffusion.train.checkpoint import CHECKPOINT_PATTERN
+    from mind_diffusion.checkpoints import CHECKPOINT_PATTERN
     found = []
     for path in glob.glob(os.path.join(runs_dir, "**", "ckpt_*.ckpt"), recursive=True):
         match = CHECKPOINT_PATTERN.match(os.path.basename(path))
@@ -332,7 +332,7 @@ def main(argv=None):
     from mind_diffusion.device import device_id, pick_device
     from mind_diffusion.generate import ImageGenerator
     from mind_diffusion.imaging import save_grid, to_uint8
-    from mind_diffusion.train.checkpoint import checkpoint_config, model_weights, read_checkpoint, restore_state
+    from mind_diffusion.checkpoints import checkpoint_config, model_weights, read_checkpoint, restore_state
 
     try:
         target = pick_device(args.device)

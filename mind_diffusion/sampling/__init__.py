@@ -2,8 +2,6 @@
 from .ddim import DDIMSampler
 from .ddpm import DDPMSampler
 
-SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler}
-
 
 def create_sampler(name, diffusion, model, eta=0.0, clip_denoised=True, progress=False):
     """A sampler by name (``ddpm`` or ``ddim``)."""
@@ -11,4 +9,4 @@ def create_sampler(name, diffusion, model, eta=0.0, clip_denoised=True, progress
         return DDPMSampler(diffusion, model, clip_denoised=clip_denoised, progress=progress)
     if name == "ddim":
         return DDIMSampler(diffusion, model, eta=eta, clip_denoised=clip_denoised, progress=progress)
-    raise ValueError(f"unknown sampler {name!r}: use one of {sorted(SAMPLERS)}")
+    raise ValueError(f"unknown sampler {name!r}: use 'ddpm' or 'ddim'")

@@ -5,7 +5,8 @@ the pure-ops step of :class:`GaussianDiffusion` (gathers of the schedule
 constants, the split of the output, x̂_0, μ_θ, σ_t, clip, noise) launches
 about 30 of them — more than a small network's own forward. Here the whole
 per-pixel update x_t → (x_{t-1}, x̂_0) is one ``ops.Custom(func_type="aot")``
-operator, written in C++ (``csrc/step_kernel.cc``) and built with g++ on first
+operator, written in C++ (``mind_diffusion/kernels/csrc/step_kernel.cc``, beside
+the other kernels and their shared header) and built with g++ on first
 use. It reads the step's constants from a per-step table [T, K] indexed by t
 inside the kernel, so a step is the network plus two kernels (the gather of
 the network's time input, and this one).
@@ -43,11 +44,11 @@ from mindspore import ops
 
 from mind_diffusion.kernels import aot
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "step_kernel.cc")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(aot.__file__)), "csrc", "step_kernel.cc")
 CXX_FLAGS = aot.DEFAULT_FLAGS
 ENV_SWITCH = "MIND_DIFFUSION_FUSED"
 
-# Columns of the per-step tables; must match the enums in csrc/step_kernel.cc. The first two are
+# Columns of the per-step tables; must match the enums in kernels/csrc/step_kernel.cc. The first two are
 # (a, b) of x̂_0 = a·x_t − b·output for ε (x_0- and μ-predicting steps read them only for DDIM's ε̂),
 # VELOCITY_COLUMNS instead for v.
 VELOCITY_COLUMNS = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
@@ -62,7 +63,7 @@ _ops = {}  # (entry point, with x̂_0) -> Custom op, or None when MindSpore refu
 
 
 def _build():
-    """Compile csrc/step_kernel.cc once per source/flags hash; returns (path or None, reason)."""
+    """Compile kernels/csrc/step_kernel.cc once per source/flags hash; returns (path or None, reason)."""
     return aot.build(SOURCE, CXX_FLAGS)
 
 

@@ -1,53 +1,27 @@
-"""Training checkpoints: everything a run needs to continue exactly, written atomically.
+"""What a training run saves and restores, and the background writer of its checkpoints.
 
-A checkpoint is one MindSpore ``.ckpt`` file holding, under stable names:
-``model.<name>`` (the network), ``ema_<rate>.<name>`` (each EMA copy),
-``optimizer.<slot>.<name>`` and ``optimizer.global_step`` (AdamW's moments and
-step), ``schedule_sampler.*`` (the importance sampler's loss history) and
-``loss_scale*``, plus ``step`` and the resolved config as JSON. The run's
-random numbers are counter-based (seed, rank, step), so the step is all the
-RNG state there is. Files are written to a temporary name in the same folder
-and renamed into place, so a run killed mid-write leaves the previous
-checkpoint intact and never a half-written one under a checkpoint's name.
+The file format (names, EMA copies, atomic writes, reading) is
+:mod:`mind_diffusion.checkpoints`, shared with inference and export. A training
+checkpoint holds everything a run needs to continue exactly: the network, every
+EMA copy, AdamW's moments and step, the importance sampler's loss history and
+the loss scale. The run's random numbers are counter-based (seed, rank, step),
+so the step is all the RNG state there is.
 """
-import glob
-import json
 import os
-import re
+import threading
 
-import mindspore as ms
-
-CHECKPOINT_PATTERN = re.compile(r"^ckpt_(\d{8})\.ckpt$")
-
-
-def checkpoint_path(run_dir, step):
-    return os.path.join(run_dir, f"ckpt_{step:08d}.ckpt")
-
-
-def list_checkpoints(run_dir):
-    """(step, path) of the run's complete checkpoints, oldest first."""
-    found = []
-    for path in glob.glob(os.path.join(run_dir, "ckpt_*.ckpt")):
-        match = CHECKPOINT_PATTERN.match(os.path.basename(path))
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir):
-    """Path of the newest checkpoint of a run folder, or None."""
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
+from ..checkpoints import (checkpoint_path, ema_prefix, list_checkpoints, model_weights, read_checkpoint,
+                           restore_state, write_checkpoint)
 
 
 def training_state(model, train_step):
-    """name → Parameter of everything a checkpoint saves, under the stable names above."""
+    """name → Parameter of everything a checkpoint saves, under the stable names of :mod:`mind_diffusion.checkpoints`."""
     state = {f"model.{name}": param for name, param in model.parameters_and_names()}
     ema = train_step.ema
     if ema is not None:
         for rate, shadow in zip(ema.rates, ema.shadows):
             for name, param in zip(ema.names, shadow):
-                state[f"ema_{rate:g}.{name}"] = param
+                state[f"{ema_prefix(rate)}{name}"] = param
     optimizer = train_step.optimizer
     names = {id(p): n for n, p in model.parameters_and_names()}
     for slot in ("moments1", "moments2"):
@@ -64,25 +38,6 @@ def training_state(model, train_step):
     state["loss_scale.cur_iter"] = train_step.scale_update.cur_iter
     state["loss_scale.last_overflow_iter"] = train_step.scale_update.last_overflow_iter
     return state
-
-
-def save_training_checkpoint(path, state, step, config_dict):
-    """Write a checkpoint atomically (temporary file + rename).
-
-    :param state: name → Parameter, Tensor or NumPy array.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # MindSpore appends ".ckpt" to names without it; "partial_" keeps it out of list_checkpoints.
-    tmp = os.path.join(folder, f"partial_{os.path.basename(path)}")
-    params = [{"name": name, "data": value if isinstance(value, ms.Tensor) else ms.Tensor(value)}
-              for name, value in state.items()]
-    try:
-        ms.save_checkpoint(params, tmp, append_dict={"step": int(step), "config": json.dumps(config_dict)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class CheckpointWriter:
@@ -108,12 +63,11 @@ class CheckpointWriter:
 
         def write():
             try:
-                save_training_checkpoint(path, snapshot, step, config_dict)
+                write_checkpoint(path, snapshot, step, config_dict)
                 self.prune()
             except BaseException as err:  # handed to the training thread by wait()
                 self._error = err
 
-        import threading
         self._thread = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=False)
         self._thread.start()
         return path
@@ -135,40 +89,6 @@ class CheckpointWriter:
             os.remove(old)
 
 
-def read_checkpoint(path):
-    """name → Parameter of a checkpoint file, with a clear error when it is not one."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    try:
-        return ms.load_checkpoint(path)
-    except Exception as err:  # MindSpore raises ValueError/RuntimeError for foreign or truncated files
-        raise ValueError(f"{path!r} is not a readable MindSpore checkpoint ({err.__class__.__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
-
-
-def checkpoint_step(checkpoint):
-    return int(checkpoint["step"].asnumpy()) if "step" in checkpoint else 0
-
-
-def checkpoint_config(checkpoint):
-    """The config dict saved with a training checkpoint, or None."""
-    if "config" not in checkpoint:
-        return None
-    value = checkpoint["config"]
-    return json.loads(value if isinstance(value, str) else str(value))
-
-
-def model_weights(checkpoint, ema_rate=None, raw=False):
-    """The network's weights from a checkpoint: an EMA copy when it has one (unless ``raw``), else the raw weights."""
-    from .step import ema_rates, ema_state
-    rates = ema_rates(checkpoint)
-    if rates and not raw:
-        return ema_state(checkpoint, rates[-1] if ema_rate is None else ema_rate)
-    if ema_rate is not None:
-        raise KeyError(f"this checkpoint has no EMA copies (asked for --ema-rate {ema_rate})")
-    return {name[len("model."):]: value for name, value in checkpoint.items() if name.startswith("model.")}
-
-
 def load_initial_weights(model, path):
     """Start a run from another run's network (``train.init_from``): its EMA copy, else its raw weights.
 
@@ -178,30 +98,3 @@ def load_initial_weights(model, path):
         raise FileNotFoundError(f"train.init_from: {path!r} is not a file; give a checkpoint "
                                 "(a training checkpoint or an export such as checkpoints/demo.ckpt)")
     restore_state(dict(model.parameters_and_names()), model_weights(read_checkpoint(path)), path)
-
-
-def restore_state(state, checkpoint, path, prefix=""):
-    """Copy checkpoint values into ``state`` (name → Parameter), checking names and shapes.
-
-    :raises ValueError: naming the missing or mis-shaped entries, e.g. a
-        checkpoint of another model.
-    """
-    missing, mismatched = [], []
-    for name, param in state.items():
-        key = prefix + name
-        if key not in checkpoint:
-            missing.append(key)
-            continue
-        value = checkpoint[key]
-        if tuple(value.shape) != tuple(param.shape):
-            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(param.shape)}")
-    if missing or mismatched:
-        lines = []
-        if missing:
-            lines.append(f"{len(missing)} missing (e.g. {', '.join(missing[:5])})")
-        if mismatched:
-            lines.append(f"{len(mismatched)} with another shape (e.g. {'; '.join(mismatched[:3])})")
-        raise ValueError(f"checkpoint {path!r} does not fit this model/config: " + "; ".join(lines)
-                         + ". Is it from another recipe? Pass the matching config, or start a new run.")
-    for name, param in state.items():
-        param.set_data(ms.Tensor(checkpoint[prefix + name].asnumpy(), param.dtype))

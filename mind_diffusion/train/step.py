@@ -12,13 +12,13 @@ same collectives in the same order every step (no collective inside an ``if``,
 no host round trip to decide), and the graph can run many steps in a row on
 the device (data sink).
 """
-import re
-
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, nn, ops
 from mindspore.communication import GlobalComm
 from mindspore.nn.learning_rate_schedule import LearningRateSchedule
+
+from ..checkpoints import ema_prefix
 
 
 class WarmupLR(LearningRateSchedule):
@@ -117,28 +117,6 @@ class EMA(nn.Cell):
             for average, param in zip(shadow, self.params):
                 ops.assign(average, average * r + param * (1.0 - r))
         return True
-
-
-_EMA_NAME = re.compile(r"^ema_(\d+(?:\.\d+)?(?:e-?\d+)?)\.(.+)$")
-
-
-def ema_prefix(rate):
-    return f"ema_{rate:g}."
-
-
-def ema_rates(checkpoint):
-    """The EMA rates stored in a checkpoint dict, in increasing order."""
-    return sorted({float(m.group(1)) for m in map(_EMA_NAME.match, checkpoint) if m})
-
-
-def ema_state(checkpoint, rate):
-    """The parameters of the EMA copy at ``rate`` from a checkpoint dict, under the model's names."""
-    prefix = ema_prefix(rate)
-    state = {name[len(prefix):]: value for name, value in checkpoint.items() if name.startswith(prefix)}
-    if not state:
-        rates = ", ".join(f"{r:g}" for r in ema_rates(checkpoint)) or "none"
-        raise KeyError(f"no EMA copy at rate {rate:g} in this checkpoint (it has: {rates})")
-    return state
 
 
 class DiffusionLoss(nn.Cell):

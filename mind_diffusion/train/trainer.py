@@ -28,13 +28,14 @@ import mindspore as ms
 from mindspore import nn, ops
 from tqdm.auto import tqdm
 
+from ..checkpoints import (checkpoint_config, checkpoint_step, latest_checkpoint, list_checkpoints, read_checkpoint,
+                           restore_state)
 from ..config import config_to_dict, save_config, uses_loss_scale
 from ..data import create_dataset
 from ..device import graph_target
 from ..kernels.dropout import seed_step
 from ..resample import create_named_schedule_sampler
-from .checkpoint import (CheckpointWriter, checkpoint_config, checkpoint_step, latest_checkpoint, list_checkpoints,
-                         load_initial_weights, read_checkpoint, restore_state, training_state)
+from .checkpoint import CheckpointWriter, load_initial_weights, training_state
 from .step import EMA, AdamW, DiffusionLoss, OverflowCheck, StepMetrics, TrainStep, WarmupLR, overflow_mode
 
 logger = logging.getLogger("mind_diffusion.train")
