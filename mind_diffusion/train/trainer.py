@@ -27,6 +27,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..checkpoints import (checkpoint_config, checkpoint_step, latest_checkpoint, list_checkpoints, read_checkpoint,
                            restore_state)
@@ -279,7 +280,8 @@ class Trainer:
         stream = create_dataset(self.config.data, train.batch_size, self.rank, self.world_size,
                                 tokenizer=self.tokenizer, seed=self.config.seed, start_step=start,
                                 end_step=train.total_steps, noise_shape=self.image_shape,
-                                low_res_size=self.config.model.low_res_size if "low_res" in self.cond_names else None)
+                                low_res_size=self.config.model.low_res_size if "low_res" in self.cond_names else None,
+                                channels=self.config.model.in_channels)
         log = MetricLog(self.train_step.metrics,
                         os.path.join(self.run_dir, "metrics.jsonl") if self.is_writer else None)
         log.reset()
@@ -289,6 +291,8 @@ class Trainer:
         last_saved, started = None, time.perf_counter()
         chunks = self._sink_chunks(stream) if self.sinks else self._host_chunks(stream)
         step = start
+        redirect = logging_redirect_tqdm(loggers=[logging.getLogger("mind_diffusion")])
+        redirect.__enter__()  # log lines (skipped images, warnings) print above the bar, not glued onto it
         try:
             while step < train.total_steps:
                 step = chunks(step)
@@ -319,8 +323,12 @@ class Trainer:
                         logger.info("samples at step %d: %s", step, path)
         finally:
             bar.close()
+            redirect.__exit__(None, None, None)
             if self.writer:
                 self.writer.wait()
+        if stream.skipped_paths:
+            logger.warning("%d unreadable image(s) were skipped in this session (each replaced by the next "
+                           "readable one); first: %s", len(stream.skipped_paths), ", ".join(stream.skipped_paths[:5]))
         # One line per worker, so data-parallel runs can be checked: equal parameters, different data.
         print(f"[rank {self.rank}] finished at step {step}: parameters sha1 {self.parameter_digest()}, "
               f"{self.items_seen} items this session, data sha1 {self.data_digest.hexdigest()}", flush=True)
