@@ -102,6 +102,45 @@ def test_layers_and_steps_get_their_own_masks_and_a_step_replays_exactly():
     assert not np.array_equal(net(x)[0].asnumpy(), first)
 
 
+class NoisyToy(nn.Cell):
+    """ε̂ = w ⊙ dropout(x_t) + b, with two dropout layers in a row: a network small enough for a train step."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = ms.Parameter(ms.Tensor(np.full((1, 3, 1, 1), 0.5, np.float32)), name="w")
+        self.b = ms.Parameter(ms.Tensor(np.zeros((1, 3, 1, 1), np.float32)), name="b")
+        self.first, self.second = Dropout(0.3), Dropout(0.3)
+
+    def construct(self, x, t):
+        return self.w * self.second(self.first(x)) + self.b
+
+
+@needs_kernel
+def test_a_train_step_leaves_the_default_generator_alone():
+    """The masks come from the dropout layers' own counter: MindSpore's global generator, which every other
+    random op draws from, keeps its state through seed_step and a compiled train step."""
+    from mind_diffusion.gaussian_diffusion import create_diffusion
+    from mind_diffusion.resample import UniformSampler
+    from mind_diffusion.train.step import EMA, AdamW, DiffusionLoss, TrainStep, WarmupLR
+
+    model = NoisyToy()
+    named = list(model.parameters_and_names())
+    step = TrainStep(DiffusionLoss(model, create_diffusion(10, "cosine"), UniformSampler(10)),
+                     AdamW(named, WarmupLR(0.1, 0)), EMA(named, (0.9,)))
+    rng = np.random.default_rng(0)
+    x, noise = (ms.Tensor(rng.standard_normal((2, 3, 4, 4)).astype(np.float32)) for _ in range(2))
+    u = ms.Tensor(np.array([0.3, 0.7], np.float32))
+    ms.manual_seed(1234)
+    before = ms.get_rng_state().asnumpy().copy()
+    for k in range(3):
+        seed_step(0, 0, k)
+        start = int(dropout.COUNTER.value.asnumpy())
+        step(x, u, noise)
+        assert int(dropout.COUNTER.value.asnumpy()) == start + 2, "each dropout layer takes one counter value"
+    np.testing.assert_array_equal(ms.get_rng_state().asnumpy(), before)
+    assert ms.initial_seed() == 1234
+
+
 @needs_kernel
 def test_gradient_is_the_same_mask_scaled():
     layer = Dropout(0.4)

@@ -1,17 +1,17 @@
-"""Dropout whose masks resume exactly: counter-based masks drawn from MindSpore's default generator.
+"""Dropout whose masks resume exactly: counter-based masks from the dropout layers' own counter.
 
 MindSpore's CPU dropout kernel keeps its own random state, which a checkpoint
 cannot hold: after a resume every mask differs from the uninterrupted run's.
-Here a training-mode :class:`Dropout` takes a counter, the offset of
-MindSpore's default generator (each call advances it by one, so every layer of
-a step gets its own), and a C++ kernel (``csrc/dropout.cc``) keeps element i
-when a 32-bit hash of (counter, i) is ≥ p·2^32, scaling kept values by
-1/(1 − p) as ``nn.Dropout`` does. The backward recomputes the mask from the
-same counter rather than storing it. The trainer sets the offset at every step
-from (run seed, rank, step) (:func:`seed_step`), so masks are a function of
-the step like the timesteps and the noise. Only the offset is used: in
-MindSpore 2.10's graph mode the generator's seed output is a per-process
-value, not the seed set from the host (the offset is the live one).
+Here a training-mode :class:`Dropout` takes a counter from :data:`COUNTER`, an
+int64 Parameter that belongs to the dropout layers alone (each call takes the
+current value and advances it by one, so every layer of a step gets its own),
+and a C++ kernel (``csrc/dropout.cc``) keeps element i when a 32-bit hash of
+(counter, i) is ≥ p·2^32, scaling kept values by 1/(1 − p) as ``nn.Dropout``
+does. The backward recomputes the mask from the same counter rather than
+storing it. The trainer sets the counter at every step from (run seed, rank,
+step) (:func:`seed_step`), so masks are a function of the step like the
+timesteps and the noise. MindSpore's default generator (``ms.get_rng_state``),
+which other random ops draw from, is never read or written here.
 
 The path is chosen when a Dropout is built, in Python. Graphs built for Ascend
 or GPU (``device.graph_target()``) use ``mint.nn.functional.dropout``, whose
@@ -28,8 +28,7 @@ import threading
 
 import numpy as np
 import mindspore as ms
-from mindspore import mint, nn, ops
-from mindspore.common.generator import default_generator
+from mindspore import Parameter, mint, nn, ops
 
 from mind_diffusion.device import graph_target
 from mind_diffusion.kernels import aot
@@ -69,12 +68,34 @@ def _make():
 def dropout_op():
     """The counter-based dropout operator ``op(x, counter, p)``, or None when nn.Dropout must be used.
 
-    x float32 of any shape, counter an int64 scalar Tensor (the default generator's
-    offset), p a [1] float32 Tensor in [0, 1).
+    x float32 of any shape, counter an int64 scalar Tensor (one value of :data:`COUNTER`),
+    p a [1] float32 Tensor in [0, 1).
     """
     if not status()[0]:
         return None
     return aot.op_once(_ops, _library, _lock, "op", _make, "counter-based dropout unavailable, using nn.Dropout")
+
+
+@ms.jit_class
+class DropoutCounter:
+    """The counter the dropout masks are keyed by: one int64 Parameter, outside every network.
+
+    Not a Cell attribute, so it is in no network's parameters (nor in checkpoints: the trainer
+    sets it from the step). Inside a graph, :meth:`take` returns the current value and
+    advances it by ``count``; MindSpore orders the layers' calls as written.
+    """
+
+    def __init__(self):
+        self.value = Parameter(ms.Tensor(0, ms.int64), name="mind_diffusion_dropout_counter", requires_grad=False)
+
+    def take(self, count):
+        return ops.assign_add(self.value, count) - count
+
+    def set(self, start):
+        self.value.set_data(ms.Tensor(start, ms.int64))
+
+
+COUNTER = DropoutCounter()
 
 
 def seed_step(seed, rank, step):
@@ -84,9 +105,7 @@ def seed_step(seed, rank, step):
     steps' ranges of a few hundred counters practically never meet (and never overflow).
     """
     words = np.random.SeedSequence([seed, rank, step, 0x64726F70]).generate_state(2, np.uint32)  # "drop"
-    start = int(words[0]) << 30 | int(words[1]) >> 2
-    state = np.concatenate([np.zeros(1, "<i8"), np.array([start], "<i8")]).view(np.uint8)  # (seed, offset)
-    ms.set_rng_state(ms.Tensor(state))
+    COUNTER.set(int(words[0]) << 30 | int(words[1]) >> 2)
 
 
 class Dropout(nn.Cell):
@@ -118,6 +137,5 @@ class Dropout(nn.Cell):
         if self.on_npu:
             return mint.nn.functional.dropout(x, self.p, training=True)
         if self.fast and x.dtype == ms.float32:
-            _, counter = default_generator._step(self.one)  # pylint: disable=protected-access
-            return self.op(x, counter, self.p_tensor)
+            return self.op(x, COUNTER.take(self.one), self.p_tensor)
         return self.fallback(x)
