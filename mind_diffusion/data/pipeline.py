@@ -85,14 +85,13 @@ def _items_for(data_cfg, channels=3):
     if data_cfg.kind == "demo":
         if channels != 3:
             raise ValueError(f"data.kind 'demo' draws RGB images; it cannot feed model.in_channels={channels}")
-        return _DemoItems(data_cfg.demo_size, data_cfg.image_size, data_cfg.demo_seed), None
+        return _DemoItems(data_cfg.demo_size, data_cfg.image_size, data_cfg.demo_seed)
     if data_cfg.kind == "folder":
         image_folder = folder.ImageFolder(data_cfg.path, class_cond=data_cfg.class_cond)
-        items = _ImageItems(image_folder.paths, None, image_folder.labels, data_cfg.image_size, channels)
-        return items, image_folder.class_names
+        return _ImageItems(image_folder.paths, None, image_folder.labels, data_cfg.image_size, channels)
     pairs = captions.read_captions(data_cfg.path)
     paths, texts = [p for p, _ in pairs], [t for _, t in pairs]
-    return _ImageItems(paths, texts, [0] * len(paths), data_cfg.image_size, channels), None
+    return _ImageItems(paths, texts, [0] * len(paths), data_cfg.image_size, channels)
 
 
 def sample_randomness(seed, rank, sample, shape):
@@ -198,12 +197,10 @@ class BatchStream:
     a tokenizer was given. It ends after batch ``end_step`` (never without one).
     """
 
-    def __init__(self, source, batch_size, start_step, num_workers, python_multiprocessing,
-                 class_names, end_step=None):
+    def __init__(self, source, batch_size, start_step, num_workers, python_multiprocessing, end_step=None):
         self.source, self.batch_size = source, batch_size
         self.start_step, self.end_step = start_step, end_step
         self.num_workers, self.python_multiprocessing = num_workers, python_multiprocessing
-        self.class_names = class_names
         self.columns = ["images", "index", "skipped"]
         if source.noise_shape is not None:
             self.columns += ["u", "noise"]
@@ -215,16 +212,6 @@ class BatchStream:
             self.columns += ["tokens", "mask"]
         self.skipped_paths = []
         self._next_report = 1
-
-    @property
-    def num_items(self):
-        """Items in the whole data set (all ranks)."""
-        return len(self.source.items)
-
-    @property
-    def steps_per_epoch(self):
-        """Batches per rank per pass over its shard."""
-        return self.source.per_shard // self.batch_size
 
     def dataset(self, first_step=None, num_steps=None):
         """The batched GeneratorDataset of batches [first_step, first_step + num_steps) of this rank
@@ -288,7 +275,7 @@ def create_dataset(data_cfg, batch_size, rank=0, world_size=1, tokenizer=None, s
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, {world_size})")
-    items, class_names = _items_for(data_cfg, channels)
+    items = _items_for(data_cfg, channels)
     if tokenizer is not None and data_cfg.kind == "folder":
         raise ValueError(f"data.kind 'folder' ({data_cfg.path!r}) has no captions to tokenize; "
                          "use data.kind 'captions' or 'demo' for a text-conditioned model")
@@ -301,7 +288,7 @@ def create_dataset(data_cfg, batch_size, rank=0, world_size=1, tokenizer=None, s
                            data_cfg.caption_dropout, tokenizer, with_labels=data_cfg.class_cond,
                            noise_shape=noise_shape, low_res_size=low_res_size)
     return BatchStream(source, batch_size, start_step, data_cfg.num_workers,
-                       data_cfg.python_multiprocessing, class_names, end_step=end_step)
+                       data_cfg.python_multiprocessing, end_step=end_step)
 
 
 def preview_items(data_cfg, count, channels=3):
@@ -310,7 +297,7 @@ def preview_items(data_cfg, count, channels=3):
     :return: (images float32 [n, 3, S, S] in [-1, 1], captions (list of str or None), labels [n]);
         n < ``count`` only when the source has fewer readable items.
     """
-    items, _ = _items_for(data_cfg, channels)
+    items = _items_for(data_cfg, channels)
     images, texts, labels = [], [], []
     for index in range(len(items)):
         if len(images) == count:
