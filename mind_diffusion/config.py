@@ -259,10 +259,16 @@ class TrainConfig:
     seed: Optional[int] = option(None, "mirror of the top-level seed: leave unset")
 
 
+# The schedulers' names (mind_diffusion.sampling.schedulers.SCHEDULERS, which needs MindSpore; a test
+# keeps the two equal).
+SAMPLERS = ("ddpm", "ddim", "plms", "dpm++2m", "dpm++3m", "euler_a")
+
+
 @dataclass
 class SampleConfig:
     """Sampling defaults for periodic grids and run_infer.sh."""
-    sampler: str = option("ddpm", "ancestral ddpm or deterministic-capable ddim", one_of("ddpm", "ddim"))
+    sampler: str = option("ddpm", "ddpm (ancestral), ddim (η), plms, dpm++2m, dpm++3m or euler_a "
+                          "(mind_diffusion.sampling.schedulers)", one_of(*SAMPLERS))
     steps: int = option(250, "sampling steps (respacing of the trained T steps), at least 2", at_least(2))
     eta: float = option(0.0, "DDIM η in [0, 1]: 0 = deterministic, 1 = DDPM-like noise (above 1 "
                         "√(1 − ᾱ_{t−1} − σ_t²) turns imaginary)", in_range(0.0, 1.0))

@@ -104,7 +104,7 @@ def test_overrides_parse_as_yaml_and_validate_like_file_values():
     assert config.data.random_flip is False
     assert config.seed == 7 and config.train.seed == 7
     assert config.train.ema_rate == [0.99, 0.999] and config.name == "演示"
-    assert "sample.sampler" in error_of(overrides=["sample.sampler=plms"])
+    assert "sample.sampler" in error_of(overrides=["sample.sampler=heun"])
     assert "key=value" in error_of(overrides=["train.lr"])
     assert "'train.lrr'" in error_of(overrides=["train.lrr=1"])
 
@@ -188,3 +188,11 @@ def test_recipe_input_paths_are_the_users_with_shipped_files_as_fallback(tmp_pat
                          ["data.kind=captions", "data.path=mine.jsonl"])
     assert config.train.init_from == os.path.join(PROJECT_ROOT, "checkpoints", "demo_eps.ckpt")
     assert config.data.path == str(tmp_path / "mine.jsonl")
+
+
+def test_sample_sampler_names_are_the_schedulers():
+    from mind_diffusion.config import SAMPLERS, config_from_dict
+    from mind_diffusion.sampling.schedulers import SCHEDULERS
+    assert set(SAMPLERS) == set(SCHEDULERS)
+    for name in SAMPLERS:
+        assert config_from_dict({"sample": {"sampler": name}}).sample.sampler == name
