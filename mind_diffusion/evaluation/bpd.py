@@ -8,7 +8,7 @@ import mindspore as ms
 from tqdm.auto import tqdm
 
 from ..losses import mean_flat
-from ..sampling.base import ModelStep, _as_tensor
+from ..sampling.base import ModelStep, as_tensor
 
 
 class BoundTermStep(ModelStep):
@@ -44,11 +44,11 @@ class BitsPerDim:
 
     def __call__(self, x_start, model_kwargs=None, seed=0, progress=False):
         """The bound for one batch; see :func:`calc_bpd_loop` for the returned dict."""
-        x_start = _as_tensor(np.asarray(x_start, np.float32) if not isinstance(x_start, ms.Tensor) else x_start)
+        x_start = as_tensor(np.asarray(x_start, np.float32) if not isinstance(x_start, ms.Tensor) else x_start)
         model_kwargs = model_kwargs or {}
         if tuple(sorted(model_kwargs)) != self.cond_names:
             raise ValueError(f"expected conditioning {self.cond_names}, got {tuple(sorted(model_kwargs))}")
-        cond = tuple(_as_tensor(model_kwargs[n]) for n in self.cond_names)
+        cond = tuple(as_tensor(model_kwargs[n]) for n in self.cond_names)
         rng = np.random.default_rng(seed)
         batch, steps = x_start.shape[0], self.diffusion.num_timesteps
         terms = []  # kept on the device until the loop ends

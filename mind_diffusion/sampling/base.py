@@ -95,7 +95,7 @@ class Sampler:
         x = ms.Tensor(rng.standard_normal(shape, dtype=np.float32) if x_T is None
                       else np.asarray(x_T, dtype=np.float32))
         names = tuple(sorted(model_kwargs or {}))
-        cond = tuple(_as_tensor(model_kwargs[n]) for n in names)
+        cond = tuple(as_tensor(model_kwargs[n]) for n in names)
         step = self.step_graph(names)
         zeros = ms.Tensor(np.zeros(shape, np.float32))
         num_steps = self.diffusion.num_timesteps
@@ -111,5 +111,6 @@ class Sampler:
         return x
 
 
-def _as_tensor(value):
+def as_tensor(value):
+    """A Tensor as it is, anything else (an array, a list) made one: the loops' conditioning inputs."""
     return value if isinstance(value, ms.Tensor) else ms.Tensor(value)

@@ -4,7 +4,7 @@ import mindspore as ms
 from tqdm.auto import tqdm
 
 from . import fused as _fused
-from .base import ModelStep, Sampler, _as_tensor
+from .base import ModelStep, Sampler, as_tensor
 
 
 class DDIMStep(ModelStep, _fused.FusedStep):
@@ -70,12 +70,12 @@ class DDIMSampler(Sampler):
         starts, so ``sample(x_T=invert(x))`` walks back to ``x``.
         """
         names = tuple(sorted(model_kwargs or {}))
-        cond = tuple(_as_tensor(model_kwargs[n]) for n in names)
+        cond = tuple(as_tensor(model_kwargs[n]) for n in names)
         if names not in self._reverse_steps:
             self._reverse_steps[names] = DDIMReverseStep(self.diffusion, self.model, names, self.clip_denoised,
                                                          pred_xstart=False)
         step = self._reverse_steps[names]
-        x = _as_tensor(np.asarray(x_0, dtype=np.float32) if not isinstance(x_0, ms.Tensor) else x_0)
+        x = as_tensor(np.asarray(x_0, dtype=np.float32) if not isinstance(x_0, ms.Tensor) else x_0)
         batch = x.shape[0]
         for t in tqdm(range(self.diffusion.num_timesteps - 1), desc="ddim-invert",
                       disable=not self.progress, leave=False):

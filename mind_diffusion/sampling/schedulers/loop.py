@@ -10,6 +10,8 @@ import mindspore as ms
 from mindspore import nn
 from tqdm.auto import tqdm
 
+from ..base import as_tensor
+
 
 class SamplingGraph(nn.Cell):
     """x_next (and the history) for call k: ``graph(x, k, noise, *history, *model_cond, *guide_cond)``.
@@ -73,8 +75,8 @@ def sample(model, shape, scheduler, seed=0, model_kwargs=None, cond_fn=None, con
     x = ms.Tensor(rng.standard_normal(shape, dtype=np.float32) if x_T is None else np.asarray(x_T, np.float32))
     model_names = tuple(sorted(model_kwargs or {}))
     guide_names = _guide_inputs(cond_fn, cond_kwargs)
-    cond = tuple(_as_tensor(model_kwargs[n]) for n in model_names) + \
-        tuple(_as_tensor(cond_kwargs[n]) for n in guide_names)
+    cond = tuple(as_tensor(model_kwargs[n]) for n in model_names) + \
+        tuple(as_tensor(cond_kwargs[n]) for n in guide_names)
     if noises is not None and np.shape(noises)[0] != scheduler.num_calls:
         raise ValueError(f"noises must hold one array per network call ({scheduler.num_calls}), "
                          f"got {np.shape(noises)[0]}")
@@ -108,6 +110,3 @@ def _guide_inputs(cond_fn, cond_kwargs):
         raise ValueError(f"classifier guidance needs {missing} in cond_kwargs (e.g. cond_kwargs={{'y': labels}})")
     return names
 
-
-def _as_tensor(value):
-    return value if isinstance(value, ms.Tensor) else ms.Tensor(value)
