@@ -126,7 +126,7 @@ def main():
     from mind_diffusion.evaluation.judge import adherence
     from mind_diffusion.generate import ImageGenerator
     from mind_diffusion.imaging import save_grid, to_uint8
-    from mind_diffusion.train.checkpoint import checkpoint_config, model_weights, read_checkpoint, restore_state
+    from mind_diffusion.checkpoints import checkpoint_config, model_weights, read_checkpoint, restore_state
 
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device("CPU")
