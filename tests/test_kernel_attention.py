@@ -62,7 +62,7 @@ def run(monkeypatch, fast, q, k, v, w, dtype=ms.float32):
     d = q.shape[1]
 
     def loss(q_, k_, v_):
-        out = _attend(q_, k_, v_, d, training=True)
+        out = _attend(q_, k_, v_, d, heads=1, training=True)
         return (out * weight).sum().astype(ms.float32), out
 
     step = ms.jit(ms.value_and_grad(loss, grad_position=(0, 1, 2), has_aux=True))
@@ -131,7 +131,7 @@ def test_float16_takes_ops_path(monkeypatch):
     weight = ms.Tensor(w, ms.float16)
 
     def loss(q_, k_, v_):
-        return (_attend(q_, k_, v_, 32, training=True) * weight).sum().astype(ms.float32)
+        return (_attend(q_, k_, v_, 32, heads=1, training=True) * weight).sum().astype(ms.float32)
 
     value = ms.jit(loss)(*(ms.Tensor(x, ms.float16) for x in (q, k, v)))
     want = (reference(q, k, v, w)[0] * w).sum()
@@ -164,7 +164,7 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(kernels, "forward_op", lambda: None)
 
     def apply(a, b, c):
-        return _attend(a, b, c, 8)
+        return _attend(a, b, c, 8, heads=1)
 
     out = ms.jit(apply)(*(ms.Tensor(x) for x in (q, k, v)))
     np.testing.assert_allclose(out.asnumpy(), reference(q, k, v, w)[0], rtol=1e-4, atol=1e-5)
