@@ -119,8 +119,8 @@ def main(argv=None):
         return 1
     if rank == 0:
         print(f"checkpoint: {final}")
-        grids = sorted(os.listdir(os.path.join(run_dir, "samples"))) if os.path.isdir(
-            os.path.join(run_dir, "samples")) else []
+        samples = os.path.join(run_dir, "samples")  # grids, and their caption sidecars (.txt)
+        grids = sorted(name for name in os.listdir(samples) if name.endswith(".png")) if os.path.isdir(samples) else []
         if grids:
             print(f"samples: {os.path.join(run_dir, 'samples', grids[-1])}")
     return 0
