@@ -52,13 +52,19 @@ def test_bfloat16_is_widened_exactly(tmp_path):
     np.testing.assert_allclose(back["x"], values, rtol=2 ** -8)
 
 
+def _file(header, data=b""):
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
 @pytest.mark.parametrize("blob, message", [
     (b"abc", "too short"),
     (struct.pack("<Q", 10 ** 6) + b"{}", "does not fit"),
     (struct.pack("<Q", 3) + b"{x}", "unreadable JSON"),
-    (struct.pack("<Q", 52) + b'{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}', "do not fit"),
-    (struct.pack("<Q", 52) + b'{"x":{"dtype":"Q99","shape":[1],"data_offsets":[0,4]}}' + b"\0" * 4,
-     "unsupported dtype"),
+    (_file({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 8), "do not fit"),
+    (_file({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}), "do not fit"),
+    (_file({"x": {"dtype": "Q99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "unsupported dtype"),
+    (_file({"x": {"dtype": "F32"}}), "malformed"),
 ])
 def test_bad_files_are_named(tmp_path, blob, message):
     path = tmp_path / "bad.safetensors"
