@@ -24,38 +24,21 @@ the same tokens, so it cannot change a picture.
 """
 import argparse
 import os
-import sys
 import time
 import warnings
 
 import numpy as np
 
+from demo_bench import load_text2im, template_prompts  # bench/ is on the path when run as a script
+
 SETS = ("templates", "heldout")
-
-
-def template_prompts(count, seed):
-    """``count`` (prompt, wanted) pairs from the ten core templates: shapes, colours,
-    backgrounds drawn like the demo set's, languages alternating, templates in turn."""
-    from mind_diffusion.data import demo
-    rng = np.random.default_rng([seed, 10])
-    prompts = []
-    for index in range(count):
-        lang = ("en", "zh")[index % 2]
-        template = (index // 2) % len(demo.TEMPLATES[lang])
-        shape = demo.SHAPES[rng.integers(len(demo.SHAPES))].name
-        colour = demo.COLORS[rng.integers(len(demo.COLORS))].name
-        allowed = demo.ALLOWED_BACKGROUNDS[colour]
-        background = allowed[rng.integers(len(allowed))]
-        named = "{background}" in demo.TEMPLATES[lang][template]
-        prompts.append((demo.make_caption(shape, colour, background, lang, template),
-                        {"shape": shape, "color": colour, "background": background if named else None}))
-    return prompts
+TEMPLATE_STREAM = 10  # the templates set's random stream (demo_bench.template_prompts)
 
 
 def prompt_set(name, count, seed):
     """(prompts, wanted attributes) of one named set."""
     from mind_diffusion.evaluation.heldout import held_out_prompts
-    pairs = template_prompts(count, seed) if name == "templates" else held_out_prompts(count, seed)
+    pairs = template_prompts(count, seed, TEMPLATE_STREAM) if name == "templates" else held_out_prompts(count, seed)
     return [p for p, _ in pairs], [w for _, w in pairs]
 
 
@@ -119,25 +102,12 @@ def main():
     if args.n < 1 or args.batch < 1:
         parser.error("--n and --batch must be at least 1")
 
-    import mindspore as ms
-    from mind_diffusion.cli.factory import build_diffusion, build_model
-    from mind_diffusion.cli.infer import find_checkpoint
-    from mind_diffusion.config import config_from_dict
+    from mind_diffusion.cli.factory import build_diffusion
     from mind_diffusion.evaluation.judge import adherence
     from mind_diffusion.generate import ImageGenerator
     from mind_diffusion.imaging import save_grid, to_uint8
-    from mind_diffusion.checkpoints import checkpoint_config, model_weights, read_checkpoint, restore_state
 
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
-    path = find_checkpoint(args.ckpt)
-    checkpoint = read_checkpoint(path)
-    config = config_from_dict(checkpoint_config(checkpoint))
-    model, tokenizer = build_model(config.model)
-    if tokenizer is None:
-        sys.exit(f"{path} is not a text-to-image checkpoint")
-    weights = model_weights(checkpoint, raw=args.raw)
-    restore_state(dict(model.parameters_and_names()), {k: ms.Tensor(v.asnumpy()) for k, v in weights.items()}, path)
+    path, config, model, tokenizer = load_text2im(args.ckpt, raw=args.raw)
     tokenizer.normalise = not args.no_normalise
     size = config.model.image_size
     generator = ImageGenerator(model, build_diffusion(config.diffusion, config.model), (3, size, size), tokenizer)

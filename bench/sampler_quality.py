@@ -12,26 +12,13 @@ spends one call on its warm-up, so it walks NFE − 1 steps.
         [--schedulers ddpm,ddim,plms,dpm++2m,dpm++3m,euler_a]
 """
 import argparse
-import sys
 import time
 
 import numpy as np
 
+from demo_bench import load_text2im, template_prompts  # bench/ is on the path when run as a script
 
-def template_prompts(count, seed):
-    """``count`` prompts from the demo set's caption templates: shape, colour and an allowed background
-    drawn at random, languages alternating, templates in turn."""
-    from mind_diffusion.data import demo
-    rng = np.random.default_rng([seed, 13])
-    prompts = []
-    for index in range(count):
-        lang = ("en", "zh")[index % 2]
-        template = (index // 2) % len(demo.TEMPLATES[lang])
-        shape = demo.SHAPES[rng.integers(len(demo.SHAPES))].name
-        colour = demo.COLORS[rng.integers(len(demo.COLORS))].name
-        allowed = demo.ALLOWED_BACKGROUNDS[colour]
-        prompts.append(demo.make_caption(shape, colour, allowed[rng.integers(len(allowed))], lang, template))
-    return prompts
+TEMPLATE_STREAM = 13  # the prompt list's random stream (demo_bench.template_prompts)
 
 
 def steps_for_nfe(scheduler, nfe):
@@ -60,26 +47,13 @@ def main():
     args = parser.parse_args()
 
     import mindspore as ms
-    from mind_diffusion.checkpoints import checkpoint_config, model_weights, read_checkpoint, restore_state
-    from mind_diffusion.cli.factory import build_diffusion, build_model
-    from mind_diffusion.cli.infer import find_checkpoint
-    from mind_diffusion.config import config_from_dict
+    from mind_diffusion.cli.factory import build_diffusion
     from mind_diffusion.evaluation.judge import adherence
     from mind_diffusion.imaging import to_uint8
     from mind_diffusion.sampling.guidance import ClassifierFreeGuidance
     from mind_diffusion.sampling.schedulers import create_scheduler, sample
 
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
-    path = find_checkpoint(args.ckpt)
-    checkpoint = read_checkpoint(path)
-    config = config_from_dict(checkpoint_config(checkpoint))
-    model, tokenizer = build_model(config.model)
-    if tokenizer is None:
-        sys.exit(f"{path} is not a text-to-image checkpoint")
-    weights = model_weights(checkpoint, raw=args.raw)
-    restore_state(dict(model.parameters_and_names()), {k: ms.Tensor(v.asnumpy()) for k, v in weights.items()}, path)
-    model.set_train(False)
+    path, config, model, tokenizer = load_text2im(args.ckpt, raw=args.raw)
     size = config.model.image_size
     diffusion = build_diffusion(config.diffusion, config.model)
     scale = config.sample.guidance_scale if args.scale is None else args.scale
@@ -87,7 +61,7 @@ def main():
     if scale not in (0.0, 1.0):
         uncond_tokens, uncond_mask = tokenizer.unconditional(1)
         guided = ClassifierFreeGuidance(model, scale, uncond_tokens, uncond_mask, eps_channels=3)
-    prompts = template_prompts(args.n, args.prompt_seed)
+    prompts = [prompt for prompt, _ in template_prompts(args.n, args.prompt_seed, TEMPLATE_STREAM)]
     nfes = [int(v) for v in args.nfe.split(",")]
     names = args.schedulers.split(",")
 
