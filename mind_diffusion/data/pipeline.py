@@ -41,7 +41,7 @@ import logging
 import mindspore.dataset as ds
 import numpy as np
 
-from mind_diffusion.data import captions, demo, folder, transforms
+from mind_diffusion.data import captions, demo, folder, mnist, transforms
 
 logger = logging.getLogger("mind_diffusion.data")
 
@@ -86,6 +86,12 @@ def _items_for(data_cfg, channels=3):
         if channels != 3:
             raise ValueError(f"data.kind 'demo' draws RGB images; it cannot feed model.in_channels={channels}")
         return _DemoItems(data_cfg.demo_size, data_cfg.image_size, data_cfg.demo_seed)
+    if data_cfg.kind == "mnist":
+        if channels != 1 or data_cfg.image_size != mnist.IMAGE_SIZE:
+            raise ValueError(f"data.kind 'mnist' gives 1-channel {mnist.IMAGE_SIZE}×{mnist.IMAGE_SIZE} images (28×28 "
+                             f"padded); set model.in_channels=1 and model.image_size={mnist.IMAGE_SIZE} "
+                             f"(got {channels} channels, size {data_cfg.image_size})")
+        return mnist.MnistItems("train", data_cfg.path)
     if data_cfg.kind == "folder":
         image_folder = folder.ImageFolder(data_cfg.path, class_cond=data_cfg.class_cond)
         return _ImageItems(image_folder.paths, None, image_folder.labels, data_cfg.image_size, channels)
@@ -276,8 +282,8 @@ def create_dataset(data_cfg, batch_size, rank=0, world_size=1, tokenizer=None, s
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, {world_size})")
     items = _items_for(data_cfg, channels)
-    if tokenizer is not None and data_cfg.kind == "folder":
-        raise ValueError(f"data.kind 'folder' ({data_cfg.path!r}) has no captions to tokenize; "
+    if tokenizer is not None and data_cfg.kind in ("folder", "mnist"):
+        raise ValueError(f"data.kind {data_cfg.kind!r} has no captions to tokenize; "
                          "use data.kind 'captions' or 'demo' for a text-conditioned model")
     per_shard = len(items) // world_size
     if per_shard < batch_size:

