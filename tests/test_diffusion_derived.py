@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import mindspore as ms
 from mindspore import nn, ops
-from mindspore.graph import api as graph_api
 
 from graph_util import run
+from tests.helpers.compile_count import record_compiles
 from mind_diffusion import schedules
 from mind_diffusion.evaluation.bpd import calc_bpd_loop
 from mind_diffusion.gaussian_diffusion import GaussianDiffusion, create_diffusion
@@ -554,17 +554,7 @@ def test_ddim_on_gaussian_data_at_every_step(monkeypatch, eta, fused_step):
 
 
 def test_samplers_are_seeded_and_ddpm_reaches_the_point(monkeypatch):
-    compiles = []
-    executor = type(graph_api._cell_graph_executor)
-    original = executor.compile
-
-    def counting_compile(self, obj, *args, **kwargs):
-        result = original(self, obj, *args, **kwargs)  # (phase, False) when a cached graph is reused
-        if result[1]:
-            compiles.append(type(obj).__name__)
-        return result
-
-    monkeypatch.setattr(executor, "compile", counting_compile)
+    compiles = record_compiles(monkeypatch)
     diffusion = create_diffusion(50, "linear", sigma_small=True)
     model = dirac_denoiser(diffusion.schedule["alphas_cumprod"], 1.0)
     shape = (3,) + X_STAR.shape[1:]
