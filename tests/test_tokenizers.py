@@ -189,3 +189,15 @@ def test_wordpiece_missing_and_bad_files_are_named(tmp_path):
     bad.write_text("[PAD]\n[UNK]\na\n", encoding="utf-8")
     with pytest.raises(TokenizerFileError, match=r"no \[CLS\], \[SEP\] line"):
         WordPieceTokenizer(str(bad))
+
+
+def test_vocab_json_ids_are_read_not_recomputed(tmp_path):
+    """transformers' vocab.json decides the ids: a vocabulary with every id moved gives the moved ids."""
+    encoder = json.load(open(VOCAB_JSON, encoding="utf-8"))
+    top = max(encoder.values())
+    moved = {symbol: top - i for symbol, i in encoder.items()}  # the ids in reverse order
+    (tmp_path / "vocab.json").write_text(json.dumps(moved), encoding="utf-8")
+    (tmp_path / "merges.txt").write_text(open(MERGES, encoding="utf-8").read(), encoding="utf-8")
+    tokenizer = CLIPTokenizer.from_files(str(tmp_path))
+    assert tokenizer.encode("a photo of a cat") == [moved[s] for s in ("a</w>", "photo</w>", "of</w>", "a</w>", "cat</w>")]
+    assert tokenizer("")[0][0, :3].tolist() == [moved["<|startoftext|>"], moved["<|endoftext|>"], moved["<|endoftext|>"]]
