@@ -56,6 +56,6 @@ def test_reproduces_glide_text2im_upsampler(tmp_path):
     assert type(model) is SuperResText2ImUNet and model.in_channels == 6
     out = run(model, arrays, "low_res")
     assert out.shape == arrays["out"].shape == (4, 6, 16, 16)
-    # measured 3.9e-6 with the C++ kernels, 5.1e-6 on pure ops (outputs up to 3.0)
+    # measured 3.6e-6 with the C++ kernels and on pure ops (outputs up to 2.7)
     assert np.abs(out - arrays["out"]).max() <= 1e-5
 
