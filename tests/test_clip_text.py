@@ -15,8 +15,10 @@ import mindspore as ms
 
 from mind_diffusion import clip_names
 from mind_diffusion.clip_names import TextEncoderNamesError, extract_text_encoder, infer_text_config
+from mind_diffusion.device import building_for
 from mind_diffusion.torch_pickle import load_state_dict
-from models.clip_text import CLIPTextEncoder, text_encoder_from_state_dict
+from models.clip_text import CLIPTextEncoder, encoder_arguments, text_encoder_from_state_dict
+from tests.test_graph_audit import audit, exported
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 TINY_HEADS = 2  # the fixtures' head count (ldm_sd1_tiny.json "clip"); width 32 is not a multiple of 64
@@ -183,7 +185,25 @@ def test_causal_mask_later_tokens_do_not_change_earlier_states():
     assert np.abs(a[:, 4:] - b[:, 4:]).min() > 0
 
 
+@pytest.mark.parametrize("activation, skip", [("quick_gelu", 0), ("gelu", 1)])
+def test_graph_built_for_ascend_is_clean(activation, skip):
+    """No float64, no C++ CPU operator, no control flow, only primitives Ascend has (tests/test_graph_audit.py)."""
+    with building_for("Ascend", "910B"):
+        net = CLIPTextEncoder(vocab_size=30, context_length=8, width=32, layers=2, heads=2, activation=activation,
+                              skip_last_layers=skip)
+        net.set_train(False)
+        assert audit(exported(net, [ms.Tensor(np.zeros((2, 8), np.int32))]), train_step=True) == []
+
+
 # ---------------------------------------------------------------- names and sizes
+
+
+def test_encoder_arguments_drop_where_the_weights_came_from(sd1_checkpoint):
+    config = infer_text_config({k: v.shape for k, v in sd1_checkpoint.items()}, heads=TINY_HEADS)
+    arguments = encoder_arguments(config, numerics="wukong")
+    assert "layout" not in arguments and "prefix" not in arguments and arguments["numerics"] == "wukong"
+    assert sorted(p.name for p in CLIPTextEncoder(**arguments).get_parameters()) == sorted(
+        clip_names.text_encoder_plan(config["layout"], config["prefix"], config["layers"]))
 
 
 def test_network_parameters_are_exactly_the_plan():
