@@ -7,8 +7,9 @@ missing or malformed file is a :class:`TokenizerFileError` naming the file and t
 al. 2019, Sec. 2.2), for SD v1 (transformers' tokenizer: padded with ``<|endoftext|>``) and SD v2
 (OpenCLIP's: padded with 0). A prompt is
 
-1. cleaned: HTML entities unescaped (twice), a fixed subset of ftfy's repairs (:func:`clip_clean`),
-   whitespace runs collapsed to one space, ends stripped, lower-cased;
+1. cleaned (:func:`clip_clean`): ftfy's default fixes for typed text (its mojibake repair is left
+   out: a typed prompt is valid text), HTML entities unescaped, whitespace runs collapsed to one
+   space, ends stripped, lower-cased;
 2. cut into pieces (:func:`clip_pieces`): the special tokens, the contractions ``'s 't 're 've 'm 'll
    'd``, runs of letters, single digits, runs of other non-space characters;
 3. each piece's UTF-8 bytes written as printable characters (:func:`bytes_to_unicode`), ``</w>``
@@ -90,12 +91,18 @@ def _needs_nfkc(char):
     return cp in _LIGATURES or cp == 0x3000 or 0xFF01 <= cp <= 0xFFEE
 
 
-def clip_clean(text):
-    """CLIP's ``basic_clean`` + ``whitespace_clean`` + lower-casing, with ftfy's default text fixes
-    for typed text: Latin ligatures and full-/half-width forms to their plain letters (NFKC of those
-    characters only), curly quotes to ``'``/``"``, control characters (other than whitespace) and
-    U+FEFF dropped, NFC; then HTML entities unescaped twice, every whitespace run one space, ends
-    stripped, lower case."""
+def clip_clean(text, html_unescapes=2):
+    """CLIP's text cleanup: ftfy's default fixes for typed text, ``html_unescapes`` more passes of
+    ``html.unescape``, every whitespace run one space, ends stripped, lower case.
+
+    ftfy's fixes reproduced: HTML entities decoded once unless the text holds a ``<`` (its "auto"
+    mode), Latin ligatures and full-/half-width forms to plain letters (NFKC of those characters
+    only), curly quotes to ``'``/``"``, control characters other than whitespace and U+FEFF dropped,
+    NFC. OpenAI's and OpenCLIP's tokenizers then unescape twice more (``html_unescapes=2``);
+    transformers' ``CLIPTokenizer`` (SD v1) does not (0).
+    """
+    if "<" not in text:
+        text = html.unescape(text)
     chars = []
     for char in text:
         if _needs_nfkc(char):
@@ -107,7 +114,8 @@ def clip_clean(text):
         else:
             chars.append(char)
     text = unicodedata.normalize("NFC", "".join(chars))
-    text = html.unescape(html.unescape(text))
+    for _ in range(html_unescapes):
+        text = html.unescape(text)
     return " ".join(text.split()).lower()
 
 
@@ -180,10 +188,13 @@ class CLIPTokenizer:
         pad_token_id: the padding id: None pads with ``<|endoftext|>`` (SD v1, transformers'
             ``padding="max_length"``), 0 as OpenCLIP (SD v2).
         context_length: L.
+        html_unescapes: passes of ``html.unescape`` after ftfy's fixes: 2 as OpenAI's and OpenCLIP's
+            code, 0 as transformers' (SD v1); see :func:`clip_clean`.
     Build it from files with :meth:`from_files`.
     """
 
-    def __init__(self, encoder, merges, pad_token_id=None, context_length=CONTEXT_LENGTH, source="vocabulary"):
+    def __init__(self, encoder, merges, pad_token_id=None, context_length=CONTEXT_LENGTH, html_unescapes=2,
+                 source="vocabulary"):
         missing = [s for s in (START, END) if s not in encoder]
         if missing:
             raise TokenizerFileError(f"{source} has no {' or '.join(missing)}: not a CLIP vocabulary")
@@ -195,11 +206,12 @@ class CLIPTokenizer:
         self.start_id, self.end_id = self.encoder[START], self.encoder[END]
         self.pad_id = self.end_id if pad_token_id is None else int(pad_token_id)
         self.context_length = context_length
+        self.html_unescapes = html_unescapes
         self.source = source
         self._cache = {}
 
     @classmethod
-    def from_files(cls, vocab, merges=None, pad_token_id=None, context_length=CONTEXT_LENGTH):
+    def from_files(cls, vocab, merges=None, pad_token_id=None, context_length=CONTEXT_LENGTH, html_unescapes=2):
         """Read transformers' ``vocab.json`` + ``merges.txt`` (``merges`` defaults to the one beside it,
         see :func:`_merges_beside`), OpenAI's ``bpe_simple_vocab_16e6.txt.gz``, or a folder holding either."""
         if vocab is not None and os.path.isdir(vocab):
@@ -207,7 +219,7 @@ class CLIPTokenizer:
                 if os.path.isfile(os.path.join(vocab, names[0])):
                     found = os.path.join(vocab, names[0])
                     merges = merges or (os.path.join(vocab, names[1]) if names[1] else None)
-                    return cls.from_files(found, merges, pad_token_id, context_length)
+                    return cls.from_files(found, merges, pad_token_id, context_length, html_unescapes)
             raise TokenizerFileError(f"folder {vocab!r} holds neither vocab.json + merges.txt nor "
                                      "bpe_simple_vocab_16e6.txt.gz; pass the CLIP vocabulary with --vocab PATH")
         _require_file(vocab, "the CLIP tokenizer's vocabulary (vocab.json + merges.txt, or "
@@ -218,7 +230,7 @@ class CLIPTokenizer:
             symbols = list(bytes_to_unicode().values())
             symbols += [s + "</w>" for s in symbols] + ["".join(pair) for pair in merge_list] + [START, END]
             encoder = {s: i for i, s in enumerate(symbols)}
-            return cls(encoder, merge_list, pad_token_id, context_length, source=vocab)
+            return cls(encoder, merge_list, pad_token_id, context_length, html_unescapes, source=vocab)
         if not vocab.endswith(".json"):
             raise TokenizerFileError(f"{vocab!r} is neither a vocab.json nor a bpe_simple_vocab .gz; pass the CLIP "
                                      "vocabulary with --vocab PATH")
@@ -231,7 +243,7 @@ class CLIPTokenizer:
             raise TokenizerFileError(f"{vocab} is not valid JSON ({err}); pass transformers' CLIP vocab.json") from err
         with open(merges, encoding="utf-8") as f:
             merge_list = _read_merges(f.read().split("\n"), merges)
-        return cls(encoder, merge_list, pad_token_id, context_length, source=vocab)
+        return cls(encoder, merge_list, pad_token_id, context_length, html_unescapes, source=vocab)
 
     def bpe(self, piece):
         """The BPE symbols of one piece (already in byte characters), the last ending in ``</w>``."""
@@ -258,7 +270,7 @@ class CLIPTokenizer:
     def encode(self, text):
         """Token ids of ``text``, without the start and end tokens."""
         ids = []
-        for piece in clip_pieces(clip_clean(text)):
+        for piece in clip_pieces(clip_clean(text, self.html_unescapes)):
             if piece in (START, END):
                 ids.append(self.encoder[piece])
                 continue
@@ -457,10 +469,12 @@ def _batch(tokenizer, prompts):
 
 def tokenizer_for_layout(layout, vocab, merges=None):
     """The tokenizer a checkpoint layout (:data:`mind_diffusion.clip_names.LAYOUTS`) was trained with:
-    ``hf_clip`` (SD v1) CLIP BPE padded with ``<|endoftext|>``, ``open_clip`` (SD v2) padded with 0,
-    ``wukong`` BERT-Chinese WordPiece."""
+    ``hf_clip`` (SD v1: transformers' CLIP BPE, padded with ``<|endoftext|>``), ``open_clip`` (SD v2:
+    OpenCLIP's, padded with 0), ``wukong`` (BERT-Chinese WordPiece)."""
     if layout == "wukong":
         return WordPieceTokenizer(vocab)
-    if layout in ("hf_clip", "open_clip"):
-        return CLIPTokenizer.from_files(vocab, merges, pad_token_id=None if layout == "hf_clip" else 0)
+    if layout == "hf_clip":
+        return CLIPTokenizer.from_files(vocab, merges, pad_token_id=None, html_unescapes=0)
+    if layout == "open_clip":
+        return CLIPTokenizer.from_files(vocab, merges, pad_token_id=0)
     raise ValueError(f"no tokenizer for text-encoder layout {layout!r}")

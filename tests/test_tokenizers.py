@@ -58,6 +58,12 @@ def test_byte_table_is_a_bijection_onto_visible_characters():
 
 def test_cleaning_and_pieces_by_hand():
     assert clip_clean("  A&amp;amp;B\t\n“Hi”  ＦＵＬＬ ﬁ\x07 ") == 'a&b "hi" full fi'
+    # HTML entities: ftfy decodes once unless the text holds "<"; OpenAI/OpenCLIP then twice more,
+    # transformers (SD v1) not at all
+    assert clip_clean("&amp;amp;amp;") == "&" and clip_clean("&amp;amp;amp;", html_unescapes=0) == "&amp;amp;"
+    assert clip_clean("< &amp;amp;") == "< &" and clip_clean("< &amp;amp;", html_unescapes=0) == "< &amp;amp;"
+    assert tokenizer_for_layout("hf_clip", GZ).html_unescapes == 0
+    assert tokenizer_for_layout("open_clip", GZ).html_unescapes == 2
     assert clip_pieces("it's a dog's 12 ...!! 一只猫 <|endoftext|>x") == [
         "it", "'s", "a", "dog", "'s", "1", "2", "...!!", "一只猫", "<|endoftext|>", "x"]
 
