@@ -32,6 +32,7 @@ import html
 import json
 import os
 import unicodedata
+import warnings
 
 import numpy as np
 
@@ -281,6 +282,11 @@ class CLIPTokenizer:
                 ids.append(self.encoder[symbol])
         return ids
 
+    @property
+    def text_ctx(self):
+        """The context length, under the name the programs use for every tokenizer."""
+        return self.context_length
+
     def frame(self, ids):
         """``[start] ids [end]`` cut to the context (the end token kept) and padded: (tokens, mask)."""
         ids = [self.start_id, *ids[: self.context_length - 2], self.end_id]
@@ -420,6 +426,11 @@ class WordPieceTokenizer:
         """Token ids of ``text``, without ``[CLS]`` and ``[SEP]``."""
         return [self.encoder.get(piece, self.unk_id) for piece in self.tokenize(text)]
 
+    @property
+    def text_ctx(self):
+        """The context length, under the name the programs use for every tokenizer."""
+        return self.context_length
+
     def frame(self, ids):
         """``[CLS] ids [SEP]`` cut to the context (``[SEP]`` kept) and zero-padded: (tokens, mask)."""
         ids = [self.start_id, *ids[: self.context_length - 2], self.end_id]
@@ -460,10 +471,21 @@ def _padded(ids, length, pad_id):
     return tokens, mask
 
 
+def _framed(tokenizer, prompt):
+    """(tokens, mask) of one prompt, with a UserWarning when the context cuts it (as ByteTokenizer warns)."""
+    ids = tokenizer.encode(prompt)
+    room = tokenizer.context_length - 2
+    if len(ids) > room:
+        warnings.warn(f"prompt {prompt!r} is {len(ids)} tokens, more than the {room} that the text context of "
+                      f"{tokenizer.context_length} holds besides its start and end tokens; kept the first {room}: "
+                      f"{tokenizer.decode(ids[:room])!r}", UserWarning, stacklevel=3)
+    return tokenizer.frame(ids)
+
+
 def _batch(tokenizer, prompts):
     if isinstance(prompts, str):
         prompts = [prompts]
-    pairs = [tokenizer.frame(tokenizer.encode(p)) for p in prompts]
+    pairs = [_framed(tokenizer, p) for p in prompts]
     return np.stack([t for t, _ in pairs]), np.stack([m for _, m in pairs])
 
 

@@ -99,8 +99,10 @@ def test_sd2_framing_pads_with_zero_and_long_prompts_keep_the_end_token():
     tokenizer = CLIPTokenizer.from_files(VOCAB_JSON, pad_token_id=0)  # merges.txt found beside vocab.json
     tokens, mask = tokenizer("a cat")
     assert tokens[0, :4].tolist() == [START, 320, 513, END] and (tokens[0, 4:] == 0).all()
-    tokens, mask = tokenizer("cat " * 100)
+    with pytest.warns(UserWarning, match="is 100 tokens, more than the 75 .* kept the first 75: 'cat cat"):
+        tokens, mask = tokenizer("cat " * 100)
     assert tokens[0].tolist() == [START] + [513] * 75 + [END] and mask.all()
+    assert tokenizer.text_ctx == 77
 
 
 def test_clip_decode_round_trip(clip):
@@ -182,7 +184,8 @@ def test_wukong_framing(wordpiece):
     assert tokens[0, :5].tolist() == [2, 5, 6, 7, 3] and (tokens[0, 5:] == 0).all()
     assert tokens[1, :2].tolist() == [2, 3] and (tokens[1, 2:] == 0).all()
     assert mask.sum(axis=1).tolist() == [5, 2]
-    long_tokens, long_mask = wordpiece("猫" * 100)
+    with pytest.warns(UserWarning, match="is 100 tokens, more than the 75 .* kept the first 75: '猫猫猫"):
+        long_tokens, long_mask = wordpiece("猫" * 100)
     assert long_tokens[0].tolist() == [2] + [7] * 75 + [3] and long_mask.all()
     assert wordpiece.decode(tokens[0]) == "一只猫"
     assert wordpiece.decode(wordpiece("A photo of the cat, 一只狗")[0][0]) == "a photo of the cat ,一只狗"  # no space next to a CJK character
