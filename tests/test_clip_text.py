@@ -224,6 +224,11 @@ def test_layouts_are_found_with_their_prefixes(sd1_checkpoint, wukong_checkpoint
     assert clip_names.find_text_encoders(bare) == [("hf_clip", "text_model.")]
     shapes = {k: v.shape for k, v in bare.items()}
     assert infer_text_config(shapes, heads=2)["prefix"] == "text_model."
+    # a CLIPTextTransformer saved without its CLIPTextModel wrapper: no "text_model." level
+    old = {k.replace("transformer.text_model.", "transformer."): v for k, v in sd1_checkpoint.items()}
+    assert clip_names.find_text_encoders(old) == [("hf_clip", "cond_stage_model.transformer.")]
+    params, _ = extract_text_encoder(old, heads=TINY_HEADS)
+    assert len(params) == 4 + 2 * 12
 
 
 def test_sd1_plan_concatenates_q_k_v(sd1_checkpoint):
