@@ -1,4 +1,6 @@
-"""Convert OpenAI PyTorch checkpoints (improved-diffusion, guided-diffusion, glide-text2im) to MindSpore.
+"""Convert OpenAI PyTorch checkpoints (improved-diffusion, guided-diffusion, glide-text2im) and latent
+diffusion checkpoints (Stable Diffusion 1.x/2.x .ckpt or .safetensors, Wukong-Huahua's MindSpore .ckpt)
+to MindSpore.
 
 No torch needed: :mod:`mind_diffusion.torch_pickle` reads the zip checkpoint
 with a restricted unpickler. Our networks name every sub-cell like the
@@ -21,6 +23,15 @@ Command line::
 
     python -m mind_diffusion.convert IN.pt OUT.ckpt --model-config CONFIG
     python -m mind_diffusion.convert IN.pt --list
+    python -m mind_diffusion.convert sd-v1-5.safetensors OUT.ckpt      # latent diffusion: no config needed
+    python -m mind_diffusion.convert wukong-huahua-ms.ckpt --list       # shows the inferred configuration
+
+A latent diffusion checkpoint (keys ``model.diffusion_model.*`` / ``first_stage_model.*``) needs no
+config: :mod:`mind_diffusion.convert_ldm` infers it from the names and shapes (``--num-heads`` /
+``--num-head-channels``, ``--text-heads``, ``--prediction``, ``--numerics`` give what shapes cannot
+tell). The networks are built from it and every tensor is checked by name and shape; the output holds
+``unet.*``, ``vae.*``, ``text_encoder.*`` and the config as the string entry ``ldm_config``
+(:func:`mind_diffusion.convert_ldm.read_converted`).
 
 Python::
 
@@ -35,10 +46,12 @@ import inspect
 import json
 import os
 import sys
+import zipfile
 
 import mindspore as ms
 import numpy as np
 
+from . import convert_ldm
 from .torch_pickle import CheckpointFormatError, load_state_dict, save_state_dict
 
 __all__ = [
@@ -67,6 +80,13 @@ MODEL_BUILDERS = {
     "unet": "models.unet:create_model",
     "classifier": "models.classifier:create_classifier",
     "text2im": "models.glide:create_model",  # glide-text2im base and (super_res=True) upsampler
+}
+# The latent diffusion components (convert_ldm.PREFIXES) → builder taking that section of the inferred config.
+LDM_BUILDERS = {
+    "unet": ("models.latent_unet:create_latent_unet", lambda c: dict(c)),
+    "vae": ("models.autoencoder:create_autoencoder", lambda c: dict(c)),
+    "text_encoder": ("models.clip_text:CLIPTextEncoder",
+                     lambda c: {k: v for k, v in c.items() if k not in ("layout", "prefix")}),
 }
 
 
@@ -258,7 +278,84 @@ def _parser():
     parser.add_argument(
         "--non-strict", action="store_true", help="ignore checkpoint keys the network does not use"
     )
+    ldm = parser.add_argument_group(
+        "latent diffusion (SD 1.x/2.x .ckpt/.safetensors, Wukong-Huahua MindSpore .ckpt; no --model-config)")
+    heads = ldm.add_mutually_exclusive_group()
+    heads.add_argument("--num-heads", type=int, help="UNet attention heads (shapes cannot tell; default: SD 1.x's "
+                       "8, or with --num-head-channels / an SD 2.x checkpoint 64 channels per head)")
+    heads.add_argument("--num-head-channels", type=int, help="UNet channels per attention head (SD 2.x: 64)")
+    ldm.add_argument("--text-heads", type=int, help="text encoder heads (default: width / 64, as CLIP)")
+    ldm.add_argument("--prediction", choices=("eps", "v"), default="eps",
+                     help="what the UNet predicts (SD 2.x 768-px models: v; default eps)")
+    ldm.add_argument("--scale-factor", type=float, default=convert_ldm.SD_SCALE_FACTOR,
+                     help="latent scale factor (default SD's 0.18215)")
+    ldm.add_argument("--numerics", choices=("sd", "wukong"),
+                     help="wukong: tanh-GELU in GEGLU, float32 timestep frequencies, text LayerNorm eps 1e-7 "
+                          "(default: wukong for Wukong-named checkpoints, else sd)")
     return parser
+
+
+def _read_input(path):
+    """The checkpoint's tensors: a torch zip as before; .safetensors and MindSpore .ckpt through convert_ldm."""
+    if str(path).endswith(".safetensors") or (str(path).endswith(".ckpt") and not zipfile.is_zipfile(path)):
+        return convert_ldm.read_checkpoint(path)[0]
+    return load_torch_state_dict(path)
+
+
+def _build(spec, arguments):
+    module_name, function_name = spec.split(":")
+    return getattr(importlib.import_module(module_name), function_name)(**arguments)
+
+
+def _in_checkpoint_names(error, component):
+    """``error`` with the UNet's or VAE's names spelled as the checkpoint's (SD) keys."""
+    sd_prefix = {"unet": convert_ldm.SD_UNET, "vae": convert_ldm.SD_VAE}.get(component)
+    if sd_prefix is None:
+        return error
+    key = lambda name: sd_prefix + to_torch_name(name)  # noqa: E731
+    return ConversionError([key(n) for n in error.missing], [(key(n), a, b) for n, a, b in error.mismatched],
+                           [key(n) for n in error.unexpected])
+
+
+def _main_ldm(args, parser, raw):
+    """The latent diffusion branch of :func:`main` (``raw``: the checkpoint's tensors)."""
+    try:
+        state, config = convert_ldm.ldm_from_state(
+            raw, num_heads=args.num_heads, num_head_channels=args.num_head_channels, text_heads=args.text_heads,
+            prediction=args.prediction, scale_factor=args.scale_factor, numerics=args.numerics)
+        params, report = convert_ldm.convert_ldm_state_dict(state, config)
+    except ValueError as error:  # LDMConfigError, TextEncoderNamesError
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if args.list:
+        print(json.dumps(config, indent=1))
+        for name, prefix in convert_ldm.PREFIXES.items():
+            count = sum(k.startswith(prefix) for k in params)
+            print(f"{name}: {count} tensors" if count else f"{name}: missing (no such tensors in the checkpoint)")
+        print(f"ignored ({len(report['ignored'])}): " + ", ".join(report["ignored"]))
+        print(f"unexpected ({len(report['unexpected'])}): " + ", ".join(report["unexpected"]))
+        return 0
+    if not args.output:
+        parser.error("OUT.ckpt is required unless --list is given")
+    if report["unexpected"] and not args.non_strict:
+        print("error: " + str(ConversionError(unexpected=report["unexpected"])), file=sys.stderr)
+        return 1
+    for name, (spec, arguments) in LDM_BUILDERS.items():
+        section = config[name]
+        prefix = convert_ldm.PREFIXES[name]
+        ours = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+        if section is None:
+            print(f"note: the checkpoint holds no {name}", file=sys.stderr)
+            continue
+        try:
+            load_into(_build(spec, arguments(section)), ours)  # every name and shape, both ways
+        except ConversionError as error:
+            print(f"error: {name}: {_in_checkpoint_names(error, name)}", file=sys.stderr)
+            return 1
+    entries = [{"name": k, "data": ms.Tensor(v)} for k, v in params.items()]
+    ms.save_checkpoint(entries, args.output, append_dict={"ldm_config": convert_ldm.config_json(config)})
+    print(f"wrote {len(entries)} parameters and the inferred config to {args.output}")
+    return 0
 
 
 def main(argv=None):
@@ -266,10 +363,12 @@ def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        torch_sd = load_torch_state_dict(args.input)
+        torch_sd = _read_input(args.input)
     except (OSError, CheckpointFormatError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if convert_ldm.is_ldm_checkpoint(torch_sd):
+        return _main_ldm(args, parser, torch_sd)
     if args.list:
         for key, value in torch_sd.items():
             print(f"{key}\t{tuple(value.shape)}\t{value.dtype}")

@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-def timestep_embedding(timesteps, dim, max_period=10000):
+def timestep_embedding(timesteps, dim, max_period=10000, float32_frequencies=False):
     """Sinusoidal embedding of (possibly fractional) timesteps, as in DDPM's Transformer-style position code.
 
     Row ``i`` is ``[cos(t_i f_0), ..., cos(t_i f_{h-1}), sin(t_i f_0), ..., sin(t_i f_{h-1})]``
@@ -46,6 +46,9 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     :param timesteps: a 1-D Tensor of N timesteps (any real or integer dtype).
     :param dim: the embedding width.
     :param max_period: the longest period of the sinusoids.
+    :param float32_frequencies: compute f_j with a float32 exp everywhere, as Wukong-Huahua's
+        MindSpore code does (at t ≈ 1000 its arguments then differ from the float64 ones by
+        ~1e-4 rad, which moves a UNet's ε by up to ~5e-5).
     :return: an [N x dim] float32 Tensor.
     """
     half = dim // 2
@@ -54,7 +57,8 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     # rad, and MindSpore's float32 CPU exp is less accurate than PyTorch's. Graphs
     # built for Ascend/GPU stay in float32 (GRAPH.wide_float: no float64 kernels there).
     exponent = -math.log(max_period) * ops.arange(0, half, dtype=ms.float32) / half
-    frequencies = ops.exp(exponent.astype(GRAPH.wide_float)).astype(ms.float32)
+    wide = ms.float32 if float32_frequencies else GRAPH.wide_float
+    frequencies = ops.exp(exponent.astype(wide)).astype(ms.float32)
     args = timesteps.astype(ms.float32)[:, None] * frequencies[None, :]
     embedding = ops.cat([ops.cos(args), ops.sin(args)], axis=-1)
     if dim % 2:

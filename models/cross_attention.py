@@ -22,6 +22,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mind_diffusion.kernels.dropout import Dropout
+from mind_diffusion.nn import GroupNorm32, conv_nd, zero_module
 
 # Large enough that exp() underflows to exactly 0 in float32, small enough to stay finite.
 MASKED_LOGIT = -1e9
@@ -104,12 +105,19 @@ class CrossAttention(nn.Cell):
 
 
 class GEGLU(nn.Cell):
-    """GELU-gated linear unit (Shazeer 2020): one projection to 2·dim_out, half gates the other."""
+    """GELU-gated linear unit (Shazeer 2020): one projection to 2·dim_out, half gates the other.
 
-    def __init__(self, dim_in, dim_out):
+    ``gelu_approximate``: the gate uses the tanh approximation
+    0.5 g (1 + tanh(√(2/π)(g + 0.044715 g³))) instead of the exact 0.5 g (1 + erf(g/√2)).
+    Stable Diffusion (PyTorch ``F.gelu``) uses the exact form; Wukong-Huahua's MindSpore
+    code uses ``ops.GeLU``, the tanh form (up to 4.4e-4 apart), so its checkpoints are
+    reproduced only with this switch on.
+    """
+
+    def __init__(self, dim_in, dim_out, gelu_approximate=False):
         super().__init__()
         self.proj = nn.Dense(dim_in, dim_out * 2)
-        self.gelu = nn.GELU(approximate=False)
+        self.gelu = nn.GELU(approximate=bool(gelu_approximate))
 
     def construct(self, x):
         value, gate = ops.chunk(self.proj(x), 2, -1)
@@ -119,10 +127,11 @@ class GEGLU(nn.Cell):
 class FeedForward(nn.Cell):
     """Transformer MLP with a GEGLU input layer, width ``mult``·dim (LDM's ``FeedForward(glu=True)``)."""
 
-    def __init__(self, dim, mult=4, dropout=0.0):
+    def __init__(self, dim, mult=4, dropout=0.0, gelu_approximate=False):
         super().__init__()
         inner_dim = dim * mult
-        self.net = nn.SequentialCell([GEGLU(dim, inner_dim), Dropout(p=dropout), nn.Dense(inner_dim, dim)])
+        self.net = nn.SequentialCell([GEGLU(dim, inner_dim, gelu_approximate), Dropout(p=dropout),
+                                      nn.Dense(inner_dim, dim)])
 
     def construct(self, x):
         return self.net(x)
@@ -131,10 +140,10 @@ class FeedForward(nn.Cell):
 class BasicTransformerBlock(nn.Cell):
     """Pre-norm block: self-attention, cross-attention to the context, GEGLU MLP, each residual."""
 
-    def __init__(self, dim, heads, dim_head, context_dim=None, dropout=0.0):
+    def __init__(self, dim, heads, dim_head, context_dim=None, dropout=0.0, gelu_approximate=False):
         super().__init__()
         self.attn1 = CrossAttention(dim, heads=heads, dim_head=dim_head, dropout=dropout)
-        self.ff = FeedForward(dim, dropout=dropout)
+        self.ff = FeedForward(dim, dropout=dropout, gelu_approximate=gelu_approximate)
         self.attn2 = CrossAttention(dim, context_dim, heads=heads, dim_head=dim_head, dropout=dropout)
         self.norm1 = nn.LayerNorm((dim,), epsilon=1e-5)
         self.norm2 = nn.LayerNorm((dim,), epsilon=1e-5)
@@ -149,32 +158,52 @@ class BasicTransformerBlock(nn.Cell):
 class SpatialTransformer(nn.Cell):
     """Cross-attention for feature maps, the latent-diffusion UNet's text hook.
 
-    GroupNorm, 1×1 conv to ``heads``·``dim_head`` channels, the H·W pixels as a
-    token sequence through ``depth`` :class:`BasicTransformerBlock`, 1×1 conv back,
-    residual. ``proj_out`` starts at zero, so a freshly built block is the identity
-    and training starts from the unconditional network.
+    GroupNorm (ε = 1e-6), ``proj_in`` to ``heads``·``dim_head`` channels, the H·W pixels
+    as a token sequence through ``depth`` :class:`BasicTransformerBlock`, ``proj_out``
+    back, residual. ``proj_out`` starts at zero, so a freshly built block is the
+    identity and training starts from the unconditional network.
+
+    The projections are 1×1 convolutions on the feature map (SD 1.x, weights
+    [C', C, 1, 1]) or, with ``use_linear``, dense layers on the tokens (SD 2.x,
+    ``use_linear_in_transformer``, weights [C', C]); the two compute the same map.
+    ``gelu_approximate``: tanh-GELU in the feed-forward gates (Wukong-Huahua, see :class:`GEGLU`).
 
     construct(x [B, C, H, W], context [B, L, context_dim], context_mask [B, L] or None)
     -> [B, C, H, W].
     """
 
-    def __init__(self, in_channels, heads, dim_head, depth=1, context_dim=None, dropout=0.0, num_groups=32):
+    def __init__(self, in_channels, heads, dim_head, depth=1, context_dim=None, dropout=0.0, num_groups=32,
+                 use_linear=False, gelu_approximate=False):
         super().__init__()
+        if depth < 1:
+            raise ValueError(f"a spatial transformer needs depth >= 1, got {depth}")
         inner_dim = heads * dim_head
-        self.norm = nn.GroupNorm(num_groups, in_channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(in_channels, inner_dim, 1, has_bias=True, pad_mode="valid")
+        self.use_linear = bool(use_linear)
+        self.norm = GroupNorm32(num_groups, in_channels, eps=1e-6)
+        if self.use_linear:
+            self.proj_in = nn.Dense(in_channels, inner_dim)
+            self.proj_out = zero_module(nn.Dense(inner_dim, in_channels))
+        else:
+            self.proj_in = conv_nd(2, in_channels, inner_dim, 1)
+            self.proj_out = zero_module(conv_nd(2, inner_dim, in_channels, 1))
         self.transformer_blocks = nn.CellList(
-            [BasicTransformerBlock(inner_dim, heads, dim_head, context_dim, dropout) for _ in range(depth)]
+            [BasicTransformerBlock(inner_dim, heads, dim_head, context_dim, dropout, gelu_approximate)
+             for _ in range(depth)]
         )
-        self.proj_out = nn.Conv2d(inner_dim, in_channels, 1, has_bias=True, pad_mode="valid",
-                                  weight_init="zeros", bias_init="zeros")
 
     def construct(self, x, context, context_mask=None):
-        batch, _, height, width = x.shape
-        h = self.proj_in(self.norm(x))
-        inner_dim = h.shape[1]
-        h = h.reshape(batch, inner_dim, height * width).transpose(0, 2, 1)
+        batch, channels, height, width = x.shape
+        h = self.norm(x)
+        if self.use_linear:
+            h = self.proj_in(h.reshape(batch, channels, height * width).transpose(0, 2, 1))
+        else:
+            h = self.proj_in(h)
+            h = h.reshape(batch, h.shape[1], height * width).transpose(0, 2, 1)
         for block in self.transformer_blocks:
             h = block(h, context, context_mask)
-        h = h.transpose(0, 2, 1).reshape(batch, inner_dim, height, width)
-        return x + self.proj_out(h)
+        if self.use_linear:
+            h = self.proj_out(h)
+        h = h.transpose(0, 2, 1).reshape(batch, h.shape[2], height, width)
+        if not self.use_linear:
+            h = self.proj_out(h)
+        return x + h

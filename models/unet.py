@@ -17,6 +17,7 @@ from mindspore import nn, ops
 from mind_diffusion.device import FLASH_HEAD_MAX, FLASH_HEAD_MULTIPLE, GRAPH
 from mind_diffusion.kernels import attention as attention_kernels
 from mind_diffusion.kernels.dropout import Dropout
+from models.cross_attention import SpatialTransformer
 from mind_diffusion.nn import (
     AvgPool2x2,
     Conv1x1,
@@ -82,15 +83,16 @@ class TimestepEmbedSequential(nn.SequentialCell):
     """A sequence of layers fed the timestep embedding and the text states where they take them.
 
     Children are named ``0``, ``1``, ... like PyTorch's ``nn.Sequential``.
-    :class:`TimestepBlock` children get ``emb``, :class:`AttentionBlock`
-    children get ``encoder_out``, the others only ``x``.
+    :class:`TimestepBlock` children get ``emb``, :class:`AttentionBlock` and
+    :class:`~models.cross_attention.SpatialTransformer` children get ``encoder_out``
+    (GLIDE's [N, C, S] states or latent diffusion's [N, L, D] context), the others only ``x``.
     """
 
     def construct(self, x, emb, encoder_out=None):
         for layer in self.cell_list:
             if isinstance(layer, TimestepBlock):
                 x = layer(x, emb)
-            elif isinstance(layer, AttentionBlock):
+            elif isinstance(layer, (AttentionBlock, SpatialTransformer)):
                 x = layer(x, encoder_out)
             else:
                 x = layer(x)
@@ -419,6 +421,18 @@ class UNetModel(nn.Cell):
     :param use_new_attention_order: split q/k/v before heads (``QKVAttention``).
     :param encoder_channels: if set, every attention block gets an ``encoder_kv``
         projection of conditioning states with this many channels (GLIDE).
+    :param use_spatial_transformer: latent diffusion's attention: a
+        :class:`~models.cross_attention.SpatialTransformer` (self-attention,
+        cross-attention to a [N, L, ``context_dim``] context, GEGLU MLP) in place of
+        every :class:`AttentionBlock`, with ``num_heads`` heads of C/num_heads channels,
+        or C/num_head_channels heads of ``num_head_channels`` (CompVis ``legacy=False``).
+    :param transformer_depth: transformer blocks per spatial transformer.
+    :param context_dim: width of the cross-attention context (text states).
+    :param use_linear_in_transformer: dense instead of 1×1 conv projections in and
+        out of each spatial transformer (SD 2.x).
+    :param gelu_approximate: tanh-GELU in the transformers' GEGLU (Wukong-Huahua's numerics).
+    :param float32_frequencies: the timestep sinusoids' frequencies from a float32 exp
+        (Wukong-Huahua's numerics; see :func:`~mind_diffusion.nn.timestep_embedding`).
 
     Hook for conditioned subclasses (GLIDE): ``construct(x, timesteps, y=None)``
     is ``forward_with_emb(x, embed(timesteps, y))``. A subclass builds its own
@@ -451,8 +465,16 @@ class UNetModel(nn.Cell):
         resblock_updown=False,
         use_new_attention_order=False,
         encoder_channels=None,
+        use_spatial_transformer=False,
+        transformer_depth=1,
+        context_dim=None,
+        use_linear_in_transformer=False,
+        gelu_approximate=False,
+        float32_frequencies=False,
     ):
         super().__init__()
+        if use_spatial_transformer and context_dim is None:
+            raise ValueError("use_spatial_transformer needs context_dim (the width of the text states)")
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
         self.image_size = image_size
@@ -460,6 +482,7 @@ class UNetModel(nn.Cell):
         self.model_channels = model_channels
         self.out_channels = out_channels
         self.num_classes = num_classes
+        self.float32_frequencies = bool(float32_frequencies)
         self.dtype = compute_dtype(use_fp16, dtype)
         attention_resolutions = tuple(attention_resolutions)
 
@@ -481,6 +504,11 @@ class UNetModel(nn.Cell):
             )
 
         def attention(channels, heads):
+            if use_spatial_transformer:
+                heads = _heads(channels, heads, num_head_channels)
+                return SpatialTransformer(channels, heads, channels // heads, depth=transformer_depth,
+                                          context_dim=context_dim, use_linear=use_linear_in_transformer,
+                                          gelu_approximate=gelu_approximate)
             return AttentionBlock(
                 channels,
                 num_heads=heads,
@@ -539,7 +567,8 @@ class UNetModel(nn.Cell):
         """The conditioning vector: MLP(sinusoidal(t)) plus the label embedding of ``y`` if class-conditional."""
         if (y is None) != (self.num_classes is None):
             raise ValueError("pass y if and only if the model is class-conditional (num_classes set)")
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels,
+                                                 float32_frequencies=self.float32_frequencies))
         if y is not None:
             emb = emb + self.label_emb(y)
         return emb

@@ -25,11 +25,13 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ..guidance import condition_score
+from .ldm import respace_ldm
 
 # How set_timesteps spreads K steps over the T of the base process (see schedules.space_timesteps).
 SPACINGS = {
     "even": lambda k: str(k),       # improved DDPM: K steps evenly from 0 to T − 1 (generate.py's choice)
     "ddim": lambda k: f"ddim{k}",   # DDIM: range(0, T, T / K), when an integer stride gives exactly K
+    "ldm": None,                    # CompVis's DDIM/PLMS: range(0, T, T // K) + 1, down to ᾱ_0 (see .ldm)
 }
 MIN_STEPS = 2  # GaussianDiffusion needs two steps (β̃ at t = 0 is borrowed from t = 1)
 
@@ -60,6 +62,7 @@ class Scheduler:
         self.process = None
         self.num_steps = 0
         self.spacing = None
+        self.lowest_step = 0  # the last call runs at this respaced step and lands on the one below it
         self.call_t = None
         self.tables = {}
         self._graphs = {}
@@ -67,8 +70,10 @@ class Scheduler:
     def set_timesteps(self, num_steps, spacing="even"):
         """Sample on ``num_steps`` = K steps of the base process; returns self.
 
-        :param spacing: ``"even"`` (K steps evenly over [0, T − 1], improved DDPM) or
-            ``"ddim"`` (DDIM's integer stride; K must divide T suitably).
+        :param spacing: ``"even"`` (K steps evenly over [0, T − 1], improved DDPM),
+            ``"ddim"`` (DDIM's integer stride; K must divide T suitably) or ``"ldm"``
+            (CompVis's latent-diffusion samplers: τ = range(0, T, T // K) + 1, the last update
+            landing on ᾱ_0 rather than 1; :mod:`.ldm`).
         """
         total = self.base.num_timesteps
         if isinstance(num_steps, bool) or int(num_steps) != num_steps or not MIN_STEPS <= num_steps <= total:
@@ -77,7 +82,10 @@ class Scheduler:
         if spacing not in SPACINGS:
             raise ValueError(f"{self.name}: unknown spacing {spacing!r}; use one of {sorted(SPACINGS)}")
         num_steps = int(num_steps)
-        if num_steps == total:
+        self.lowest_step = 0
+        if spacing == "ldm":
+            self.process, self.lowest_step = respace_ldm(self.base, num_steps), 1
+        elif num_steps == total:
             self.process = self.base  # every step: the base itself, not a re-derived copy of its betas
         else:
             self.process = self.base.respace(SPACINGS[spacing](num_steps))
@@ -123,13 +131,14 @@ class Scheduler:
         return self._graphs[key]
 
 
-def descending(process):
+def descending(process, lowest=0):
     """The plain plan: call k runs at t = K−1−k and moves to t − 1; (t, ᾱ_t, ᾱ_{t−1}) per call, float64.
 
-    ᾱ_{t−1} of the last call (t = 0) is 1: it lands on x_0.
+    The last call runs at t = ``lowest``: with 0, ᾱ_{t−1} is 1 and it lands on x_0; with 1 (the
+    "ldm" spacing) it lands on the base process's ᾱ_0, as CompVis's samplers do.
     """
     steps = process.num_timesteps
-    t = np.arange(steps - 1, -1, -1)
+    t = np.arange(steps - 1, lowest - 1, -1)
     return t, process.schedule["alphas_cumprod"][t], process.schedule["alphas_cumprod_prev"][t]
 
 

@@ -50,5 +50,5 @@ class DDIMScheduler(Scheduler):
         self.needs_noise = self.eta > 0
 
     def plan(self, process):
-        t, _, _ = descending(process)
+        t, _, _ = descending(process, self.lowest_step)
         return t, {}

@@ -40,5 +40,5 @@ class DDPMScheduler(Scheduler):
     needs_noise = True
 
     def plan(self, process):
-        t, _, _ = descending(process)
+        t, _, _ = descending(process, self.lowest_step)
         return t, {}

@@ -83,7 +83,7 @@ class DPMSolverScheduler(Scheduler):
         self.history_size = order - 1
 
     def plan(self, process):
-        t, alpha_bar_from, alpha_bar_to = descending(process)
+        t, alpha_bar_from, alpha_bar_to = descending(process, self.lowest_step)
         a, g, d1, d2 = multistep_coefficients(alpha_bar_from, alpha_bar_to, self.order)
         tables = {"x_coef": a, "xstart_coef": g, "d1": d1}
         if self.order == 3:

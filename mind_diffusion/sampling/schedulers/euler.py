@@ -50,7 +50,7 @@ class EulerAncestralScheduler(Scheduler):
         self.needs_noise = self.eta > 0
 
     def plan(self, process):
-        t, alpha_bar_from, alpha_bar_to = descending(process)
+        t, alpha_bar_from, alpha_bar_to = descending(process, self.lowest_step)
         sigma_from = np.sqrt((1.0 - alpha_bar_from) / alpha_bar_from)
         sigma_to = np.sqrt((1.0 - alpha_bar_to) / alpha_bar_to)  # 0 at the last call
         sigma_down, sigma_up = ancestral_sigmas(sigma_from, sigma_to, self.eta)

@@ -67,12 +67,13 @@ class PLMSScheduler(Scheduler):
 
     def plan(self, process):
         s = process.schedule
-        steps = process.num_timesteps
+        top = process.num_timesteps - 1
+        steps = top + 1 - self.lowest_step  # updates, the last from t = lowest_step
         rows = []  # (t where the network runs, base step t_from, weights, from_current, shift)
-        rows.append((steps - 1, steps - 1, ADAMS_BASHFORTH[1], 1.0, 1.0))  # Heun predictor
-        rows.append((steps - 2, steps - 1, HEUN_CORRECTOR, 0.0, 0.0))      # Heun corrector
-        for step in range(1, steps):  # the step from t = K−1−step, with `step` previous ε in the history
-            t = steps - 1 - step
+        rows.append((top, top, ADAMS_BASHFORTH[1], 1.0, 1.0))          # Heun predictor
+        rows.append((top - 1, top, HEUN_CORRECTOR, 0.0, 0.0))          # Heun corrector
+        for step in range(1, steps):  # the step from t = top − step, with `step` previous ε in the history
+            t = top - step
             rows.append((t, t, ADAMS_BASHFORTH[min(step + 1, 4)], 1.0, 1.0))
         call_t = np.array([r[0] for r in rows])
         t_from = np.array([r[1] for r in rows])

@@ -1,0 +1,62 @@
+"""The latent-diffusion UNet (Rombach et al. 2022): the ADM UNet with spatial transformers.
+
+Stable Diffusion's ``openaimodel.UNetModel`` is guided-diffusion's UNet (same
+residual blocks, same sub-cell names) whose attention blocks are
+:class:`~models.cross_attention.SpatialTransformer`\\ s attending to a text context.
+:class:`LatentUNet` is :class:`models.unet.UNetModel` built with
+``use_spatial_transformer=True`` and called as ``model(z_t, t, context=states)``;
+its parameter names are CompVis's ``model.diffusion_model.*`` keys without the
+prefix (norms: gamma/beta ↔ weight/bias), so SD 1.x/2.x and (renamed)
+Wukong-Huahua weights load by name.
+
+The options CompVis's config files use, and what they mean here:
+
+- SD 1.x: ``num_heads=8``, 1×1-conv projections, context 768, ε prediction;
+- SD 2.x: ``num_head_channels=64``, ``use_linear_in_transformer=True``, context 1024,
+  v prediction for the 768-px models (a property of the process, not of the network);
+- Wukong-Huahua: SD 1.x's shapes with its MindSpore numerics: ``gelu_approximate=True``
+  (tanh-GELU in GEGLU) and ``float32_frequencies=True`` (float32 exp in the timestep sinusoids).
+"""
+from models.unet import UNetModel
+
+__all__ = ["LatentUNet", "create_latent_unet", "SD_UNET_KEYS"]
+
+# The constructor arguments a latent UNet config may carry (CompVis's unet_config.params names).
+SD_UNET_KEYS = ("image_size", "in_channels", "out_channels", "model_channels", "attention_resolutions",
+                "num_res_blocks", "channel_mult", "num_heads", "num_head_channels", "transformer_depth",
+                "context_dim", "use_linear_in_transformer", "gelu_approximate", "float32_frequencies", "dropout", "conv_resample",
+                "use_checkpoint", "use_fp16", "dtype", "num_heads_upsample", "legacy", "use_spatial_transformer")
+
+
+class LatentUNet(UNetModel):
+    """ε (or v) from a noisy latent z_t [N, C, h, w], timesteps [N] and a context [N, L, context_dim].
+
+    Takes :class:`~models.unet.UNetModel`'s arguments; ``use_spatial_transformer`` is always on.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs["use_spatial_transformer"] = True
+        super().__init__(*args, **kwargs)
+
+    def construct(self, x, timesteps, context):
+        return self.forward_with_emb(x, self.embed(timesteps), context)
+
+
+def create_latent_unet(**config):
+    """A :class:`LatentUNet` from CompVis ``unet_config.params``-style arguments.
+
+    ``attention_resolutions`` are downsample rates (CompVis's convention: SD uses 4, 2, 1);
+    ``legacy`` and ``use_spatial_transformer`` are accepted and change nothing (with spatial
+    transformers CompVis's two head conventions agree); ``use_checkpoint`` defaults to off here.
+    """
+    unknown = sorted(set(config) - set(SD_UNET_KEYS))
+    if unknown:
+        raise ValueError(f"unknown latent UNet arguments: {', '.join(unknown)}; known: {', '.join(SD_UNET_KEYS)}")
+    config = dict(config)
+    config.pop("legacy", None)
+    if config.pop("use_spatial_transformer", True) is not True:
+        raise ValueError("a latent UNet always uses spatial transformers (use_spatial_transformer=True)")
+    config.setdefault("num_heads", -1 if config.get("num_head_channels", -1) != -1 else 8)
+    config["channel_mult"] = tuple(config.get("channel_mult", (1, 2, 4, 4)))
+    config["attention_resolutions"] = tuple(config["attention_resolutions"])
+    return LatentUNet(**config)
