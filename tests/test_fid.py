@@ -92,12 +92,16 @@ def test_bad_inputs_say_what_is_wrong():
         fid.kernel_inception_distance(np.zeros((4, 2)), np.zeros((4, 3)))
 
 
-def test_singular_covariances_still_give_a_finite_distance():
-    # Fewer samples than dimensions: Σ is singular; the ε·I retry keeps the square root finite.
+def test_singular_covariances_by_a_symmetric_square_root():
+    # Fewer samples than dimensions: Σ is singular. Tr((Σ₁Σ₂)^½) = Σ √λ of Σ₁^½ Σ₂ Σ₁^½ (symmetric, PSD).
     rng = np.random.default_rng(5)
-    a, b = rng.standard_normal((4, 8)), rng.standard_normal((4, 8))
-    value = fid.fid_from_features(a, b)
-    assert np.isfinite(value) and value > 0
+    a, b = np.abs(rng.standard_normal((5, 64))), np.abs(rng.standard_normal((5, 64))) + 0.1
+    (mu1, sigma1), (mu2, sigma2) = fid.feature_statistics(a), fid.feature_statistics(b)
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ sigma2 @ root1), 0, None)).sum()
+    expect = ((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root
+    assert fid.fid_from_features(a, b) == pytest.approx(expect, rel=1e-6)
 
 
 def test_reference_features_are_cached_per_data_set_and_network(tmp_path):

@@ -21,6 +21,14 @@ __all__ = ["feature_statistics", "frechet_distance", "fid_from_features", "kerne
            "polynomial_kernel", "reference_features"]
 
 
+# Only the trace of (Σ₁Σ₂)^½ enters d²: its diagonal must be real up to rounding (the TTUR code's test).
+IMAGINARY_TOLERANCE = 1e-3
+
+
+def _diagonal_imaginary(matrix):
+    return float(np.abs(np.diagonal(matrix).imag).max()) if np.iscomplexobj(matrix) else 0.0
+
+
 def feature_statistics(features):
     """(μ, Σ) of features [N, d] in float64: the mean and the unbiased covariance (N − 1)."""
     features = np.asarray(features, np.float64)
@@ -32,9 +40,11 @@ def feature_statistics(features):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½) in float64.
 
-    When Σ₁Σ₂ is singular enough that its square root is not finite, both covariances get ε·I
-    added (as the TTUR reference code does). A square root with an imaginary part beyond
-    rounding is an error, not a silently dropped component.
+    When Σ₁Σ₂ is singular enough that its square root is not finite, or its diagonal (the only
+    part the trace reads) is not real up to rounding, both covariances get ε·I added (as the
+    TTUR reference code does) and the root is taken again. If that fails too it is an error,
+    not a silently dropped component; off-diagonal imaginary parts (rounding in the null space
+    of a singular Σ) do not enter the distance.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -42,15 +52,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         raise ValueError(f"statistics disagree in shape: μ {mu1.shape} vs {mu2.shape}, "
                          f"Σ {sigma1.shape} vs {sigma2.shape}")
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
+    if not np.isfinite(covmean).all() or _diagonal_imaginary(covmean) > IMAGINARY_TOLERANCE:
         offset = np.eye(len(mu1)) * eps
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        imaginary = np.abs(covmean.imag).max()
-        if imaginary > 1e-3:
-            raise ValueError(f"(Σ₁Σ₂)^½ has an imaginary part of {imaginary:.3g}: the covariances are not "
-                             "positive semi-definite (too few samples for the feature dimension?)")
-        covmean = covmean.real
+    imaginary = _diagonal_imaginary(covmean)
+    if not np.isfinite(covmean).all() or imaginary > IMAGINARY_TOLERANCE:
+        raise ValueError(f"(Σ₁Σ₂)^½ is not finite or its diagonal has an imaginary part of {imaginary:.3g}: the "
+                         "covariances are not positive semi-definite (too few samples for the feature dimension?)")
+    covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
