@@ -23,6 +23,7 @@ from mind_diffusion.kernels import group_norm as group_norm_kernels
 __all__ = [
     "timestep_embedding",
     "GroupNorm32",
+    "LayerNorm32",
     "normalization",
     "normalization_silu",
     "Conv1x1",
@@ -112,6 +113,18 @@ class GroupNorm32(nn.GroupNorm):
         if self.silu:
             h = ops.silu(h)
         return h
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm over the last axis (width ``width``), normalised in float32 whatever the input dtype,
+    returned in the input's dtype (the float16/bfloat16 torsos' transformer blocks). Parameters
+    ``gamma``/``beta`` as nn.LayerNorm's."""
+
+    def __init__(self, width, epsilon=1e-5):
+        super().__init__((width,), begin_norm_axis=-1, begin_params_axis=-1, epsilon=epsilon)
+
+    def construct(self, x):
+        return super().construct(x.astype(ms.float32)).astype(x.dtype)
 
 
 def normalization(channels, activation=None):

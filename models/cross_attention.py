@@ -22,7 +22,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mind_diffusion.kernels.dropout import Dropout
-from mind_diffusion.nn import GroupNorm32, conv_nd, zero_module
+from mind_diffusion.nn import GroupNorm32, LayerNorm32, conv_nd, zero_module
 
 # Large enough that exp() underflows to exactly 0 in float32, small enough to stay finite.
 MASKED_LOGIT = -1e9
@@ -145,9 +145,9 @@ class BasicTransformerBlock(nn.Cell):
         self.attn1 = CrossAttention(dim, heads=heads, dim_head=dim_head, dropout=dropout)
         self.ff = FeedForward(dim, dropout=dropout, gelu_approximate=gelu_approximate)
         self.attn2 = CrossAttention(dim, context_dim, heads=heads, dim_head=dim_head, dropout=dropout)
-        self.norm1 = nn.LayerNorm((dim,), epsilon=1e-5)
-        self.norm2 = nn.LayerNorm((dim,), epsilon=1e-5)
-        self.norm3 = nn.LayerNorm((dim,), epsilon=1e-5)
+        self.norm1 = LayerNorm32(dim)
+        self.norm2 = LayerNorm32(dim)
+        self.norm3 = LayerNorm32(dim)
 
     def construct(self, x, context, context_mask=None):
         x = x + self.attn1(self.norm1(x))

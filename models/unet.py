@@ -62,17 +62,23 @@ def compute_dtype(use_fp16=False, dtype=None):
 
 
 def convert_convolutions(cell, dtype):
-    """Run every convolution below ``cell`` in ``dtype`` (ADM's ``convert_to_fp16``).
+    """Run every convolution below ``cell`` in ``dtype`` (ADM's ``convert_to_fp16``), and the dense
+    layers of its spatial transformers (latent diffusion's torso runs its attention in that dtype too).
 
-    Only convolutions change: their float32 parameters are cast on the fly, so
-    norms stay float32 (:class:`~mind_diffusion.nn.GroupNorm32`) and the
-    master weights keep full precision for training.
+    Only those layers change: their float32 parameters are cast on the fly, so
+    norms stay float32 (:class:`~mind_diffusion.nn.GroupNorm32`, ``LayerNorm32``) and the
+    master weights keep full precision for training. The residual blocks' embedding
+    projections stay float32, as in ADM.
     """
     if dtype == ms.float32:
         return
     for _, sub in cell.cells_and_names():
         if isinstance(sub, (nn.Conv2d, Conv1x1)):
             sub.to_float(dtype)
+        elif isinstance(sub, SpatialTransformer):
+            for _, inner in sub.cells_and_names():
+                if isinstance(inner, nn.Dense):
+                    inner.to_float(dtype)
 
 
 class TimestepBlock(nn.Cell):

@@ -2,7 +2,6 @@
 import os
 
 import numpy as np
-from mindspore import nn, ops
 
 from mind_diffusion.convert import load_into
 from mind_diffusion.convert_ldm import PREFIXES, convert_ldm_state_dict, load_ldm_checkpoint
@@ -27,32 +26,18 @@ def component(params, name):
     return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
 
 
-def load_networks(path, **options):
-    """(unet, vae, config) of a checkpoint, in eval mode, every parameter checked by name and shape."""
+def load_networks(path, unet_dtype=None, **options):
+    """(unet, vae, config) of a checkpoint, in eval mode, every parameter checked by name and shape
+    (``unet_dtype``: the UNet torso's compute dtype, float32 by default)."""
     options.setdefault("num_heads", TINY_HEADS)
     options.setdefault("text_heads", TINY_HEADS)
     state, config, _ = load_ldm_checkpoint(path, **options)
     params, report = convert_ldm_state_dict(state, config)
     assert report["unexpected"] == []
-    unet = create_latent_unet(**config["unet"])
+    unet = create_latent_unet(**config["unet"], dtype=unet_dtype)
     vae = create_autoencoder(config["vae"]["ddconfig"], config["vae"]["embed_dim"], config["scale_factor"])
     for network, name in ((unet, "unet"), (vae, "vae")):
         load_into(network, component(params, name))  # strict: every parameter, no name left over, same shapes
         network.set_train(False)
     return unet, vae, config
 
-
-class ContextGuidance(nn.Cell):
-    """Classifier-free guidance of a latent UNet as CompVis runs it: one call on the batch
-    [uncond; cond], then ε̂ = ε_u + s (ε_c − ε_u); called as ``guided(x, t, context=c, uncond=uc)``."""
-
-    def __init__(self, model, scale):
-        super().__init__(auto_prefix=False)
-        self.model = model
-        self.scale = float(scale)
-
-    def construct(self, x, t, context, uncond):
-        batch = x.shape[0]
-        out = self.model(ops.cat([x, x]), ops.cat([t, t]), ops.cat([uncond, context]))
-        eps_uncond, eps_cond = out[:batch], out[batch:]
-        return eps_uncond + self.scale * (eps_cond - eps_uncond)

@@ -13,7 +13,8 @@ from mind_diffusion.sampling.schedulers import SamplingGraph, create_scheduler, 
 from mind_diffusion.sampling.schedulers.ldm import create_ldm_diffusion, ldm_timesteps
 from mind_diffusion.torch_pickle import load_state_dict
 from models.autoencoder import LatentDecoder
-from tests.ldm_util import SD_CKPT, WUKONG_CKPT, ContextGuidance, fixture_arrays, load_networks
+from mind_diffusion.sampling.latent import ContextGuidance
+from tests.ldm_util import SD_CKPT, WUKONG_CKPT, fixture_arrays, load_networks
 
 SCALE = 7.5  # the fixtures' guidance scale
 
@@ -97,3 +98,39 @@ def test_wukong_five_step_plms():
     # measured 7.0e-5 (latents up to 25.9) and 1.1e-5 decoded; Wukong's own float32 schedule is 2.9e-7 from ours
     assert max_abs(latent.asnumpy(), ref["txt2img_plms_latent"]) <= 1e-4
     assert max_abs(LatentDecoder(vae)(latent).asnumpy(), ref["txt2img_plms_decoded"]) <= 1e-4
+
+
+class _EpsModel(ms.nn.Cell):
+    """A closed-form ε-model: ε̂(x_t, t) = 0.5 x_t + 0.1 (mean of the context)."""
+
+    def construct(self, x, t, context):
+        return 0.5 * x + 0.1 * context.mean(axis=(1, 2)).reshape(-1, 1, 1, 1)
+
+
+class _VModel(ms.nn.Cell):
+    """The same model predicting v = √ᾱ_t ε̂ − √(1 − ᾱ_t) x̂_0, x̂_0 = (x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t (SD 2.x's target)."""
+
+    def __init__(self, alphas_cumprod):
+        super().__init__()
+        self.eps_model = _EpsModel()
+        self.alphas_cumprod = ms.Tensor(alphas_cumprod, ms.float32)
+
+    def construct(self, x, t, context):
+        alpha_bar = ms.ops.gather(self.alphas_cumprod, t.astype(ms.int32), 0).reshape(-1, 1, 1, 1)  # t: float steps
+        eps = self.eps_model(x, t, context)
+        xstart = (x - ms.ops.sqrt(1 - alpha_bar) * eps) / ms.ops.sqrt(alpha_bar)
+        return ms.ops.sqrt(alpha_bar) * eps - ms.ops.sqrt(1 - alpha_bar) * xstart
+
+
+@pytest.mark.parametrize("name", ["ddim", "plms"])
+def test_v_prediction_samples_what_the_eps_model_samples(name):
+    """SD 2.x's v-prediction through the same schedulers: a v-model equivalent to an ε-model draws the same latents."""
+    rng = np.random.default_rng(3)
+    x_T = rng.normal(size=(2, 4, 4, 4)).astype(np.float32)
+    kwargs = {"context": rng.normal(size=(2, 3, 5)).astype(np.float32)}
+    out = {}
+    for prediction, model in (("eps", _EpsModel()), ("v", _VModel(create_ldm_diffusion().schedule["alphas_cumprod"]))):
+        chosen = create_scheduler(name, create_ldm_diffusion(prediction=prediction), clip_denoised=False)
+        out[prediction] = sample(model, x_T.shape, chosen.set_timesteps(5, "ldm"), x_T=x_T, model_kwargs=kwargs).asnumpy()
+    assert np.abs(out["eps"] - x_T).max() > 0.1
+    np.testing.assert_allclose(out["v"], out["eps"], rtol=1e-5, atol=1e-5)
