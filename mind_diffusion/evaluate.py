@@ -208,9 +208,8 @@ def read_samples(path):
 # Metrics
 # ---------------------------------------------------------------------------
 
-def _cache_dir(args):
-    if args.cache_dir:
-        return args.cache_dir
+def default_cache_dir():
+    """Where reference features are cached: ``$MIND_DIFFUSION_CACHE/fid`` (default ~/.cache/mind_diffusion/fid)."""
     from mind_diffusion.kernels.aot import cache_dir
     return os.path.join(cache_dir(), "fid")
 
@@ -222,36 +221,36 @@ def feature_extractor(path, batch_size):
     return inception.FeatureExtractor(path, batch_size=batch_size)
 
 
-def inception_metrics(metric, samples, reference, args):
-    """FID or KID of uint8 samples against the reference (features cached per data set)."""
+def inception_metrics(metric, samples, reference, inception_path=None, inception_batch=50, cache_dir=None,
+                      kid_subsets=100, kid_subset_size=1000, seed=0):
+    """FID or KID of uint8 samples against the reference (its features cached per data set)."""
     from mind_diffusion.evaluation import fid
     if samples.shape[1:] != reference.images.shape[1:]:
         raise EvaluationError(f"samples are {samples.shape[1:]}, reference images {reference.images.shape[1:]}: "
                               "compare images of one size and channel count")
-    extractor = feature_extractor(args.inception, args.inception_batch)
+    extractor = feature_extractor(inception_path, inception_batch)
     ref = fid.reference_features(reference.key, len(reference.images), extractor.sha1,
                                  lambda: extractor(reference.images, progress=True, desc="reference features"),
-                                 _cache_dir(args))
+                                 cache_dir or default_cache_dir())
     features = extractor(samples, progress=True, desc="sample features")
     result = {"num_samples": len(samples), "num_ref": len(reference.images), "reference": reference.name,
               "reference_cache": ref["path"], "inception_sha1": extractor.sha1}
     if metric == "fid":
         result["fid"] = fid.frechet_distance(*fid.feature_statistics(features), ref["mu"], ref["sigma"])
     else:
-        mean, std = fid.kernel_inception_distance(features, ref["features"], args.kid_subsets,
-                                                  args.kid_subset_size, seed=args.seed)
-        result.update(kid=mean, kid_std=std, kid_subsets=args.kid_subsets,
-                      kid_subset_size=min(args.kid_subset_size, len(samples), len(reference.images)))
+        mean, std = fid.kernel_inception_distance(features, ref["features"], kid_subsets, kid_subset_size, seed=seed)
+        result.update(kid=mean, kid_std=std, kid_subsets=kid_subsets,
+                      kid_subset_size=min(kid_subset_size, len(samples), len(reference.images)))
     return result
 
 
-def classifier_metrics(samples, args):
+def classifier_metrics(samples, classifier_path=None):
     """Inception-score formula and class histogram under the MNIST classifier."""
     from mind_diffusion.evaluation import classifier_score as cs
     if samples.shape[1] != 1:
         raise EvaluationError(f"score uses an MNIST digit classifier: it needs 1-channel samples, got "
                               f"{samples.shape[1]} channels")
-    classifier = cs.MnistClassifier(args.classifier)
+    classifier = cs.MnistClassifier(classifier_path)
     probs = cs.softmax(classifier.logits(samples))
     score, _ = cs.inception_score(probs)
     return {"score": score, "num_samples": len(samples), "class_histogram": cs.class_histogram(probs),
@@ -325,9 +324,10 @@ def evaluate(args):
                 _save_new(args.save_samples, lambda f: np.savez(f, images=samples))
                 result["saved_samples"] = args.save_samples
         if args.metric == "score":
-            result.update(classifier_metrics(samples, args))
+            result.update(classifier_metrics(samples, args.classifier))
         else:
-            result.update(inception_metrics(args.metric, samples, reference, args))
+            result.update(inception_metrics(args.metric, samples, reference, args.inception, args.inception_batch,
+                                            args.cache_dir, args.kid_subsets, args.kid_subset_size, args.seed))
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
 

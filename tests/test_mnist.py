@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import io
 import itertools
+import os
 import pickle
 
 import numpy as np
@@ -13,6 +14,8 @@ import pytest
 
 from mind_diffusion.config import config_from_dict
 from mind_diffusion.data import create_dataset, mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +98,25 @@ def test_bad_split_missing_file_and_foreign_pickles(tmp_path):
         f.write(pickle.dumps([np.zeros(3)]))
     with pytest.raises(ValueError, match="not the mnist.pkl.gz layout"):
         mnist.load_mnist("test", str(wrong))
+
+
+def test_mnist_recipe_is_improved_diffusions():
+    from mind_diffusion.cli.factory import build_model
+    from mind_diffusion.config import load_config
+
+    config = load_config(os.path.join(ROOT, "configs", "mnist.yaml"))
+    m, d, t = config.model, config.diffusion, config.train
+    assert (m.arch, m.in_channels, m.image_size, m.num_channels, m.num_res_blocks) == ("unet", 1, 32, 32, 1)
+    assert (m.channel_mult, m.attention_resolutions, m.num_heads, m.num_head_channels) == ([1, 2, 2], [8], 4, -1)
+    assert (m.use_scale_shift_norm, m.dropout, m.learn_sigma, m.class_cond) == (True, 0.1, True, False)
+    assert (d.steps, d.noise_schedule, d.loss, d.predict_xstart, d.predict_v) == (1000, "cosine", "rescaled_mse",
+                                                                              False, False)
+    assert d.schedule_sampler == "uniform"
+    assert (t.lr, t.weight_decay, t.batch_size, t.ema_rate, t.warmup_steps, t.grad_clip) == (2e-4, 0.0, 64, [0.999],
+                                                                                           0, 0.0)
+    assert (config.seed, config.data.kind, config.data.random_flip) == (0, "mnist", False)
+    model, _ = build_model(m)
+    count = sum(p.size for p in model.trainable_params())
+    assert round(count / 1e6, 2) == 1.19, count  # improved-diffusion's MNIST UNet: 1.19 M
+    # out 2 channels: ε and the learned-range interpolation v
+    assert dict(model.parameters_and_names())["out.2.weight"].shape == (2, 32, 3, 3)
