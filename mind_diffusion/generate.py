@@ -12,7 +12,7 @@ import numpy as np
 import mindspore as ms
 
 from .sampling import create_sampler, schedulers
-from .sampling.guidance import ClassifierFreeGuidance
+from .sampling.guidance import ClassifierFreeGuidance, ClassifierGuidance
 
 # GaussianDiffusion needs two steps (β̃ at t = 0 is borrowed from t = 1), so a respacing does too.
 MIN_SAMPLING_STEPS = 2
@@ -30,15 +30,21 @@ class ImageGenerator:
     :param tokenizer: prompts → (tokens, mask), for text-conditioned models.
     :param num_classes: > 0 for class-conditional models (labels are passed as ``y``).
     :param low_res_size: > 0 for super-resolution models (``low_res`` [N, C, s, s] in [-1, 1]).
+    :param classifier: a noisy classifier ``classifier(x_t, t) -> logits`` trained on the same
+        process, for classifier guidance (ADM): :meth:`sample` with ``labels`` and a
+        ``classifier_scale`` > 0 steers every step toward the labels. It combines with
+        classifier-free guidance of a text model.
     """
 
-    def __init__(self, model, diffusion, image_shape, tokenizer=None, num_classes=0, low_res_size=0):
+    def __init__(self, model, diffusion, image_shape, tokenizer=None, num_classes=0, low_res_size=0,
+                 classifier=None):
         self.model = model
         self.low_res_size = int(low_res_size)
         self.diffusion = diffusion
         self.image_shape = tuple(image_shape)
         self.tokenizer = tokenizer
         self.num_classes = num_classes
+        self.classifier = classifier
         self._samplers = {}
 
     def check_request(self, count, steps, batch_size):
@@ -73,9 +79,9 @@ class ImageGenerator:
                              "process without timestep_respacing")
         return diffusion.respace(str(steps))
 
-    def _sampler(self, name, steps, eta, scale, clip_denoised, progress):
-        if name not in ("ddpm", "ddim"):
-            return self._scheduler(name, steps, eta, scale, clip_denoised, progress)
+    def _sampler(self, name, steps, eta, scale, clip_denoised, progress, classifier_scale=0.0):
+        if name not in ("ddpm", "ddim") or classifier_scale:
+            return self._scheduler(name, steps, eta, scale, clip_denoised, progress, classifier_scale)
         key = (name, steps, eta, scale, clip_denoised)
         if key not in self._samplers:
             self._samplers[key] = create_sampler(name, self._respaced(steps), self._guided_model(scale), eta=eta,
@@ -84,9 +90,13 @@ class ImageGenerator:
         sampler.progress = progress
         return sampler
 
-    def _scheduler(self, name, steps, eta, scale, clip_denoised, progress):
-        """A scheduler-driven walker with the Sampler's ``sample(shape, model_kwargs, seed)`` call."""
-        key = (name, steps, eta, scale, clip_denoised)
+    def _scheduler(self, name, steps, eta, scale, clip_denoised, progress, classifier_scale=0.0):
+        """A scheduler-driven walker with the Sampler's ``sample(shape, model_kwargs, seed)`` call.
+
+        The schedulers take classifier guidance in their step graph (DDPM and DDIM too, drawing
+        the same numbers as the Sampler classes), so a guided request always comes here.
+        """
+        key = (name, steps, eta, scale, clip_denoised, classifier_scale)
         if key not in self._samplers:
             diffusion = self.diffusion
             if diffusion.num_timesteps != diffusion.original_num_steps:
@@ -94,11 +104,27 @@ class ImageGenerator:
                                  f"respaced to {diffusion.num_timesteps} of its {diffusion.original_num_steps} steps "
                                  "(diffusion.timestep_respacing): build the process without timestep_respacing")
             # sample.eta is DDIM's η: Euler ancestral keeps its own (1), the others have none.
-            scheduler = schedulers.create_scheduler(name, diffusion, clip_denoised=clip_denoised)
-            self._samplers[key] = _SchedulerWalker(scheduler.set_timesteps(steps), self._guided_model(scale))
+            scheduler = schedulers.create_scheduler(name, diffusion, clip_denoised=clip_denoised,
+                                                    eta=eta if name == "ddim" else None)
+            cond_fn = ClassifierGuidance(self.classifier, classifier_scale) if classifier_scale else None
+            self._samplers[key] = _SchedulerWalker(scheduler.set_timesteps(steps), self._guided_model(scale),
+                                                   cond_fn)
         walker = self._samplers[key]
         walker.progress = progress
         return walker
+
+    def guide_inputs(self, labels, classifier_scale):
+        """The classifier's inputs ``{"y": labels}`` under classifier guidance, else None."""
+        if not classifier_scale:
+            return None
+        if self.classifier is None:
+            raise ValueError("classifier guidance needs a classifier (ImageGenerator(classifier=...))")
+        if labels is None:
+            raise ValueError("classifier guidance steers toward class labels: give labels")
+        labels = np.asarray(labels, np.int32)
+        if labels.min() < 0:
+            raise ValueError(f"labels must be >= 0, got {labels.min()}")
+        return {"y": ms.Tensor(labels)}
 
     def conditioning(self, prompts=None, labels=None, scale=1.0, low_res=None):
         """The model's keyword inputs for a batch of prompts or labels (and low-res images)."""
@@ -130,10 +156,14 @@ class ImageGenerator:
         return low_res
 
     def sample(self, count, prompts=None, labels=None, sampler="ddim", steps=50, eta=0.0,
-               guidance_scale=1.0, batch_size=16, seed=0, clip_denoised=True, progress=False, low_res=None):
+               guidance_scale=1.0, batch_size=16, seed=0, clip_denoised=True, progress=False, low_res=None,
+               classifier_scale=0.0):
         """``count`` images as float32 [count, C, H, W] in [-1, 1].
 
         :param sampler: one of :data:`SAMPLER_NAMES` (ddpm, ddim, plms, dpm++2m, dpm++3m, euler_a); η is DDIM's.
+        :param guidance_scale: classifier-free guidance scale of a text model.
+        :param classifier_scale: s of classifier guidance (0 = none); the labels are then the
+            classifier's targets, and the model's own condition too if it is class-conditional.
 
         Prompts (or labels, or low-resolution images) are cycled to ``count``;
         sample i of the same seed is the same image whatever ``count`` is, as
@@ -150,28 +180,33 @@ class ImageGenerator:
         if low_res is not None:
             low_res = np.asarray(low_res, np.float32)
             low_res = low_res[np.arange(count) % len(low_res)]
+        classifier_scale = float(classifier_scale)
         walker = self._sampler(sampler, int(steps), float(eta),
-                               float(guidance_scale), clip_denoised, progress)
+                               float(guidance_scale), clip_denoised, progress, classifier_scale)
         batches = []
         for start in range(0, count, batch_size):
             index = [min(i, count - 1) for i in range(start, start + batch_size)]  # pad the last batch
             cond = self.conditioning(None if prompts is None else [prompts[i] for i in index],
                                      None if labels is None else [labels[i] for i in index],
                                      float(guidance_scale), None if low_res is None else low_res[index])
+            guide = self.guide_inputs(None if labels is None else [labels[i] for i in index], classifier_scale)
+            guided = {} if guide is None else {"cond_kwargs": guide}
             images = walker.sample((batch_size,) + self.image_shape, model_kwargs=cond,
-                                   seed=seed * 1_000_003 + start)
+                                   seed=seed * 1_000_003 + start, **guided)
             batches.append(images.asnumpy()[:min(batch_size, count - start)])
         return np.concatenate(batches)[:count]
 
 
 class _SchedulerWalker:
-    """A scheduler and its model behind the ``sample(shape, model_kwargs, seed)`` call of the Sampler classes."""
+    """A scheduler, its model and its classifier guidance (or None) behind the
+    ``sample(shape, model_kwargs, seed)`` call of the Sampler classes."""
 
-    def __init__(self, scheduler, model):
+    def __init__(self, scheduler, model, cond_fn=None):
         self.scheduler = scheduler
         self.model = model
+        self.cond_fn = cond_fn
         self.progress = False
 
-    def sample(self, shape, model_kwargs=None, seed=0):
+    def sample(self, shape, model_kwargs=None, seed=0, cond_kwargs=None):
         return schedulers.sample(self.model, shape, self.scheduler, seed=seed, model_kwargs=model_kwargs,
-                                 progress=self.progress)
+                                 cond_fn=self.cond_fn, cond_kwargs=cond_kwargs, progress=self.progress)

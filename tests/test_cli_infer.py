@@ -149,7 +149,7 @@ def test_a_missing_out_folder_is_made_when_the_grid_is_written(tiny, tmp_path, c
 @pytest.mark.parametrize("overrides,args,message", [
     (["model.arch=unet", "model.class_cond=true", "model.num_classes=40"], ["--label", "40"],
      "--label 40: this checkpoint has 40 classes, 0..39"),
-    (["model.arch=unet"], ["--label", "1"], "--label is for class-conditional checkpoints; this one is unconditional"),
+    (["model.arch=unet"], ["--label", "1"], "--label is for class-conditional checkpoints (or with --classifier); this one is unconditional"),
 ])
 def test_labels_that_do_not_fit_the_checkpoint_are_named(overrides, args, message, tmp_path, capsys, sampling):
     path, _ = write_checkpoint(tmp_path / "unet.ckpt", overrides)
@@ -384,3 +384,25 @@ def test_a_huge_prompt_is_not_echoed_whole(tiny, tmp_path):
     assert f"text_ctx={config.model.text_ctx}" in result.stderr
     grid = result.stdout.strip().splitlines()[-1]
     assert os.path.dirname(grid) == str(tmp_path / "grids") and os.path.exists(grid)  # the user's cwd
+
+
+def test_a_model_trained_on_a_respaced_process_samples_on_other_step_counts(tmp_path, capsys):
+    """diffusion.timestep_respacing is a training option: sampling respaces the base process (T = 20 here)
+    to --steps, where it once crashed with "already respaced" (issue 13)."""
+    path, _ = write_checkpoint(tmp_path / "respaced.ckpt", ["diffusion.timestep_respacing=10", "sample.steps=4"])
+    status, out, err = run_main(["a red circle", "--ckpt", path, "--out", str(tmp_path), "--n", "1", "--batch", "1",
+                                 "--sampler", "ddim"], capsys)
+    assert status == 0, err
+    assert "(ddim, 4 steps" in out and os.path.exists(out.strip().splitlines()[-1])
+
+
+def test_a_classifier_run_is_never_the_default_checkpoint(tiny, tmp_path, monkeypatch):
+    """A noisy classifier trained under ./runs/ (configs/demo_classifier.yaml) is for --classifier, not to sample."""
+    import shutil
+    shipped, _ = tiny
+    monkeypatch.chdir(tmp_path)
+    classifier = tmp_path / "runs" / "demo_classifier" / f"ckpt_{TINY_STEPS + 100:08d}.ckpt"
+    classifier.parent.mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "checkpoints", "demo_classifier.ckpt"), classifier)
+    assert infer.is_classifier_checkpoint(str(classifier))
+    assert infer.choose_checkpoint(shipped=shipped).path == shipped

@@ -196,3 +196,37 @@ def test_sample_sampler_names_are_the_schedulers():
     assert set(SAMPLERS) == set(SCHEDULERS)
     for name in SAMPLERS:
         assert config_from_dict({"sample": {"sampler": name}}).sample.sampler == name
+
+
+def test_copied_constants_equal_their_sources():
+    """config imports neither models/ nor the data package; its copies of their constants stay equal."""
+    from mind_diffusion.config import CLASSIFIER_POOLS, DEMO_NUM_CLASSES
+    from mind_diffusion.data.demo import NUM_CLASSES
+    from models.classifier import POOLS
+    assert DEMO_NUM_CLASSES == NUM_CLASSES
+    assert set(CLASSIFIER_POOLS) == set(POOLS)
+
+
+CLASSIFIER = {"model": {"arch": "classifier", "image_size": 16, "num_channels": 32, "channel_mult": [1, 2],
+                        "attention_resolutions": [8], "num_head_channels": 32, "num_classes": 40},
+              "data": {"kind": "demo"}}
+
+
+def test_classifier_recipe_reads_labels_as_targets():
+    import copy
+    config = config_from_dict(copy.deepcopy(CLASSIFIER))
+    assert config.data.class_cond is True and config.model.class_cond is False
+    assert config_from_dict(config_to_dict(config)).data.class_cond is True  # the saved config reloads
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.class_cond=true"], "model.class_cond"),
+    (["model.learn_sigma=true"], "model.learn_sigma"),
+    (["model.num_head_channels=-1"], "model.num_head_channels"),
+    (["model.num_classes=10"], "model.num_classes"),        # fewer than the demo set's 40 labels
+    (["data.kind=captions", "data.path=pairs.jsonl"], "data.kind"),   # captions carry no labels
+])
+def test_classifier_recipe_errors_name_the_key(overrides, key):
+    import copy
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_from_dict(copy.deepcopy(CLASSIFIER), overrides)

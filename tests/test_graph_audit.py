@@ -18,6 +18,7 @@ checked:
 - every primitive is in tests/data/ascend_primitives.txt, the list generated from
   MindSpore's own op definitions by scripts/gen_ascend_primitives.py.
 """
+import dataclasses
 import glob
 import os
 
@@ -107,10 +108,27 @@ def train_step_ir(config, tmp_path):
     return exported(trainer.train_step, args)
 
 
+def guided_sampling_step_ir(classifier_config):
+    """A classifier recipe's sampling graph: a UNet of its size, guided by it (run_infer --classifier),
+    with the classifier's gradient in the graph, on the DDPM scheduler (the mean shift μ + Σ g)."""
+    from mind_diffusion.sampling.guidance import ClassifierGuidance
+    from mind_diffusion.sampling.schedulers import SamplingGraph, create_scheduler
+    classifier, _ = build_model(classifier_config.model)
+    unet_config = dataclasses.replace(classifier_config.model, arch="unet", learn_sigma=True)
+    model, _ = build_model(unet_config)
+    diffusion = build_diffusion(classifier_config.diffusion, unet_config, respaced=False)
+    scheduler = create_scheduler("ddpm", diffusion).set_timesteps(4)
+    graph = SamplingGraph(model, scheduler.make_step(guided=True), (), ClassifierGuidance(classifier, 1.0), 1)
+    x = ms.Tensor(np.zeros((BATCH, unet_config.in_channels, IMAGE, IMAGE), np.float32))
+    return exported(graph, [x, ms.Tensor(np.zeros((BATCH,), np.int32)), x, ms.Tensor(np.zeros((BATCH,), np.int32))])
+
+
 def sampling_step_ir(config):
     """The step graph that run_infer.sh and the periodic grids run, with the recipe's sampler and guidance."""
+    if config.model.arch == "classifier":
+        return guided_sampling_step_ir(config)
     model, tokenizer = build_model(config.model)
-    diffusion = build_diffusion(config.diffusion, config.model)
+    diffusion = build_diffusion(config.diffusion, config.model, respaced=False)
     image_shape = (config.model.in_channels, IMAGE, IMAGE)
     generator = ImageGenerator(model, diffusion, image_shape, tokenizer,
                                config.model.num_classes if config.model.class_cond else 0,

@@ -122,3 +122,40 @@ def test_classifier_guidance_gradient():
     # d/dx log softmax(Wx + b)_y = W_y − Σ_k p_k W_k
     want = 2.5 * (weight[y] - probs @ weight).reshape(x.shape)
     np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-5)
+
+
+class ScaledByW(nn.Cell):
+    """A stand-in diffusion network x · w whose parameter name clashes with the classifier's ``dense.weight``."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.weight = ms.Parameter(ms.Tensor(np.full(shape, 3.0, np.float32)), name="dense.weight")
+
+    def construct(self, x, t):
+        return x * self.weight.mean()
+
+
+def test_a_classifier_whose_names_clash_with_the_model_guides_with_its_own_weights():
+    """The model and the classifier share a parameter name (as an ADM UNet and its classifier do); in one
+    sampling graph each still reads its own weights: the guided DDPM step is the model's mean + Σ·g."""
+    from mind_diffusion.gaussian_diffusion import create_diffusion
+    from mind_diffusion.sampling.schedulers import SamplingGraph, create_scheduler
+
+    classifier = LinearClassifier(3 * 4 * 4, 5)
+    model = ScaledByW((5, 3 * 4 * 4))
+    assert {p.name for p in model.get_parameters()} & {p.name for p in classifier.get_parameters()}
+    guide = ClassifierGuidance(classifier, classifier_scale=2.0)
+    scheduler = create_scheduler("ddpm", create_diffusion(steps=10, noise_schedule="cosine")).set_timesteps(10)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
+    k, y = np.zeros((2,), np.int32), np.array([1, 3], np.int32)
+    zeros = ms.Tensor(np.zeros_like(x))
+
+    plain = SamplingGraph(model, scheduler.make_step())(ms.Tensor(x), ms.Tensor(k), zeros)[0].asnumpy()
+    guided_graph = SamplingGraph(model, scheduler.make_step(guided=True), (), guide, 1)
+    guided = guided_graph(ms.Tensor(x), ms.Tensor(k), zeros, ms.Tensor(y))[0].asnumpy()
+    t = np.full((2,), 9, np.int32)  # the first call runs at t = T − 1
+    gradient = guide(ms.Tensor(x), ms.Tensor(t), ms.Tensor(y)).asnumpy()  # the classifier's own weights
+    sigma = scheduler.process.schedule["fixed_large_variance"][9]  # Σ_t = β_t (fixed large, t > 0)
+    np.testing.assert_allclose(guided - plain, sigma * gradient, rtol=1e-4, atol=1e-7)
+    assert np.abs(sigma * gradient).max() > 1e-3  # the shift is visible

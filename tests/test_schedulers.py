@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import mindspore as ms
 from mindspore import nn, ops
-from mindspore.graph import api as graph_api
 
 from mind_diffusion.gaussian_diffusion import GaussianDiffusion, create_diffusion
 from mind_diffusion.sampling import DDIMSampler, DDPMSampler, fused
 from mind_diffusion.sampling.guidance import ClassifierGuidance
 from mind_diffusion.sampling.schedulers import (DDIMScheduler, DPMSolverScheduler, EulerAncestralScheduler,
                                                 PLMSScheduler, create_scheduler, sample)
+from tests.helpers.compile_count import record_compiles
 
 T = 1000
 SHAPE = (2, 3, 4, 4)
@@ -524,17 +524,7 @@ def test_guided_ddim_clips_before_the_gradient_only():
 # ---------------------------------------------------------------------------- the loop and its errors
 
 def test_one_graph_per_model_and_scheduler(monkeypatch):
-    compiles = []
-    executor = type(graph_api._cell_graph_executor)
-    original = executor.compile
-
-    def counting_compile(self, obj, *args, **kwargs):
-        result = original(self, obj, *args, **kwargs)  # (phase, False) when a cached graph is reused
-        if result[1]:
-            compiles.append(type(obj).__name__)
-        return result
-
-    monkeypatch.setattr(executor, "compile", counting_compile)
+    compiles = record_compiles(monkeypatch)
     base = base_process("epsilon")
     model = GaussianDataModel("epsilon")
     scheduler = create_scheduler("dpm++2m", base).set_timesteps(6)

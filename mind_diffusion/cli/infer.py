@@ -95,11 +95,27 @@ def build_parser(defaults=None):
                "  bash run_infer.sh \"蓝色背景上的红色圆形\"\n"
                "  bash run_infer.sh \"a yellow star\" --scale 5 --n 16 --seed 3\n"
                "  bash run_infer.sh --ckpt runs/adm/ckpt_00100000.ckpt --label 7\n"
+               "  bash run_infer.sh --ckpt adm64.ckpt --config configs/adm_imagenet64.yaml --label 207 \\\n"
+               "      --classifier clf64.ckpt --classifier-config configs/adm_classifier64.yaml --classifier-scale 1\n"
+               "  bash run_infer.sh --classifier checkpoints/demo_classifier.ckpt --label 3 --scale 0   "
+               "# demo model, unconditional, guided to label 3 (a green circle)\n"
                "  bash run_infer.sh \"a red circle\" --ckpt runs/demo_quick    # a run folder: its newest checkpoint\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", default=None, help="caption for text-to-image models")
     parser.add_argument("--label", type=_bounded(int, 0), action="append", default=None,
                         help="class label for class-conditional models (repeatable)")
+    parser.add_argument("--classifier", default=None, metavar="CKPT",
+                        help="noisy classifier checkpoint for classifier guidance (ADM): steers sampling "
+                             "toward --label; trained with an arch: classifier recipe, e.g. "
+                             "configs/demo_classifier.yaml, on the same diffusion process as the model")
+    parser.add_argument("--classifier-scale", type=_bounded(float, 0.0), default=1.0,
+                        help="classifier guidance scale s in mean + s·Σ·∇log p(y|x_t) (default: %(default)s)")
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="recipe describing a --ckpt that carries none (a network converted with "
+                             "mind_diffusion.convert), e.g. configs/adm_imagenet64.yaml")
+    parser.add_argument("--classifier-config", default=None, metavar="YAML",
+                        help="recipe describing a --classifier that carries none (a converted "
+                             "guided-diffusion classifier), e.g. configs/adm_classifier64.yaml")
     parser.add_argument("--low-res", default=None, metavar="IMAGE",
                         help="image to enlarge, for super-resolution (glide_upsample) checkpoints; "
                              "centre-cropped and resized to the model's low-res size")
@@ -201,6 +217,7 @@ def choose_checkpoint(explicit=None, runs_dir=RUNS_DIR, shipped=SHIPPED_CHECKPOI
     shipped demo model, unless a run under ``runs_dir`` has a checkpoint with at
     least as many training steps as the shipped model; then the most recently
     written such checkpoint. Without a shipped model, the newest run checkpoint.
+    Classifier runs (for ``--classifier``) are never chosen.
 
     :raises FileNotFoundError: naming what is missing and what to do.
     """
@@ -215,7 +232,7 @@ def choose_checkpoint(explicit=None, runs_dir=RUNS_DIR, shipped=SHIPPED_CHECKPOI
             raise FileNotFoundError(f"--ckpt {explicit}: no such file ({path})")
         return CheckpointChoice(path, "given with --ckpt")
 
-    runs = run_checkpoints(runs_dir)
+    runs = [item for item in run_checkpoints(runs_dir) if not is_classifier_checkpoint(item[1])]
     newest = max(runs, key=lambda item: os.path.getmtime(item[1]), default=None)
     if not os.path.exists(shipped):
         if newest is None:
@@ -236,6 +253,15 @@ def choose_checkpoint(explicit=None, runs_dir=RUNS_DIR, shipped=SHIPPED_CHECKPOI
     return CheckpointChoice(shipped, f"the shipped demo model, trained {shipped_steps} steps; the newest run "
                                      f"checkpoint {display_path(path)} has only {steps}: "
                                      f"pass --ckpt {display_path(path)} to sample from it")
+
+
+def is_classifier_checkpoint(path):
+    """Whether a run's checkpoint holds a noisy classifier (not a model to sample from); False if unreadable."""
+    try:
+        _, recipe = checkpoint_header(path)
+    except ValueError:
+        return False
+    return (recipe or {}).get("model", {}).get("arch") == "classifier"
 
 
 def find_checkpoint(explicit=None):
@@ -297,7 +323,9 @@ def grid_name(args, checkpoint, settings):
     identity = {"prompt": args.prompt, "labels": args.label, "checkpoint": file_identity(checkpoint),
                 "low_res": file_identity(args.low_res), "ema_rate": args.ema_rate, "raw": args.raw,
                 "n": args.n, "batch": settings["batch_size"], "seed": args.seed, "sampler": settings["sampler"],
-                "steps": settings["steps"], "eta": settings["eta"], "scale": settings["guidance_scale"]}
+                "steps": settings["steps"], "eta": settings["eta"], "scale": settings["guidance_scale"],
+                "classifier": file_identity(getattr(args, "classifier_path", None)),
+                "classifier_scale": args.classifier_scale if getattr(args, "classifier", None) else None}
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
     return (f"{subject}_s{settings['guidance_scale']:g}_{settings['sampler']}{settings['steps']}"
             f"_seed{args.seed}_{digest[:10]}.png")
@@ -327,12 +355,11 @@ def main(argv=None):
 
     import mindspore as ms
     from mindspore import Tensor
-    from mind_diffusion.cli.factory import build_diffusion, build_model
-    from mind_diffusion.config import ConfigError, config_from_dict
+    from mind_diffusion.cli.factory import build_diffusion
+    from mind_diffusion.config import ConfigError
     from mind_diffusion.device import device_id, pick_device
     from mind_diffusion.generate import ImageGenerator
     from mind_diffusion.imaging import save_grid, to_uint8
-    from mind_diffusion.checkpoints import checkpoint_config, model_weights, read_checkpoint, restore_state
 
     try:
         target = pick_device(args.device)
@@ -342,14 +369,15 @@ def main(argv=None):
             ms.set_device(target)  # MindSpore's default device (0)
         else:
             ms.set_device(target, chosen_id)
-        checkpoint = read_checkpoint(choice.path)
-        raw_config = checkpoint_config(checkpoint)
-        if raw_config is None:
-            raise ValueError(f"{display_path(choice.path)!r} carries no recipe; it is not a mind_diffusion training "
-                             "checkpoint (convert OpenAI checkpoints with `python -m mind_diffusion.convert`)")
-        config = config_from_dict(raw_config)
-    except (ValueError, ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        config, model, tokenizer = load_network(choice.path, args.config, args.ema_rate, args.raw)
+        classifier = None
+        if args.classifier:
+            classifier_path = args.classifier_path = input_path(args.classifier)
+            classifier_config, classifier, _ = load_network(classifier_path, args.classifier_config, None, False,
+                                                            option="--classifier")
+            check_classifier(config, classifier_config)
+    except (ValueError, KeyError, ConfigError, FileNotFoundError) as err:
+        print(f"error: {str(err).strip(chr(34))}", file=sys.stderr)
         return 2
 
     settings = sampling_settings(parser, args, config)
@@ -357,20 +385,16 @@ def main(argv=None):
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-
-    model, tokenizer = build_model(config.model)
-    try:
-        weights = model_weights(checkpoint, args.ema_rate, args.raw)
-        restore_state(dict(model.parameters_and_names()), {k: Tensor(v.asnumpy()) for k, v in weights.items()},
-                      choice.path)
-    except (KeyError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    prompt = args.prompt
+    if classifier is not None and tokenizer is not None and not (prompt or "").strip():
+        prompt, settings["guidance_scale"] = "", 0.0  # classifier guidance of the unconditional model
+        print("note: no prompt: the text model samples unconditionally (--scale 0), steered by the classifier")
 
     image_shape = (config.model.in_channels, config.model.image_size, config.model.image_size)
-    generator = ImageGenerator(model, build_diffusion(config.diffusion, config.model), image_shape, tokenizer,
+    generator = ImageGenerator(model, build_diffusion(config.diffusion, config.model, respaced=False),
+                               image_shape, tokenizer,
                                config.model.num_classes if config.model.class_cond else 0,
-                               low_res_size=config.model.low_res_size)
+                               low_res_size=config.model.low_res_size, classifier=classifier)
     low_res = None
     if config.model.low_res_size:
         from mind_diffusion.data import transforms
@@ -382,21 +406,71 @@ def main(argv=None):
         low_res = transforms.to_model_input(image)[None]
 
     shown = set()
-    note = prompt_note(tokenizer, args.prompt, shown) if tokenizer is not None else None
+    note = prompt_note(tokenizer, prompt, shown) if tokenizer is not None else None
     if note:
         print(note, file=sys.stderr)
     started = time.perf_counter()
     with short_warnings(shown):
-        images = generator.sample(args.n, prompts=[args.prompt] if tokenizer else None, labels=args.label,
+        images = generator.sample(args.n, prompts=[prompt] if tokenizer else None, labels=args.label,
                                   seed=args.seed, clip_denoised=config.sample.clip_denoised, progress=True,
-                                  low_res=low_res, **settings)
+                                  low_res=low_res, classifier_scale=args.classifier_scale if classifier else 0.0,
+                                  **settings)
     elapsed = time.perf_counter() - started
     out = save_grid(to_uint8(images), os.path.join(out_dir, grid_name(args, choice.path, settings)),
                     scale=max(1, 128 // config.model.image_size), overwrite=False)
+    guided = f", classifier scale {args.classifier_scale:g}" if classifier else ""
     print(f"{args.n} images in {elapsed:.1f} s ({settings['sampler']}, {settings['steps']} steps, "
-          f"scale {settings['guidance_scale']:g})")
+          f"scale {settings['guidance_scale']:g}{guided})")
     print(out)
     return 0
+
+
+def load_network(path, recipe=None, ema_rate=None, raw=False, option="--ckpt"):
+    """(config, network, tokenizer) of a checkpoint: its own recipe, else the ``recipe`` file given for it.
+
+    A training checkpoint gives its EMA weights (or raw ones); a converted one
+    (``python -m mind_diffusion.convert``) holds the network's parameters under their own names.
+    :raises ValueError: naming the checkpoint and the option that fixes the problem.
+    """
+    from mindspore import Tensor
+    from mind_diffusion.checkpoints import checkpoint_config, model_weights, read_checkpoint, restore_state
+    from mind_diffusion.cli.factory import build_model
+    from mind_diffusion.config import config_from_dict, load_config
+
+    checkpoint = read_checkpoint(path)
+    raw_config = checkpoint_config(checkpoint)
+    flag = "--config" if option == "--ckpt" else "--classifier-config"
+    if raw_config is not None:
+        config = config_from_dict(raw_config)
+        weights = model_weights(checkpoint, ema_rate, raw)
+    elif recipe:
+        config = load_config(input_path(recipe))
+        weights = checkpoint
+    else:
+        raise ValueError(f"{option} {display_path(path)} carries no recipe (a network converted with "
+                         f"mind_diffusion.convert?): describe it with {flag} RECIPE.yaml, e.g. "
+                         f"{'configs/adm_imagenet64.yaml' if option == '--ckpt' else 'configs/adm_classifier64.yaml'}")
+    is_classifier = config.model.arch == "classifier"
+    if is_classifier != (option == "--classifier"):
+        raise ValueError(f"{option} {display_path(path)} is {'a classifier' if is_classifier else 'a diffusion model'}"
+                         f" (model.arch {config.model.arch!r}); "
+                         f"{'give it with --classifier' if is_classifier else '--classifier takes a noisy classifier'}")
+    model, tokenizer = build_model(config.model)
+    restore_state(dict(model.parameters_and_names()), {k: Tensor(v.asnumpy()) for k, v in weights.items()}, path)
+    return config, model, tokenizer
+
+
+def check_classifier(config, classifier_config):
+    """A ValueError unless the classifier was trained on the model's diffusion process (it must see its x_t)."""
+    ours, theirs = config.diffusion, classifier_config.diffusion
+    for key in ("steps", "noise_schedule"):
+        if getattr(ours, key) != getattr(theirs, key):
+            raise ValueError(f"the classifier was trained with diffusion.{key} {getattr(theirs, key)!r}, the model "
+                             f"with {getattr(ours, key)!r}: guidance needs a classifier of the model's own process")
+    model, clf = config.model, classifier_config.model
+    if (model.in_channels, model.image_size) != (clf.in_channels, clf.image_size):
+        raise ValueError(f"the classifier reads {clf.in_channels}x{clf.image_size}x{clf.image_size} images, the model "
+                         f"draws {model.in_channels}x{model.image_size}x{model.image_size}")
 
 
 def sampling_settings(parser, args, config):
@@ -424,13 +498,24 @@ def check_request(args, config):
                 "give the image to enlarge with --low-res IMAGE")
     if args.low_res and not model.low_res_size:
         return "--low-res is for super-resolution (glide_upsample) checkpoints; this one generates from scratch"
+    if args.classifier:
+        if not args.label:
+            return "classifier guidance steers toward class labels: give --label N (repeatable)"
+        if args.prompt and not text_model:
+            kind = "class-conditional (use --label)" if model.class_cond else "unconditional (no prompt)"
+            return f"this checkpoint is {kind}; it cannot follow the prompt {shorten(args.prompt)!r}"
+        if model.class_cond:
+            wrong = [label for label in args.label if label >= model.num_classes]
+            if wrong:
+                return f"--label {wrong[0]}: this checkpoint has {model.num_classes} classes, 0..{model.num_classes - 1}"
+        return None
     if text_model:
         if args.prompt is None or not args.prompt.strip():
             return ("this is a text-to-image checkpoint: give a non-empty prompt, e.g. "
                     "run_infer.sh \"a red circle on a blue background\" or \"蓝色背景上的红色圆形\" "
                     "(for unconditional samples use any prompt with --scale 0)")
         if args.label:
-            return "--label is for class-conditional checkpoints; this one takes a text prompt"
+            return "--label is for class-conditional checkpoints (or with --classifier); this one takes a text prompt"
         return None
     if args.prompt:
         kind = "class-conditional (use --label)" if model.class_cond else "unconditional (no prompt)"
@@ -442,7 +527,7 @@ def check_request(args, config):
         if wrong:
             return f"--label {wrong[0]}: this checkpoint has {model.num_classes} classes, 0..{model.num_classes - 1}"
     elif args.label:
-        return "--label is for class-conditional checkpoints; this one is unconditional"
+        return "--label is for class-conditional checkpoints (or with --classifier); this one is unconditional"
     return None
 
 

@@ -16,11 +16,13 @@ import numpy as np
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="run_train.sh",
-        description="Train a diffusion model (DDPM / improved DDPM / ADM / GLIDE-style) from a YAML recipe.",
+        description="Train a diffusion model (DDPM / improved DDPM / ADM / GLIDE-style), or ADM's noisy "
+                    "classifier for classifier guidance, from a YAML recipe.",
         epilog="Examples:\n"
                "  bash run_train.sh                                  # demo recipe, short default run\n"
                "  bash run_train.sh 1 configs/tiny.yaml --set train.total_steps=10\n"
                "  bash run_train.sh 8 configs/glide_base64.yaml --set data.path=/data/wukong.jsonl\n"
+               "  bash run_train.sh 1 configs/demo_classifier.yaml     # a noisy classifier for --classifier\n"
                "Every key of the recipe can be overridden with --set section.key=value.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml", help="YAML recipe (default: %(default)s)")
@@ -77,8 +79,6 @@ def main(argv=None):
     ms.set_seed(config.seed)  # parameter initialisation: identical on every rank
 
     from mind_diffusion.cli.factory import build_diffusion, build_model
-    from mind_diffusion.generate import ImageGenerator
-    from mind_diffusion.imaging import save_grid, to_uint8
     from mind_diffusion.train.trainer import RunFolderInUse, Trainer, TrainingDiverged, log_model_summary
 
     model, tokenizer = build_model(config.model)
@@ -87,9 +87,38 @@ def main(argv=None):
     run_dir = output_path(args.run_dir or os.path.join(config.train.out_dir, config.name))
     resume = args.resume if args.resume in (None, "auto") else input_path(args.resume)
 
+    trainer = Trainer(config, model, diffusion, run_dir, tokenizer=tokenizer,
+                      sample_fn=None if config.model.arch == "classifier" else sample_grid_fn(config, tokenizer,
+                                                                                          run_dir),
+                      rank=rank, world_size=world_size)
+    try:
+        final = trainer.fit(resume=resume, progress=not args.no_progress, overwrite=args.overwrite)
+    except (TrainingDiverged, RunFolderInUse, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if rank == 0:
+        print(f"checkpoint: {final}")
+        samples = os.path.join(run_dir, "samples")  # grids, and their caption sidecars (.txt)
+        grids = sorted(name for name in os.listdir(samples) if name.endswith(".png")) if os.path.isdir(samples) else []
+        if grids:
+            print(f"samples: {os.path.join(run_dir, 'samples', grids[-1])}")
+    return 0
+
+
+def sample_grid_fn(config, tokenizer, run_dir):
+    """The trainer's ``sample_fn``: a grid of the EMA model's samples under ``run_dir/samples/``.
+
+    It samples with its own copy of the network, loaded with the EMA weights each time, from
+    the base process (respaced to ``sample.steps``, whatever ``diffusion.timestep_respacing`` trains on).
+    """
+    from mind_diffusion.cli.factory import build_diffusion, build_model
+    from mind_diffusion.generate import ImageGenerator
+    from mind_diffusion.imaging import save_grid, to_uint8
+
     sampling_model, _ = build_model(config.model)
     image_shape = (config.model.in_channels, config.model.image_size, config.model.image_size)
-    generator = ImageGenerator(sampling_model, diffusion, image_shape, tokenizer,
+    generator = ImageGenerator(sampling_model, build_diffusion(config.diffusion, config.model, respaced=False),
+                               image_shape, tokenizer,
                                config.model.num_classes if config.model.class_cond else 0,
                                low_res_size=config.model.low_res_size)
     prompts, labels, low_res = default_conditions(config)
@@ -110,20 +139,7 @@ def main(argv=None):
         return save_grid(to_uint8(images), os.path.join(run_dir, "samples", f"step_{step:08d}.png"),
                          scale=max(1, 128 // config.model.image_size), captions=captions)
 
-    trainer = Trainer(config, model, diffusion, run_dir, tokenizer=tokenizer, sample_fn=sample_grid,
-                      rank=rank, world_size=world_size)
-    try:
-        final = trainer.fit(resume=resume, progress=not args.no_progress, overwrite=args.overwrite)
-    except (TrainingDiverged, RunFolderInUse, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    if rank == 0:
-        print(f"checkpoint: {final}")
-        samples = os.path.join(run_dir, "samples")  # grids, and their caption sidecars (.txt)
-        grids = sorted(name for name in os.listdir(samples) if name.endswith(".png")) if os.path.isdir(samples) else []
-        if grids:
-            print(f"samples: {os.path.join(run_dir, 'samples', grids[-1])}")
-    return 0
+    return sample_grid
 
 
 def default_conditions(config):

@@ -18,6 +18,8 @@ from typing import NamedTuple, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mind_diffusion.prompts import normalise_prompt
+
 
 class Shape(NamedTuple):
     """A shape with its caption words; the first Chinese word is the full form."""
@@ -337,7 +339,6 @@ def prompt_to_attributes(text):
     Anything not named is None; when several colours or shapes appear, the first
     one wins.
     """
-    from models.text import normalise_prompt
     text = normalise_prompt(text)
     background, rest = _background_in(text)
     attributes = {"shape": None, "color": None, "background": background}

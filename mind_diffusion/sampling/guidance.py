@@ -101,14 +101,23 @@ class ClassifierGuidance(nn.Cell):
         classifier_scale: s (guided-diffusion's ``--classifier_scale``).
 
     construct(x [B, C, H, W], t [B], y int [B]) -> gradient shaped like x (float32).
+    Load the classifier's weights before wrapping it: its parameters are renamed
+    (:attr:`PARAMETER_PREFIX`).
     ``inputs`` names the conditioning tensors it reads after (x, t), in order (the
     sampling loop hands it those of its ``cond_kwargs``).
     """
 
     inputs = ("y",)
+    # The classifier shares parameter names with the diffusion network it guides (both are ADM
+    # encoders: time_embed.0.weight, input_blocks.0.0.weight, ...), and one graph holds both, where
+    # names must be unique: the classifier's get this prefix (once, however often it is wrapped).
+    PARAMETER_PREFIX = "classifier."
 
     def __init__(self, classifier, classifier_scale):
         super().__init__(auto_prefix=False)
+        for param in classifier.get_parameters():
+            if not param.name.startswith(self.PARAMETER_PREFIX):
+                param.name = self.PARAMETER_PREFIX + param.name
         self.classifier = classifier
         self.classifier_scale = float(classifier_scale)
         self.grad_x = ops.GradOperation()

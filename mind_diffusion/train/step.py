@@ -122,11 +122,17 @@ class EMA(nn.Cell):
 class DiffusionLoss(nn.Cell):
     """Importance-weighted diffusion loss of a batch: mean_b w_b L(x_0^b, t_b) with t_b ~ p_t.
 
+    ``construct(x_0, u, ε, *cond) -> (loss, t, per-example L, *per-example metrics)``, the
+    metrics named by :attr:`metric_names` (here L_simple's mse and L_vlb's vb); every
+    training objective of :class:`TrainStep` has this shape.
+
     :param model: ``model(x_t, t, **cond)``.
     :param diffusion: the :class:`GaussianDiffusion` trained on.
     :param schedule_sampler: a :class:`ScheduleSampler` over its steps.
     :param cond_names: names of the conditioning inputs, in call order.
     """
+
+    metric_names = ("mse", "vb")
 
     def __init__(self, model, diffusion, schedule_sampler, cond_names=()):
         super().__init__()
@@ -142,6 +148,43 @@ class DiffusionLoss(nn.Cell):
             kwargs[name] = value
         loss, mse, vb = self.diffusion.training_losses(self.model, x_start, t, noise, **kwargs)
         return (loss * weights).mean(), t, loss, mse, vb
+
+
+class ClassifierLoss(nn.Cell):
+    """The noisy classifier's objective (Dhariwal & Nichol 2021, Sec. 4.1): cross-entropy
+    −log p_φ(y | x_t, t) on noised images x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, with t ~ p_t.
+
+    Same call as :class:`DiffusionLoss`, the label ``y`` being the one conditioning
+    input: ``construct(x_0, u, ε, y) -> (mean_b w_b CE_b, t, CE, acc@1, acc@k)``.
+    acc@k is 1 when fewer than k classes score strictly above the label (a tie
+    counts in the label's favour).
+
+    :param classifier: ``classifier(x_t, t) -> logits [B, num_classes]`` (models/classifier.py).
+    :param diffusion: the :class:`GaussianDiffusion` whose q(x_t | x_0) noises the images.
+    :param schedule_sampler: a :class:`ScheduleSampler` over its steps.
+    :param top_k: k of the second accuracy (ADM logs acc@5).
+    """
+
+    metric_names = ("acc@1", "acc@5")
+
+    def __init__(self, classifier, diffusion, schedule_sampler, top_k=5):
+        super().__init__()
+        self.model = classifier
+        self.diffusion = diffusion
+        self.schedule_sampler = schedule_sampler
+        self.top_k = int(top_k)
+        self.metric_names = ("acc@1", f"acc@{self.top_k}")
+
+    def construct(self, x_start, u, noise, y):
+        t, weights = self.schedule_sampler(u)
+        x_t = self.diffusion.q_sample(x_start, t, noise)
+        logits = self.model(x_t, self.diffusion.model_timesteps(t)).astype(ms.float32)
+        labels = y.astype(ms.int32).reshape(-1, 1)
+        losses = -ops.gather_elements(ops.log_softmax(logits, -1), 1, labels).reshape(-1)
+        higher = (logits > ops.gather_elements(logits, 1, labels)).astype(ms.float32).sum(-1)
+        top1 = (higher < 1.0).astype(ms.float32)
+        top_k = (higher < float(self.top_k)).astype(ms.float32)
+        return (losses * weights).mean(), t, losses, top1, top_k
 
 
 # Overflow detection modes (see OverflowCheck).
@@ -228,18 +271,21 @@ class StepMetrics(nn.Cell):
     The host reads them once per interval (one device→host copy) and resets
     them; the steps in between never sync. Layout of :attr:`totals`, float32:
     ``steps, skipped, streak`` (non-finite steps in a row, up to now),
-    ``loss, mse, vb`` summed over applied steps (batch means), ``loss_max,
+    ``loss, m1, m2`` summed over applied steps (batch means), ``loss_max,
     loss_min`` over applied steps, then for each quartile q of t:
-    ``count_q, loss_q, mse_q, vb_q`` summed over its examples.
+    ``count_q, loss_q, m1_q, m2_q`` summed over its examples. m1 and m2 are the
+    loss's two per-example metrics, reported under ``names`` (the loss cell's
+    ``metric_names``: mse and vb for diffusion, accuracies for a classifier).
     """
 
-    HEAD = ("steps", "skipped", "streak", "loss", "mse", "vb", "loss_max", "loss_min")
-    PER_QUARTILE = ("count", "loss", "mse", "vb")
+    HEAD = ("steps", "skipped", "streak", "loss", "m1", "m2", "loss_max", "loss_min")
+    PER_QUARTILE = ("count", "loss", "m1", "m2")
     NONE = 3.0e38  # loss_min before any applied step
 
-    def __init__(self, num_timesteps):
+    def __init__(self, num_timesteps, names=DiffusionLoss.metric_names):
         super().__init__()
         self.num_timesteps = int(num_timesteps)
+        self.names = tuple(names)
         size = len(self.HEAD) + 4 * len(self.PER_QUARTILE)
         self.totals = Parameter(ms.Tensor(self.initial(size)), name="step_metrics", requires_grad=False)
 
@@ -251,11 +297,11 @@ class StepMetrics(nn.Cell):
         totals[cls.HEAD.index("loss_min")] = cls.NONE
         return totals
 
-    def construct(self, applied, loss, t, losses, mse, vb):
+    def construct(self, applied, loss, t, losses, metric1, metric2):
         f = applied.astype(ms.float32)
         zero = ops.zeros((), ms.float32)
         kept = [ops.select(applied, value.astype(ms.float32), ops.zeros(value.shape, ms.float32))
-                for value in (losses, mse, vb)]
+                for value in (losses, metric1, metric2)]
         step_loss = ops.select(applied, loss.astype(ms.float32), zero)
         old = self.totals
         streak = ops.select(applied, zero, old[2] + 1.0)
@@ -266,7 +312,7 @@ class StepMetrics(nn.Cell):
         quartile = ops.minimum((4 * t) // self.num_timesteps, 3)
         one_hot = ops.one_hot(quartile, 4, ops.ones((), ms.float32), zero) * f  # [B, 4]
         per_quartile = ops.stack([one_hot.sum(axis=0)] + [(one_hot * k.reshape(-1, 1)).sum(axis=0) for k in kept],
-                                 axis=1)  # [4, 4]: count, loss, mse, vb
+                                 axis=1)  # [4, 4]: count, loss, m1, m2
         tail = old[len(self.HEAD):] + per_quartile.reshape(-1)
         return ops.assign(self.totals, ops.concat([head, tail]))
 
@@ -276,21 +322,22 @@ class StepMetrics(nn.Cell):
         applied = head["steps"] - head["skipped"]
         record = {"steps": int(head["steps"]), "skipped_steps": int(head["skipped"]),
                   "nonfinite_streak": int(head["streak"])}
-        for name in ("loss", "mse", "vb"):
-            record[name] = head[name] / applied if applied else float("nan")
+        public = {"loss": "loss", "m1": self.names[0], "m2": self.names[1]}
+        for slot, name in public.items():
+            record[name] = head[slot] / applied if applied else float("nan")
         record["loss_max"] = head["loss_max"] if applied else float("nan")
         record["loss_min"] = head["loss_min"] if applied else float("nan")
         width = len(self.PER_QUARTILE)
         for q in range(4):
             count, *sums = (float(v) for v in totals[len(self.HEAD) + width * q: len(self.HEAD) + width * (q + 1)])
             if count:
-                for name, value in zip(self.PER_QUARTILE[1:], sums):
-                    record[f"{name}_q{q}"] = value / count
+                for slot, value in zip(self.PER_QUARTILE[1:], sums):
+                    record[f"{public[slot]}_q{q}"] = value / count
         return record
 
 
 class TrainStep(nn.Cell):
-    """One optimisation step of a :class:`DiffusionLoss`, compiled as a single graph without branches.
+    """One optimisation step of a :class:`DiffusionLoss` (or :class:`ClassifierLoss`), compiled as a single graph without branches.
 
     Order inside the graph: clear the overflow status (status-register mode),
     forward and backward (loss × loss scale for fp16), gradient all-reduce across
@@ -301,7 +348,7 @@ class TrainStep(nn.Cell):
     gathered every step) and the interval metrics. An overflowed step changes
     nothing but the loss scale and the metrics.
 
-    :param loss_net: a :class:`DiffusionLoss`.
+    :param loss_net: a :class:`DiffusionLoss` or :class:`ClassifierLoss`.
     :param optimizer: an :class:`AdamW` over the model's trainable parameters.
     :param ema: an :class:`EMA` or None.
     :param grad_clip: max global gradient norm; 0 disables clipping.
@@ -329,7 +376,7 @@ class TrainStep(nn.Cell):
         self.scale_update = nn.DynamicLossScaleUpdateCell(float(loss_scale or 1.0), scale_factor=2,
                                                           scale_window=1000)
         self.overflow = overflow if overflow is not None else OverflowCheck(VALUES, world_size)
-        self.metrics = StepMetrics(loss_net.diffusion.num_timesteps)
+        self.metrics = StepMetrics(loss_net.diffusion.num_timesteps, loss_net.metric_names)
         if self.world_size > 1:
             self.grad_reducer = nn.DistributedGradReducer(self.weights, mean=True, degree=self.world_size)
             self.all_gather = ops.AllGather(GlobalComm.WORLD_COMM_GROUP)
@@ -339,7 +386,7 @@ class TrainStep(nn.Cell):
 
     def construct(self, x_start, u, noise, *cond):
         status, x_start = self.overflow.start(self.loss_scale, x_start)
-        (_, loss, t, losses, mse, vb), grads = self.grad_fn(self.loss_scale, x_start, u, noise, *cond)
+        (_, loss, t, losses, metric1, metric2), grads = self.grad_fn(self.loss_scale, x_start, u, noise, *cond)
         grads = self.grad_reducer(grads)
         loss, grads = self.device_view(loss, grads)
         overflow = self.overflow(status, loss, grads)
@@ -353,8 +400,8 @@ class TrainStep(nn.Cell):
         if self.ema is not None:
             self.ema(finite)
         self.loss_net.schedule_sampler.update(self.all_gather(t), self.all_gather(losses), finite)
-        self.metrics(finite, loss, t, losses, mse, vb)
-        return loss, t, losses, mse, vb, finite
+        self.metrics(finite, loss, t, losses, metric1, metric2)
+        return loss, t, losses, metric1, metric2, finite
 
     def device_view(self, loss, grads):
         """The loss and gradients as the device holds them: as computed. A test seam: the saturation
@@ -370,5 +417,5 @@ class _ScaledLoss(nn.Cell):
         self.loss_net = loss_net
 
     def construct(self, scale, x_start, u, noise, *cond):
-        loss, t, losses, mse, vb = self.loss_net(x_start, u, noise, *cond)
-        return loss * scale, loss, t, losses, mse, vb
+        loss, t, losses, metric1, metric2 = self.loss_net(x_start, u, noise, *cond)
+        return loss * scale, loss, t, losses, metric1, metric2

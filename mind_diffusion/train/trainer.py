@@ -37,7 +37,7 @@ from ..device import graph_target
 from ..kernels.dropout import seed_step
 from ..resample import create_named_schedule_sampler
 from .checkpoint import CheckpointWriter, load_initial_weights, training_state
-from .step import EMA, AdamW, DiffusionLoss, OverflowCheck, StepMetrics, TrainStep, WarmupLR, overflow_mode
+from .step import EMA, AdamW, ClassifierLoss, DiffusionLoss, OverflowCheck, StepMetrics, TrainStep, WarmupLR, overflow_mode
 
 logger = logging.getLogger("mind_diffusion.train")
 
@@ -129,7 +129,11 @@ class Trainer:
         if train.init_from:
             # before the EMA copies are made, so that they start from these weights too
             load_initial_weights(model, train.init_from)
-        loss_net = DiffusionLoss(model, diffusion, self.schedule_sampler, self.cond_names)
+        if config.model.arch == "classifier":  # p_φ(y | x_t, t) for classifier guidance: labels are targets
+            loss_net = ClassifierLoss(model, diffusion, self.schedule_sampler,
+                                      top_k=min(5, config.model.num_classes))
+        else:
+            loss_net = DiffusionLoss(model, diffusion, self.schedule_sampler, self.cond_names)
         named = [(name, p) for name, p in model.parameters_and_names() if p.requires_grad]
         optimizer = AdamW(named, WarmupLR(train.lr, train.warmup_steps), betas=(0.9, 0.999), eps=1e-8,
                           weight_decay=train.weight_decay)
@@ -146,7 +150,7 @@ class Trainer:
         names = []
         if self.tokenizer is not None:
             names += ["tokens", "mask"]
-        if self.config.model.class_cond:
+        if self.config.data.class_cond:  # the model's condition, or a classifier's target
             names.append("y")
         if self.config.model.arch == "glide_upsample":
             names.append("low_res")
@@ -335,10 +339,11 @@ class Trainer:
         return last_saved
 
     def _report(self, bar, record):
-        bar.set_postfix(loss=f"{record['loss']:.4f}", mse=f"{record['mse']:.4f}", vb=f"{record['vb']:.4f}")
+        shown = ("loss",) + self.train_step.metrics.names
+        bar.set_postfix({name: f"{record[name]:.4f}" for name in shown})
         if self.is_writer:
-            logger.info("step %d  loss %.4f  mse %.4f  vb %.4f  %.1f img/s%s", record["step"], record["loss"],
-                        record["mse"], record["vb"], record["images_per_s"],
+            values = "  ".join(f"{name} {record[name]:.4f}" for name in shown)
+            logger.info("step %d  %s  %.1f img/s%s", record["step"], values, record["images_per_s"],
                         f"  ({record['skipped_steps']} skipped)" if record["skipped_steps"] else "")
 
     def _host_chunks(self, stream):
