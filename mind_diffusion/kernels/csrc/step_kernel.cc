@@ -135,25 +135,33 @@ MD_INLINE void ddpm_row(const Row& c, int64_t n, const float* __restrict__ xb, c
   }
 }
 
+// Runs `rows(c, plane, model output of sample b, offset of sample b)` for each sample b of the batch,
+// with the coefficient row of its timestep; 2 when a timestep lies outside the table. The row
+// functions are always inlined into each entry point's AVX-512 / AVX2 / baseline clone.
+template <typename Rows>
+MD_INLINE int for_each_sample(const Args& a, Rows rows) {
+  const int64_t plane = a.channels * a.spatial;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const int32_t step = a.t[b];
+    if (step < 0 || step >= a.steps) return 2;
+    rows(Row(a.table + step * a.cols), plane, a.out + b * a.out_channels * a.spatial, b * plane);
+  }
+  return 0;
+}
+
 template <int MEAN, int VAR, bool CLIP>
 MD_INLINE int ddpm(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes) {
   constexpr bool learned_sigma = VAR == kLearned || VAR == kLearnedRange;
   Args a;
   if (!unpack(nparam, params, ndims, shapes, dtypes, kDdpmCols, learned_sigma, &a)) return 1;
-  const int64_t plane = a.channels * a.spatial;
-  for (int64_t b = 0; b < a.batch; ++b) {
-    const int32_t step = a.t[b];
-    if (step < 0 || step >= a.steps) return 2;
-    const Row c(a.table + step * a.cols);
-    const float* mb = a.out + b * a.out_channels * a.spatial;
-    const int64_t at = b * plane;
+  return for_each_sample(a, [&](const Row& c, int64_t plane, const float* mb, int64_t at)
+                                __attribute__((always_inline)) {
     if (a.pred != nullptr) {
       ddpm_row<MEAN, VAR, CLIP, true>(c, plane, a.x + at, mb, mb + plane, a.noise + at, a.x_prev + at, a.pred + at);
     } else {
       ddpm_row<MEAN, VAR, CLIP, false>(c, plane, a.x + at, mb, mb + plane, a.noise + at, a.x_prev + at, nullptr);
     }
-  }
-  return 0;
+  });
 }
 
 // x_{t-1} = √ᾱ_{t-1} x̂_0 + √(1 − ᾱ_{t-1} − σ_t²) ε̂ + 1[t>0] σ_t z (Song et al. 2021, Eq. 12).
@@ -176,20 +184,14 @@ template <int MEAN, bool LEARNED_SIGMA, bool CLIP>
 MD_INLINE int ddim(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes) {
   Args a;
   if (!unpack(nparam, params, ndims, shapes, dtypes, kDdimCols, LEARNED_SIGMA, &a)) return 1;
-  const int64_t plane = a.channels * a.spatial;
-  for (int64_t b = 0; b < a.batch; ++b) {
-    const int32_t step = a.t[b];
-    if (step < 0 || step >= a.steps) return 2;
-    const Row c(a.table + step * a.cols);
-    const float* mb = a.out + b * a.out_channels * a.spatial;
-    const int64_t at = b * plane;
+  return for_each_sample(a, [&](const Row& c, int64_t plane, const float* mb, int64_t at)
+                                __attribute__((always_inline)) {
     if (a.pred != nullptr) {
       ddim_row<MEAN, CLIP, true>(c, plane, a.x + at, mb, a.noise + at, a.x_prev + at, a.pred + at);
     } else {
       ddim_row<MEAN, CLIP, false>(c, plane, a.x + at, mb, a.noise + at, a.x_prev + at, nullptr);
     }
-  }
-  return 0;
+  });
 }
 
 }  // namespace
