@@ -21,7 +21,8 @@ from mind_diffusion.kernels.dropout import Dropout
 from mind_diffusion.nn import GroupNorm32, conv_nd, upsample_nearest_2x
 from models.unet import _attend
 
-__all__ = ["ResnetBlock", "AttnBlock", "Encoder", "Decoder", "AutoencoderKL", "LatentDecoder", "LOGVAR_RANGE",
+__all__ = ["ResnetBlock", "AttnBlock", "Encoder", "Decoder", "AutoencoderKL", "LatentEncoder", "LatentDecoder",
+           "LOGVAR_RANGE",
            "create_autoencoder"]
 
 LOGVAR_RANGE = (-30.0, 20.0)  # CompVis clamps log σ² of the posterior to this range
@@ -270,6 +271,20 @@ def create_autoencoder(ddconfig, embed_dim, scale_factor=0.18215):
     """An :class:`AutoencoderKL` from CompVis's config (``ddconfig``, ``embed_dim``) and the LDM scale factor."""
     return AutoencoderKL(ddconfig, embed_dim, scale_factor)
 
+
+
+class LatentEncoder(nn.Cell):
+    """The diffusion model's latent of an image as a graph of its own: ``scale_factor · z`` with
+    z = μ + σ·noise, a draw from the posterior (noise [N, embed_dim, h, w] from N(0, I)), or
+    z = μ with ``noise`` None (its mode). For precomputing a latent data set.
+    """
+
+    def __init__(self, autoencoder):
+        super().__init__(auto_prefix=False)
+        self.autoencoder = autoencoder
+
+    def construct(self, image, noise=None):
+        return self.autoencoder.encode_latent(image, noise)
 
 
 class LatentDecoder(nn.Cell):

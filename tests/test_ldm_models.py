@@ -7,7 +7,7 @@ from scipy.special import erf
 import mindspore as ms
 
 from mind_diffusion.convert import load_into
-from models.autoencoder import LatentDecoder
+from models.autoencoder import LatentDecoder, LatentEncoder
 from models.cross_attention import GEGLU, SpatialTransformer
 from tests.ldm_util import SD_CKPT, WUKONG_CKPT, fixture_arrays, load_networks
 
@@ -47,6 +47,16 @@ def test_sd_autoencoder_posterior_and_decoder(sd):
     # decode_first_stage: decode(z / 0.18215)
     assert config["scale_factor"] == 0.18215
     assert max_abs(LatentDecoder(vae)(latent).asnumpy(), ref["vae_decode_first_stage"]) <= 1e-5
+
+
+def test_latent_encoder_scales_the_posterior_mean_or_draw(sd):
+    _, vae, config, ref = sd
+    image = ms.Tensor(ref["vae_image"])
+    scale = config["scale_factor"]
+    assert max_abs(LatentEncoder(vae)(image).asnumpy(), scale * ref["vae_mean"]) <= 1e-5
+    noise = np.random.default_rng(0).standard_normal(ref["vae_mean"].shape).astype(np.float32)
+    drawn = LatentEncoder(vae)(image, ms.Tensor(noise)).asnumpy()
+    assert max_abs(drawn, scale * (ref["vae_mean"] + ref["vae_std"] * noise)) <= 1e-5
 
 
 def test_wukong_unet_eps_needs_its_tanh_gelu(wukong, sd):

@@ -13,12 +13,12 @@ from mind_diffusion.sampling.schedulers.ldm import create_ldm_diffusion
 from models.autoencoder import LatentDecoder, create_autoencoder
 from models.clip_text import CLIPTextEncoder
 from models.latent_unet import create_latent_unet
-from tests.ldm_util import SD_CKPT, TINY_HEADS, component, fixture_arrays
+from tests.ldm_util import SD_CKPT, TINY_HEADS, WUKONG_CKPT, component, fixture_arrays
 
 
-@pytest.fixture(scope="module")
-def tiny_sd():
-    state, config, _ = load_ldm_checkpoint(SD_CKPT, num_heads=TINY_HEADS, text_heads=TINY_HEADS)
+def converted(path):
+    """(unet, text encoder, decoder, config) of a checkpoint through the converter, in eval mode."""
+    state, config, _ = load_ldm_checkpoint(path, num_heads=TINY_HEADS, text_heads=TINY_HEADS)
     params, _ = convert_ldm_state_dict(state, config)
     unet = create_latent_unet(**config["unet"])
     vae = create_autoencoder(config["vae"]["ddconfig"], config["vae"]["embed_dim"], config["scale_factor"])
@@ -27,6 +27,11 @@ def tiny_sd():
         load_into(network, component(params, name))
         network.set_train(False)
     return unet, text, LatentDecoder(vae), config
+
+
+@pytest.fixture(scope="module")
+def tiny_sd():
+    return converted(SD_CKPT)
 
 
 def test_text_to_image_reproduces_compvis_ddim(tiny_sd):
@@ -42,6 +47,22 @@ def test_text_to_image_reproduces_compvis_ddim(tiny_sd):
     # measured 8.7e-5 on latents up to 26.5 (the text encoder adds its 1.7e-6) and 1.1e-5 decoded
     assert np.abs(latents.asnumpy() - ref["txt2img_latent"]).max() <= 1e-4
     assert np.abs(images.asnumpy() - ref["txt2img_decoded"]).max() <= 1e-4
+
+
+def test_wukong_checkpoint_reproduces_wukong_plms():
+    """Wukong-Huahua's MindSpore checkpoint, converted with its numerics (text LayerNorm 1e-7, tanh-GELU, float32
+    frequencies), run from token ids: Wukong's own 5-step PLMS sample."""
+    unet, text, decoder, config = converted(WUKONG_CKPT)
+    assert config["numerics"] == "wukong" and config["text_encoder"]["numerics"] == "wukong"
+    ref = fixture_arrays("wukong_tiny")
+    table = {"a": ref["text_tokens"][0], "b": ref["text_tokens"][1], "": ref["text_empty_tokens"][0]}
+    scheduler = create_scheduler("plms", create_ldm_diffusion(**config["schedule"]), clip_denoised=False)
+    images, latents = text_to_image(unet, text, lambda prompts: np.stack([table[p] for p in prompts]), decoder,
+                                    scheduler.set_timesteps(5, "ldm"), ["a", "b"], guidance_scale=7.5,
+                                    latent_shape=(4, 8, 8), x_T=ref["txt2img_x_T"])
+    # measured 6.6e-5 on latents up to 25.9 and 9.0e-6 decoded
+    assert np.abs(latents.asnumpy() - ref["txt2img_plms_latent"]).max() <= 1e-4
+    assert np.abs(images.asnumpy() - ref["txt2img_plms_decoded"]).max() <= 1e-4
 
 
 def test_negative_prompts_are_checked():
