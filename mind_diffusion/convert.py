@@ -317,6 +317,23 @@ def _in_checkpoint_names(error, component):
                            [key(n) for n in error.unexpected])
 
 
+def _network_problems(config, params):
+    """Each component's network built from ``config`` and checked against ``params`` by name and shape
+    (both ways): the errors, spelled with the checkpoint's keys."""
+    problems = []
+    for name, (spec, arguments) in LDM_BUILDERS.items():
+        if config[name] is None:
+            print(f"note: the checkpoint holds no {name}", file=sys.stderr)
+            continue
+        prefix = convert_ldm.PREFIXES[name]
+        ours = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+        try:
+            load_into(_build(spec, arguments(config[name])), ours)
+        except ConversionError as error:
+            problems.append(f"{name}: {_in_checkpoint_names(error, name)}")
+    return problems
+
+
 def _main_ldm(args, parser, raw):
     """The latent diffusion branch of :func:`main` (``raw``: the checkpoint's tensors)."""
     try:
@@ -327,6 +344,11 @@ def _main_ldm(args, parser, raw):
     except ValueError as error:  # LDMConfigError, TextEncoderNamesError
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if not args.list and not args.output:
+        parser.error("OUT.ckpt is required unless --list is given")
+    problems = _network_problems(config, params)
+    if report["unexpected"] and not args.non_strict:
+        problems.insert(0, str(ConversionError(unexpected=report["unexpected"])))
     if args.list:
         print(json.dumps(config, indent=1))
         for name, prefix in convert_ldm.PREFIXES.items():
@@ -334,24 +356,10 @@ def _main_ldm(args, parser, raw):
             print(f"{name}: {count} tensors" if count else f"{name}: missing (no such tensors in the checkpoint)")
         print(f"ignored ({len(report['ignored'])}): " + ", ".join(report["ignored"]))
         print(f"unexpected ({len(report['unexpected'])}): " + ", ".join(report["unexpected"]))
-        return 0
-    if not args.output:
-        parser.error("OUT.ckpt is required unless --list is given")
-    if report["unexpected"] and not args.non_strict:
-        print("error: " + str(ConversionError(unexpected=report["unexpected"])), file=sys.stderr)
-        return 1
-    for name, (spec, arguments) in LDM_BUILDERS.items():
-        section = config[name]
-        prefix = convert_ldm.PREFIXES[name]
-        ours = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
-        if section is None:
-            print(f"note: the checkpoint holds no {name}", file=sys.stderr)
-            continue
-        try:
-            load_into(_build(spec, arguments(section)), ours)  # every name and shape, both ways
-        except ConversionError as error:
-            print(f"error: {name}: {_in_checkpoint_names(error, name)}", file=sys.stderr)
-            return 1
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if args.list or problems:
+        return 1 if problems else 0
     entries = [{"name": k, "data": ms.Tensor(v)} for k, v in params.items()]
     ms.save_checkpoint(entries, args.output, append_dict={"ldm_config": convert_ldm.config_json(config)})
     print(f"wrote {len(entries)} parameters and the inferred config to {args.output}")

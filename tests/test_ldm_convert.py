@@ -111,7 +111,10 @@ def test_command_line_converts_lists_and_names_bad_keys(tmp_path, capsys):
     lacking = {k: v for k, v in state.items() if k != SD_UNET + "output_blocks.2.0.out_layers.3.bias"}
     save_safetensors(lacking, tmp_path / "lacking.safetensors")
     assert convert.main([str(tmp_path / "lacking.safetensors"), str(tmp_path / "y.ckpt")] + TINY) == 1
-    assert "output_blocks.2.0.out_layers.3.bias" in capsys.readouterr().err
+    assert SD_UNET + "output_blocks.2.0.out_layers.3.bias" in capsys.readouterr().err
+    assert convert.main([str(tmp_path / "lacking.safetensors"), "--list"] + TINY) == 1  # --list checks too
+    assert "missing from the checkpoint (1): " + SD_UNET + "output_blocks.2.0.out_layers.3.bias" \
+        in capsys.readouterr().err
     assert not (tmp_path / "x.ckpt").exists() and not (tmp_path / "y.ckpt").exists()
 
 
