@@ -122,9 +122,10 @@ class _VModel(ms.nn.Cell):
         return ms.ops.sqrt(alpha_bar) * eps - ms.ops.sqrt(1 - alpha_bar) * xstart
 
 
-@pytest.mark.parametrize("name", ["ddim", "plms"])
+@pytest.mark.parametrize("name", ["ddim", "plms", "dpm++2m"])
 def test_v_prediction_samples_what_the_eps_model_samples(name):
-    """SD 2.x's v-prediction through the same schedulers: a v-model equivalent to an ε-model draws the same latents."""
+    """SD 2.x's v-prediction through the same schedulers (DDIM, PLMS, DPM-Solver++(2M) on CompVis's steps): a v-model
+    equivalent to an ε-model draws the same latents."""
     rng = np.random.default_rng(3)
     x_T = rng.normal(size=(2, 4, 4, 4)).astype(np.float32)
     kwargs = {"context": rng.normal(size=(2, 3, 5)).astype(np.float32)}
