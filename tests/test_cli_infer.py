@@ -389,7 +389,7 @@ def test_a_huge_prompt_is_not_echoed_whole(tiny, tmp_path):
 def test_a_model_trained_on_a_respaced_process_samples_on_other_step_counts(tmp_path, capsys):
     """diffusion.timestep_respacing is a training option: sampling respaces the base process (T = 20 here)
     to --steps, where it once crashed with "already respaced" (issue 13)."""
-    path, _ = write_checkpoint(tmp_path / "respaced.ckpt", ["diffusion.timestep_respacing=10", "sample.steps=4"])
+    path, _ = write_checkpoint(tmp_path / "respaced.ckpt", ["diffusion.timestep_respacing='10'", "sample.steps=4"])
     status, out, err = run_main(["a red circle", "--ckpt", path, "--out", str(tmp_path), "--n", "1", "--batch", "1",
                                  "--sampler", "ddim"], capsys)
     assert status == 0, err

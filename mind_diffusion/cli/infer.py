@@ -99,7 +99,10 @@ def build_parser(defaults=None):
                "      --classifier clf64.ckpt --classifier-config configs/adm_classifier64.yaml --classifier-scale 1\n"
                "  bash run_infer.sh --classifier checkpoints/demo_classifier.ckpt --label 3 --scale 0   "
                "# demo model, unconditional, guided to label 3 (a green circle)\n"
-               "  bash run_infer.sh \"a red circle\" --ckpt runs/demo_quick    # a run folder: its newest checkpoint\n",
+               "  bash run_infer.sh \"a red circle\" --ckpt runs/demo_quick    # a run folder: its newest checkpoint\n"
+               "  bash run_infer.sh \"一只猫\" --ckpt wukong-huahua-ms.ckpt --vocab vocab_zh.txt --size 512\n"
+               "  bash run_infer.sh \"a photo of a cat\" --ckpt v1-5-pruned-emaonly.safetensors "
+               "--vocab bpe_simple_vocab_16e6.txt.gz --negative \"blurry\"\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", default=None, help="caption for text-to-image models")
     parser.add_argument("--label", type=_bounded(int, 0), action="append", default=None,
@@ -116,6 +119,24 @@ def build_parser(defaults=None):
     parser.add_argument("--classifier-config", default=None, metavar="YAML",
                         help="recipe describing a --classifier that carries none (a converted "
                              "guided-diffusion classifier), e.g. configs/adm_classifier64.yaml")
+    latent = parser.add_argument_group(
+        "latent diffusion checkpoints (Stable Diffusion 1.x/2.x .ckpt/.safetensors, Wukong-Huahua, converted)",
+        "defaults there: plms, 50 steps, scale 7.5, 512 px; the configuration is read off the checkpoint")
+    latent.add_argument("--vocab", default=None, metavar="PATH",
+                        help="the tokenizer's vocabulary: vocab_zh.txt (Wukong-Huahua), bpe_simple_vocab_16e6.txt.gz "
+                             "or vocab.json (SD), or a folder holding one; never downloaded")
+    latent.add_argument("--merges", default=None, metavar="PATH", help="merges.txt for a vocab.json elsewhere")
+    latent.add_argument("--negative", default=None, metavar="TEXT",
+                        help="negative prompt (replaces the empty prompt of classifier-free guidance)")
+    latent.add_argument("--size", type=_bounded(int, 8), default=None, help="image side in pixels (default: 512)")
+    latent.add_argument("--num-heads", type=_bounded(int, 1), default=None,
+                        help="UNet attention heads (shapes cannot tell; default: SD 1.x/Wukong's 8)")
+    latent.add_argument("--num-head-channels", type=_bounded(int, 1), default=None,
+                        help="UNet channels per head instead (SD 2.x: 64, its default for 1024-wide contexts)")
+    latent.add_argument("--text-heads", type=_bounded(int, 1), default=None,
+                        help="text encoder heads (default: width / 64, as CLIP)")
+    latent.add_argument("--prediction", choices=("eps", "v"), default="eps",
+                        help="what the UNet predicts: eps, or v for SD 2.x's 768-px models (default: %(default)s)")
     parser.add_argument("--low-res", default=None, metavar="IMAGE",
                         help="image to enlarge, for super-resolution (glide_upsample) checkpoints; "
                              "centre-cropped and resized to the model's low-res size")
@@ -353,22 +374,24 @@ def main(argv=None):
     args.low_res = low_res_path
     print(f"checkpoint: {display_path(choice.path)} ({choice.reason})", flush=True)
 
+    from mind_diffusion.cli import latent
+    if latent.is_latent_checkpoint(choice.path):
+        try:
+            set_device(args)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return latent.run(args, choice, out_dir, grid_name)
+
     import mindspore as ms
     from mindspore import Tensor
     from mind_diffusion.cli.factory import build_diffusion
     from mind_diffusion.config import ConfigError
-    from mind_diffusion.device import device_id, pick_device
     from mind_diffusion.generate import ImageGenerator
     from mind_diffusion.imaging import save_grid, to_uint8
 
     try:
-        target = pick_device(args.device)
-        ms.set_context(mode=ms.GRAPH_MODE)
-        chosen_id = device_id(args.device_id, target)
-        if chosen_id is None:
-            ms.set_device(target)  # MindSpore's default device (0)
-        else:
-            ms.set_device(target, chosen_id)
+        set_device(args)
         config, model, tokenizer = load_network(choice.path, args.config, args.ema_rate, args.raw)
         classifier = None
         if args.classifier:
@@ -423,6 +446,19 @@ def main(argv=None):
           f"scale {settings['guidance_scale']:g}{guided})")
     print(out)
     return 0
+
+
+def set_device(args):
+    """GRAPH_MODE on --device (default: Ascend when available, else CPU) and --device-id."""
+    import mindspore as ms
+    from mind_diffusion.device import device_id, pick_device
+    target = pick_device(args.device)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    chosen_id = device_id(args.device_id, target)
+    if chosen_id is None:
+        ms.set_device(target)  # MindSpore's default device (0)
+    else:
+        ms.set_device(target, chosen_id)
 
 
 def load_network(path, recipe=None, ema_rate=None, raw=False, option="--ckpt"):
