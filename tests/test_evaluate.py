@@ -143,3 +143,37 @@ def test_bad_requests_say_what_to_do(digits, tmp_path, capsys):
     assert status == 2 and "1-channel samples" in err
     status, _, err = run(["fid", "--samples", str(rgb), "--data", "mnist", "--num-ref", "2"], capsys)
     assert status == 2 and "compare images of one size" in err
+
+
+def test_sample_blocks_shard_resume_and_merge(tiny_mnist, tmp_path, capsys):
+    path, config, _ = tiny_mnist
+    _, generator = evaluate.load_model(path)
+    settings = {"sampler": "ddim", "steps": 2, "eta": 0.0, "guidance_scale": 1.0}
+    shards = str(tmp_path / "shards")
+    manifest = dict(settings, num_samples=5, batch_size=2, seed=3)
+    # Two workers, one after the other: worker 0 draws blocks 0 and 2, worker 1 block 1.
+    for rank in (0, 1):
+        evaluate.sample_blocks(generator, 5, settings, 2, 3, shards, manifest, rank=rank, world=2, progress=False)
+    merged = evaluate.merge_blocks(shards, 5, 2)
+    assert merged.shape == (5, 1, 32, 32) and merged.dtype == np.uint8
+    # Block k is drawn with its own seed, whoever draws it.
+    block1 = evaluate.draw_samples(generator, 2, settings, 2, 3 * 1_000_003 + 1, progress=False, first=2)
+    np.testing.assert_array_equal(merged[2:4], block1)
+    # A killed run: block 1 lost; running again draws only it, and the same samples come back.
+    os.remove(os.path.join(shards, "block_000001.npz"))
+    with pytest.raises(evaluate.EvaluationError, match="1 of 3 sample blocks are missing"):
+        evaluate.merge_blocks(shards, 5, 2)
+    kept = os.stat(os.path.join(shards, "block_000000.npz")).st_mtime_ns
+    evaluate.sample_blocks(generator, 5, settings, 2, 3, shards, manifest, progress=False)
+    assert os.stat(os.path.join(shards, "block_000000.npz")).st_mtime_ns == kept
+    np.testing.assert_array_equal(evaluate.merge_blocks(shards, 5, 2), merged)
+    # Other settings never mix into the same folder.
+    with pytest.raises(evaluate.EvaluationError, match="other settings \\(seed\\)"):
+        evaluate.sample_blocks(generator, 5, settings, 2, 4, shards, dict(manifest, seed=4), progress=False)
+    # The command with --shard-dir (one worker) samples through the blocks and resumes the same way.
+    status, result, err = run(["score", "--ckpt", path, "--num-samples", "3", "--batch-size", "2",
+                               "--shard-dir", str(tmp_path / "cmd_shards")], capsys)
+    assert status == 0, err
+    assert result["shard_dir"] == str(tmp_path / "cmd_shards") and sum(result["class_histogram"]) == 3
+    status, _, err = run(["bpd", "--ckpt", path, "--workers", "2", "--shard-dir", shards], capsys)
+    assert status == 2 and "not bpd" in err
