@@ -31,6 +31,7 @@ import sys
 import time
 
 import numpy as np
+from tqdm.auto import tqdm
 
 METRICS = ("fid", "kid", "bpd", "score")
 MNIST_DATA = {"mnist": "test", "mnist-test": "test", "mnist-train": "train"}
@@ -348,7 +349,6 @@ def bits_per_dim(generator, reference, batch_size, seed, progress=True):
     evaluator = BitsPerDim(generator.diffusion, generator.model, cond_names)
     count = len(reference.images)
     totals, priors = [], []
-    from tqdm.auto import tqdm
     for start in tqdm(range(0, count, batch_size), desc="bpd batches", disable=not progress):
         index = [min(i, count - 1) for i in range(start, start + batch_size)]  # pad: one graph for every batch
         x = reference.images[index].astype(np.float32) / 127.5 - 1.0
