@@ -119,10 +119,10 @@ def test_command_line_converts_lists_and_names_bad_keys(tmp_path, capsys):
 
 
 def test_sd2_layout_round_trip(tmp_path):
-    """A tiny SD 2.x-style UNet (linear projections, 16 channels per head, depth 2, three levels) built here,
+    """A tiny SD 2.x-style UNet (linear projections, 16 channels per head, depth 2, attention at both levels)
     written under SD's names, read back: same configuration, same weights, same output."""
     arguments = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1, 2],
-                     num_res_blocks=1, channel_mult=[1, 2, 2], num_head_channels=16, num_heads=-1,
+                     num_res_blocks=1, channel_mult=[1, 2], num_head_channels=16, num_heads=-1,
                      transformer_depth=2, context_dim=24, use_linear_in_transformer=True)
     original = create_latent_unet(**arguments)
     rng = np.random.default_rng(0)
@@ -146,3 +146,24 @@ def test_sd2_layout_round_trip(tmp_path):
     expected = original(x, t, context).asnumpy()
     assert np.abs(expected).max() > 1e-2
     np.testing.assert_array_equal(rebuilt(x, t, context).asnumpy(), expected)
+
+
+def test_autoencoder_with_attention_levels_round_trips():
+    """An autoencoder of another shape (ch_mult 1, 2, 2; two res blocks; attention at the middle level) written
+    under SD's names: the inferred config builds a network with exactly its tensors."""
+    from mind_diffusion.convert_ldm import infer_vae_config
+    from models.autoencoder import create_autoencoder
+
+    ddconfig = dict(double_z=True, z_channels=3, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2, 2],
+                    num_res_blocks=2, attn_resolutions=[32], dropout=0.0)
+    original = create_autoencoder(ddconfig, 3)
+    sd_state = sd_names_of({"vae." + p.name: p.asnumpy() for p in original.get_parameters()})
+    assert "first_stage_model.encoder.down.1.attn.1.q.weight" in sd_state
+    inferred = infer_vae_config({k: v.shape for k, v in sd_state.items()})
+    assert inferred["embed_dim"] == 3
+    expected = dict(ddconfig, resolution=256, attn_resolutions=[128])  # the nominal side: same level (1)
+    assert inferred["ddconfig"] == expected
+    rebuilt = create_autoencoder(inferred["ddconfig"], inferred["embed_dim"])
+    params, report = convert_ldm_state_dict(sd_state, {"text_encoder": None})
+    assert report == {"ignored": [], "unexpected": []}
+    load_into(rebuilt, component(params, "vae"))  # strict: the same names and shapes, both ways
