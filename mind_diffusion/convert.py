@@ -254,7 +254,9 @@ def _parser():
         description=(
             "Convert an OpenAI PyTorch checkpoint (improved-diffusion, guided-diffusion, glide-text2im; "
             "torch.save zip format) to a MindSpore .ckpt, without torch. The network is built from "
-            "--model-config and every parameter is checked by name and shape."
+            "--model-config and every parameter is checked by name and shape. A latent diffusion checkpoint "
+            "(Stable Diffusion 1.x/2.x .ckpt or .safetensors, Wukong-Huahua's MindSpore .ckpt) needs no config: "
+            "it is inferred from the tensors' names and shapes (--list shows it; see the options below)."
         ),
         epilog=(
             "The config is a JSON/YAML file or inline JSON: {\"kind\": KIND, ...} where KIND is one of "
@@ -271,7 +273,7 @@ def _parser():
             "Embedding embedding_table <-> weight."
         ),
     )
-    parser.add_argument("input", help="PyTorch checkpoint (.pt) to read")
+    parser.add_argument("input", help="checkpoint to read: PyTorch .pt, SD .ckpt / .safetensors, Wukong MindSpore .ckpt")
     parser.add_argument("output", nargs="?", help="MindSpore checkpoint (.ckpt) to write")
     parser.add_argument("--model-config", help="network config: JSON/YAML file or inline JSON (see below)")
     parser.add_argument("--list", action="store_true", help="only print the checkpoint's keys, shapes and dtypes")
