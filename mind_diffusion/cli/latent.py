@@ -104,7 +104,6 @@ def load_latent_model(path, args):
 
 def run(args, choice, out_dir, grid_name):
     """Sample ``args.n`` images for ``args.prompt`` and write the grid; returns the exit status."""
-    import mindspore as ms
     from mind_diffusion.convert_ldm import LDMConfigError
     from mind_diffusion.imaging import save_grid, to_uint8
     from mind_diffusion.sampling.latent import ContextGuidance, text_to_image

