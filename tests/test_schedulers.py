@@ -594,3 +594,27 @@ def test_run_infer_offers_every_scheduler():
     from mind_diffusion.cli.infer import build_parser
     for name in ("ddpm", "ddim", "plms", "dpm++2m", "dpm++3m", "euler_a"):
         assert build_parser().parse_args(["a red circle", "--sampler", name]).sampler == name
+
+
+class TimeVaryingEps(nn.Cell):
+    """ε̂ = x_t · (1 + t/T): wrong on purpose and different at every t, so PLMS's extrapolated ε' is off."""
+
+    def construct(self, x, t):
+        return x * (1.0 + t.astype(ms.float32).reshape(-1, 1, 1, 1) / T)
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_plms_clips_its_extrapolated_x0_under_the_cosine_schedule(clip):
+    """At t = 999 of the cosine schedule √(1 − ᾱ)/√ᾱ = 2.0e4 multiplies the error of ε'; the combined
+    x̂_0' is clipped like every x̂_0 when clip_denoised is on, and unclipped it blows the state up."""
+    base = create_diffusion(steps=T, noise_schedule="cosine")
+    scheduler = PLMSScheduler(base, clip).set_timesteps(9)
+    states = []
+    sample(TimeVaryingEps(), SHAPE, scheduler, seed=0, callback=lambda k, x: states.append(np.abs(x.asnumpy()).max()))
+    corrector = states[1]  # the Heun corrector's state, the first built from an extrapolated x̂_0'
+    alpha_bar = scheduler.process.schedule["alphas_cumprod_prev"][scheduler.call_t[1] + 1]
+    if clip:
+        # |x| ≤ √ᾱ · 1 + √(1 − ᾱ) |ε'| with |ε'| ≤ (1 + 1) · |x_T| (5.5 for this seed)
+        assert corrector <= np.sqrt(alpha_bar) + np.sqrt(1 - alpha_bar) * 2 * 5.5
+    else:
+        assert corrector > 100.0
