@@ -14,7 +14,6 @@ The layout and every cell name follow CompVis's ``AutoencoderKL`` with
 Every norm is a 32-group GroupNorm with ε = 1e-6 followed (where the reference
 has one) by the swish x·sigmoid(x), fused into one cell.
 """
-import mindspore as ms
 from mindspore import nn, ops
 
 from mind_diffusion.kernels.dropout import Dropout

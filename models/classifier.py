@@ -12,17 +12,17 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from mind_diffusion.nn import GlobalAvgPool, conv_nd, linear, normalization_silu, timestep_embedding, zero_module
+from mind_diffusion.nn import GlobalAvgPool, conv_nd, normalization_silu, timestep_embedding, zero_module
 from models.unet import (
     AttentionBlock,
-    Downsample,
     QKVAttention,
     ResBlock,
-    TimestepEmbedSequential,
     attention_downsample_rates,
+    build_encoder,
     compute_dtype,
     convert_convolutions,
     default_channel_mult,
+    time_embedding_mlp,
 )
 
 __all__ = ["AttentionPool2d", "EncoderUNetModel", "POOLS", "create_classifier"]
@@ -100,9 +100,7 @@ class EncoderUNetModel(nn.Cell):
         attention_resolutions = tuple(attention_resolutions)
 
         time_embed_dim = model_channels * 4
-        self.time_embed = nn.SequentialCell(
-            [linear(model_channels, time_embed_dim), nn.SiLU(), linear(time_embed_dim, time_embed_dim)]
-        )
+        self.time_embed = time_embedding_mlp(model_channels)
 
         def res_block(channels, out, **updown):
             return ResBlock(
@@ -117,26 +115,10 @@ class EncoderUNetModel(nn.Cell):
                 use_new_attention_order=use_new_attention_order,
             )
 
-        ch = int(channel_mult[0] * model_channels)
-        input_blocks = [TimestepEmbedSequential([conv_nd(2, in_channels, ch, 3, padding=1)])]
-        feature_size = ch
-        ds = 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [res_block(ch, int(mult * model_channels))]
-                ch = int(mult * model_channels)
-                if ds in attention_resolutions:
-                    layers.append(attention(ch))
-                input_blocks.append(TimestepEmbedSequential(layers))
-                feature_size += ch
-            if level != len(channel_mult) - 1:
-                down = res_block(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, ch)
-                input_blocks.append(TimestepEmbedSequential([down]))
-                ds *= 2
-                feature_size += ch
-        self.input_blocks = nn.CellList(input_blocks)
-        self.middle_block = TimestepEmbedSequential([res_block(ch, ch), attention(ch), res_block(ch, ch)])
-        feature_size += ch
+        self.input_blocks, self.middle_block, block_channels, ch, ds = build_encoder(
+            in_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions, res_block, attention,
+            resblock_updown, conv_resample)
+        feature_size = sum(block_channels) + ch  # the spatial heads read every input block and the middle block
 
         if pool == "adaptive":
             head = [*normalization_silu(ch), GlobalAvgPool(), zero_module(conv_nd(2, ch, out_channels, 1)),

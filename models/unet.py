@@ -396,6 +396,45 @@ def attention_downsample_rates(image_size, attention_resolutions):
     return tuple(image_size // int(r) for r in attention_resolutions)
 
 
+def time_embedding_mlp(model_channels):
+    """ADM's timestep MLP: linear(C, 4C), SiLU, linear(4C, 4C) on the sinusoidal embedding (``time_embed``)."""
+    time_embed_dim = model_channels * 4
+    return nn.SequentialCell(
+        [linear(model_channels, time_embed_dim), nn.SiLU(), linear(time_embed_dim, time_embed_dim)]
+    )
+
+
+def build_encoder(in_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions, res_block,
+                  attention, resblock_updown, conv_resample):
+    """ADM's encoder half, shared by the UNet and the noisy classifier: the input blocks and the middle block.
+
+    :param res_block: ``res_block(channels, out_channels, **updown)`` → a :class:`ResBlock`.
+    :param attention: ``attention(channels)`` → the attention block of the encoder levels.
+    :param attention_resolutions: downsample rates that get attention.
+    :return: (input_blocks CellList, middle_block, channels after each input block, final width,
+        final downsample rate).
+    """
+    ch = int(channel_mult[0] * model_channels)
+    input_blocks = [TimestepEmbedSequential([conv_nd(2, in_channels, ch, 3, padding=1)])]
+    block_channels = [ch]
+    ds = 1
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            layers = [res_block(ch, int(mult * model_channels))]
+            ch = int(mult * model_channels)
+            if ds in attention_resolutions:
+                layers.append(attention(ch))
+            input_blocks.append(TimestepEmbedSequential(layers))
+            block_channels.append(ch)
+        if level != len(channel_mult) - 1:
+            down = res_block(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, ch)
+            input_blocks.append(TimestepEmbedSequential([down]))
+            block_channels.append(ch)
+            ds *= 2
+    middle_block = TimestepEmbedSequential([res_block(ch, ch), attention(ch), res_block(ch, ch)])
+    return nn.CellList(input_blocks), middle_block, block_channels, ch, ds
+
+
 class UNetModel(nn.Cell):
     """The ADM UNet: ε (and Σ) prediction from a noisy image, a timestep and an optional class label.
 
@@ -493,9 +532,7 @@ class UNetModel(nn.Cell):
         attention_resolutions = tuple(attention_resolutions)
 
         time_embed_dim = model_channels * 4
-        self.time_embed = nn.SequentialCell(
-            [linear(model_channels, time_embed_dim), nn.SiLU(), linear(time_embed_dim, time_embed_dim)]
-        )
+        self.time_embed = time_embedding_mlp(model_channels)
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
 
@@ -523,28 +560,10 @@ class UNetModel(nn.Cell):
                 encoder_channels=encoder_channels,
             )
 
-        ch = input_ch = int(channel_mult[0] * model_channels)
-        input_blocks = [TimestepEmbedSequential([conv_nd(2, in_channels, ch, 3, padding=1)])]
-        input_block_chans = [ch]
-        ds = 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [res_block(ch, int(mult * model_channels))]
-                ch = int(mult * model_channels)
-                if ds in attention_resolutions:
-                    layers.append(attention(ch, num_heads))
-                input_blocks.append(TimestepEmbedSequential(layers))
-                input_block_chans.append(ch)
-            if level != len(channel_mult) - 1:
-                down = res_block(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, ch)
-                input_blocks.append(TimestepEmbedSequential([down]))
-                input_block_chans.append(ch)
-                ds *= 2
-        self.input_blocks = nn.CellList(input_blocks)
-
-        self.middle_block = TimestepEmbedSequential(
-            [res_block(ch, ch), attention(ch, num_heads), res_block(ch, ch)]
-        )
+        input_ch = int(channel_mult[0] * model_channels)
+        self.input_blocks, self.middle_block, input_block_chans, ch, ds = build_encoder(
+            in_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions, res_block,
+            lambda channels: attention(channels, num_heads), resblock_updown, conv_resample)
 
         output_blocks = []
         for level, mult in list(enumerate(channel_mult))[::-1]:
