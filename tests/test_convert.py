@@ -1,5 +1,6 @@
 """Torch-free checkpoint reading/writing and the OpenAI → MindSpore converter."""
 import collections
+import hashlib
 import io
 import json
 import os
@@ -169,30 +170,27 @@ def test_writer_round_trips_and_lays_out_like_torch(tmp_path):
 
 
 def test_torch_reads_what_we_write_and_we_read_what_torch_writes(tmp_path):
-    """Against PyTorch itself where it is installed (it is not a dependency): torch.load(weights_only=True)
-    gets our names, dtypes, shapes (0-d included) and values; our reader gets torch.save's, views
-    into a shared storage and transposed (strided) tensors included."""
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(2)
-    sd = {"w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "h": rng.normal(size=(5,)).astype(np.float16),
-          "count": np.array(7, np.int64), "i": np.arange(6, dtype=np.int32).reshape(2, 3),
-          "b": np.array([True, False]), "u": np.array([0, 255], np.uint8), "none": np.zeros((0, 2), np.float64),
-          "fortran": np.asfortranarray(rng.normal(size=(3, 5)).astype(np.float32))}
+    """Against PyTorch's own reading and writing, recorded by tests/fixtures/make_torch_pickle_fixture.py
+    (torch is no dependency): torch.load(weights_only=True) got our names, dtypes, shapes (0-d included)
+    and values from the very bytes our writer still produces; our reader gets torch.save's tensors,
+    views into a shared storage and a transposed (strided) one included."""
+    ref = np.load(os.path.join(FIXTURES, "torch_pickle_reference.npz"))
+    meta = json.loads(str(ref["meta"]))
+    sd = {key[len("ours/"):]: ref[key] for key in ref.files if key.startswith("ours/")}
+    assert sd["fortran"].flags.f_contiguous  # the strided case survives the npz
     save_state_dict(sd, tmp_path / "ours.pt")
-    loaded = torch.load(tmp_path / "ours.pt", weights_only=True)
-    assert list(loaded) == list(sd)
+    assert hashlib.sha256((tmp_path / "ours.pt").read_bytes()).hexdigest() == meta["ours_sha256"], \
+        "our writer's bytes changed since torch read them: rerun make_torch_pickle_fixture.py with torch"
+    assert meta["torch_read_order"] == list(sd)
     for key, value in sd.items():
-        assert loaded[key].numpy().dtype == value.dtype and tuple(loaded[key].shape) == value.shape, key
-        np.testing.assert_array_equal(loaded[key].numpy(), value)
+        read = ref[f"torch_read/{key}"]
+        assert read.dtype == value.dtype and read.shape == value.shape, key
+        np.testing.assert_array_equal(read, value)
 
-    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    theirs = collections.OrderedDict(base=base, rows=base[1:3], transposed=base.t(),
-                                     scalar=torch.tensor(3.0, dtype=torch.float64), half=torch.randn(5).half())
-    torch.save(theirs, tmp_path / "theirs.pt")
-    back = load_state_dict(tmp_path / "theirs.pt")
-    assert list(back) == list(theirs)
-    for key, value in theirs.items():
-        expected = value.numpy()
+    theirs = {key[len("theirs/"):]: ref[key] for key in ref.files if key.startswith("theirs/")}
+    back = load_state_dict(os.path.join(FIXTURES, "torch_pickle_reference.pt"))
+    assert list(back) == ["base", "rows", "transposed", "scalar", "half"] and set(back) == set(theirs)
+    for key, expected in theirs.items():
         assert back[key].dtype == expected.dtype and back[key].shape == expected.shape, key
         np.testing.assert_array_equal(back[key], expected)
 
