@@ -21,6 +21,7 @@ from mind_diffusion.cli.factory import build_model
 from mind_diffusion.config import config_to_dict, load_config
 from mind_diffusion.generate import ImageGenerator
 from mind_diffusion.imaging import save_grid
+from tests.helpers.infer_main import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_STEPS = 7  # the training step recorded in the test checkpoint
@@ -52,16 +53,6 @@ def sampling(monkeypatch):
 
     monkeypatch.setattr(ImageGenerator, "sample", fake_sample)
     return calls
-
-
-def run_main(argv, capsys):
-    """(exit status, stdout, stderr) of infer.main, whether it returns or exits through argparse."""
-    try:
-        status = infer.main(argv)
-    except SystemExit as stop:
-        status = stop.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mind_diffusion.cli import infer, latent
+from mind_diffusion.cli import latent
+from tests.helpers.infer_main import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -21,15 +22,6 @@ WUKONG_CKPT = os.path.join(FIXTURES, "wukong_tiny.ckpt")
 CLIP_VOCAB = os.path.join(FIXTURES, "tokenizers", "clip_bpe_vocab.txt.gz")
 WUKONG_VOCAB = os.path.join(FIXTURES, "tokenizers", "vocab_zh.txt")
 TINY = ["--num-heads", "2", "--text-heads", "2", "--size", "16", "--steps", "4", "--n", "2", "--batch", "2"]
-
-
-def run_main(argv, capsys):
-    try:
-        status = infer.main(argv)
-    except SystemExit as stop:
-        status = stop.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def test_latent_checkpoints_are_recognised():
