@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from mind_diffusion.config import load_config
-from mind_diffusion.data.demo import (ALLOWED_BACKGROUNDS, COLORS, GRAMMAR, MAX_CAPTION_BYTES, SHAPES,
-                                      TEMPLATES, DemoSet, grammar_caption, grammar_templates, make_caption,
+from mind_diffusion.data.demo import (ALLOWED_BACKGROUNDS, COLORS, CORE_TEMPLATE_SHARE, FREE_SHARE, GRAMMAR,
+                                      MAX_CAPTION_BYTES, SHAPES,
+                                      TEMPLATES, DemoSet, free_caption, grammar_caption, grammar_templates, make_caption,
                                       prompt_to_attributes, render, sample_attributes)
 from mind_diffusion.evaluation.heldout import HELD_OUT, held_out_prompts
 from mind_diffusion.evaluation.judge import adherence, judge
@@ -82,16 +83,21 @@ def test_longest_caption_fits_the_demo_recipes_text_context():
 
 
 def test_grammar_captions_fit_parse_back_and_vary():
-    captions = set()
+    captions, wordings = set(), []
     for index in range(3000):
         attributes = sample_attributes(11, index, 16)
         caption = attributes["caption"]
         captions.add(caption)
+        wordings.append(attributes["wording"])
         assert len(caption.encode("utf-8")) <= MAX_CAPTION_BYTES
         assert "{" not in caption and "  " not in caption and "\0" not in caption
+        if attributes["wording"] == "free":
+            continue  # filler words: see test_free_captions_follow_the_position_rule
         named = attributes["background"] if attributes["names_background"] else None
         assert prompt_to_attributes(caption) == {
             "shape": attributes["shape"], "color": attributes["color"], "background": named}, caption
+    shares = {w: wordings.count(w) / len(wordings) for w in ("core", "free", "grammar")}
+    assert abs(shares["core"] - CORE_TEMPLATE_SHARE) < 0.03 and abs(shares["free"] - FREE_SHARE) < 0.03
     assert len(captions) > 2500          # hardly a caption repeats
     names = [sample_attributes(11, i, 16)["names_background"] for i in range(3000)]
     assert 0.4 < np.mean(names) < 0.6
@@ -106,6 +112,44 @@ def test_grammar_caption_is_drawn_again_when_too_long():
         text, named = grammar_caption(rng, "star", "purple", "yellow", "en")
         assert len(text.encode("utf-8")) <= MAX_CAPTION_BYTES
         assert prompt_to_attributes(text)["background"] == ("yellow" if named else None)
+
+
+def _positions(text, words, lang):
+    """Where any of ``words`` occurs in ``text``: word indices (English) or character offsets (Chinese)."""
+    if lang == "en":
+        return [i for i, word in enumerate(text.split()) if word in words]
+    return [m.start() for w in words for m in re.finditer(re.escape(w), text)]
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_free_captions_follow_the_position_rule(lang):
+    """Free wordings: the shape's colour is the colour nearest before the shape word, or else the
+    first after it; the background colour is there exactly when named; everything else is filler
+    that is neither a vocabulary word nor a word (character) of the held-out wordings."""
+    shape_words = {"en": ["triangle"], "zh": ["三角"]}[lang]        # "三角" is in both 三角形 and 三角
+    red, blue = {"en": (["red"], ["blue"]), "zh": (["红"], ["蓝"])}[lang]
+    held_out = set().union(*(_template_words(w, lang) for w in HELD_OUT[lang]))
+    rng = np.random.default_rng(4)
+    named_count = 0
+    for _ in range(400):
+        text, named = free_caption(rng, "triangle", "red", "blue", lang)
+        named_count += named
+        assert len(text.encode("utf-8")) <= MAX_CAPTION_BYTES
+        (shape_at,) = _positions(text, shape_words, lang)
+        (red_at,) = _positions(text, red, lang)
+        blue_at = _positions(text, blue, lang)
+        assert len(blue_at) == named, text
+        before = [p for p in [red_at, *blue_at] if p < shape_at]
+        after = [p for p in [red_at, *blue_at] if p > shape_at]
+        assert red_at == (max(before) if before else min(after)), text
+        if lang == "en":
+            fillers = [w for w in text.split() if w not in ("triangle", "red", "blue")]
+        else:
+            fillers = list(re.sub("三角形?|红色?|蓝色?", "", text))
+        assert not set(fillers) & held_out, text
+        assert not set(fillers) & set("".join(str(w) for c in COLORS + SHAPES for w in getattr(c, lang)).split()
+                                      if lang == "en" else "红橙橘黄绿青蓝紫白黑灰色圆方形三角星十字加号"), text
+    assert 0.4 < named_count / 400 < 0.6
 
 
 def _training_templates(lang):
@@ -185,10 +229,13 @@ def test_judge_reads_the_generators_images(record_property):
 
 def test_judge_accepts_model_outputs_and_adherence_scores_them():
     demo = DemoSet(40, DEMO_RESOLUTION, seed=5)
-    images, captions = zip(*[demo[i][:2] for i in range(len(demo))])
+    images, captions, attributes = zip(*[demo[i] for i in range(len(demo))])
     model_outputs = [image.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1 for image in images]
     assert [judge(x) for x in model_outputs] == [judge(x) for x in images]
-    right = adherence(model_outputs, captions)
+    # what each caption asks for (free wordings are not read back from the text)
+    wanted = [{"shape": a["shape"], "color": a["color"], "background": a["background"] if a["names_background"]
+               else None} for a in attributes]
+    right = adherence(model_outputs, captions, wanted)
     assert right["both"] == right["shape"] == right["color"] == right["background"] == 1.0
     assert right["background_named"] == sum(demo[i][2]["names_background"] for i in range(len(demo))) > 0
     assert len(right["samples"]) == 40 and all(s["both_ok"] for s in right["samples"])

@@ -12,6 +12,7 @@ blue background", "蓝色背景上的红色圆形", "红色的圆"; :func:`promp
 parses such text back into (shape, colour, background), which the
 prompt-adherence benchmark compares with what the judge sees.
 """
+import functools
 import re
 from typing import NamedTuple, Tuple
 
@@ -207,6 +208,19 @@ GRAMMAR = {
 BACKGROUND_SHARE = 0.5     # grammar captions that name the background
 MAX_CAPTION_BYTES = 63     # configs/demo.yaml's text_ctx (64) less the end token
 
+# Free wordings: the colour and shape words among filler words the model has no use
+# for, in the orders people write them. A model trained on templates alone attends to
+# the template around the words and fails on a sentence it has not seen; with filler
+# it learns to find its vocabulary anywhere and to ignore the rest. Fillers are random
+# letter strings (English) and random CJK characters (Chinese), never a vocabulary
+# word and never a word or character of the held-out wordings, so the held-out
+# evaluation still sees only unseen words. Which colour is the shape's follows from
+# position alone: the colour nearest before the shape word, or else the first after it;
+# any other colour is the background.
+FREE_SHARE = 0.35          # captions in free wording (after the core templates' share)
+FILLER_RUNS = (0, 3)       # filler words (English) per gap, fewest and most
+FILLER_RUNS_ZH = (0, 4)    # filler characters (Chinese) per gap
+
 
 def grammar_templates(lang):
     """Every template the grammar can produce for ``lang`` (the core templates not included),
@@ -287,6 +301,67 @@ def grammar_caption(rng, shape, color, background, lang):
             return text, names_background
 
 
+@functools.lru_cache(maxsize=None)
+def _reserved(lang):
+    """What a filler may never be: a vocabulary word, or a word (English) or CJK character
+    (Chinese) of the held-out wordings, which must stay unseen in training."""
+    from mind_diffusion.evaluation.heldout import HELD_OUT  # the evaluation's held-out split
+    held_out = " ".join(re.sub(r"\{\w+\}", " ", normalise_prompt(text)) for text in HELD_OUT[lang])
+    vocabulary = [word for item in SHAPES + BACKGROUNDS for word in getattr(item, lang)]
+    vocabulary += list(GRAMMAR[lang]["sizes"])
+    if lang == "en":
+        return frozenset(re.findall(r"[a-z']+", held_out)) | {part for word in vocabulary for part in word.split()}
+    return frozenset(ch for ch in held_out + "".join(vocabulary) if "\u4e00" <= ch <= "\u9fff")
+
+
+def filler_word(rng, lang):
+    """One filler: 2-8 random lowercase letters (English) or one CJK character (Chinese),
+    drawn again while it is :func:`_reserved`."""
+    reserved = _reserved(lang)
+    while True:
+        if lang == "en":
+            word = "".join(chr(ord("a") + int(c)) for c in rng.integers(26, size=int(rng.integers(2, 9))))
+        else:
+            word = chr(int(rng.integers(0x4E00, 0x9FA6)))
+        if word not in reserved:
+            return word
+
+
+def _fillers(rng, lang):
+    low, high = FILLER_RUNS if lang == "en" else FILLER_RUNS_ZH
+    return [filler_word(rng, lang) for _ in range(int(rng.integers(low, high + 1)))]
+
+
+def free_caption(rng, shape, color, background, lang):
+    """A caption in free wording: (text, whether it names the background).
+
+    The parts, each with a run of filler around it: the shape's colour and shape word
+    (colour first, or shape first and colour after it), and with probability
+    :data:`BACKGROUND_SHARE` the background colour, after the shape's colour, or
+    before a colour-first phrase. Drawn again while longer than :data:`MAX_CAPTION_BYTES`.
+    """
+    words = lambda name, table: _pick(rng, getattr(table[name], lang))  # noqa: E731
+    while True:
+        shape_word, colour_word = words(shape, SHAPE_BY_NAME), words(color, COLOR_BY_NAME)
+        colour_first = rng.random() < 0.6
+        if colour_first:
+            gap = _fillers(rng, lang)[:1]  # "red coloured circle": at most one word between
+            parts = [colour_word, *gap, shape_word]
+        else:
+            parts = [shape_word, *_fillers(rng, lang), colour_word]
+        names_background = rng.random() < BACKGROUND_SHARE
+        if names_background:
+            background_word = words(background, COLOR_BY_NAME)
+            if colour_first and rng.random() < 0.5:
+                parts = [background_word, *_fillers(rng, lang), *parts]
+            else:
+                parts = [*parts, *_fillers(rng, lang), background_word]
+        parts = [*_fillers(rng, lang), *parts, *_fillers(rng, lang)[:2]]
+        text = (" " if lang == "en" else "").join(parts)
+        if len(text.encode("utf-8")) <= MAX_CAPTION_BYTES:
+            return text, names_background
+
+
 # ---------------------------------------------------------------------------
 # Reading a prompt back.
 # ---------------------------------------------------------------------------
@@ -357,8 +432,9 @@ def prompt_to_attributes(text):
 
 def sample_attributes(seed, index, image_size):
     """The attributes of item ``index`` of the demo set ``seed``: a dict with shape,
-    color, background, size, center (pixels), lang, caption and names_background
-    (whether the caption names the background colour)."""
+    color, background, size, center (pixels), lang, caption, names_background
+    (whether the caption names the background colour) and wording (where the caption
+    comes from: "core" templates, the "grammar" or "free" wording)."""
     rng = np.random.default_rng([seed, index])
     shape = SHAPES[rng.integers(len(SHAPES))].name
     colour = COLORS[rng.integers(len(COLORS))].name
@@ -369,14 +445,18 @@ def sample_attributes(seed, index, image_size):
     low, high = size / 2 + 1, image_size - size / 2 - 1
     center = (float(rng.uniform(low, high)), float(rng.uniform(low, high)))
     lang = ("en", "zh")[rng.integers(2)]
-    if rng.random() < CORE_TEMPLATE_SHARE:
+    source = rng.random()
+    if source < CORE_TEMPLATE_SHARE:
         template = TEMPLATES[lang][int(rng.integers(len(TEMPLATES[lang])))]
         caption = make_caption(shape, colour, background, lang, TEMPLATES[lang].index(template))
-        names_background = "{background}" in template
+        names_background, wording = "{background}" in template, "core"
+    elif source < CORE_TEMPLATE_SHARE + FREE_SHARE:
+        (caption, names_background), wording = free_caption(rng, shape, colour, background, lang), "free"
     else:
-        caption, names_background = grammar_caption(rng, shape, colour, background, lang)
+        (caption, names_background), wording = grammar_caption(rng, shape, colour, background, lang), "grammar"
     return {"shape": shape, "color": colour, "background": background, "size": float(size),
-            "center": center, "lang": lang, "caption": caption, "names_background": names_background}
+            "center": center, "lang": lang, "caption": caption, "names_background": names_background,
+            "wording": wording}
 
 
 def class_label(shape, color):
