@@ -26,7 +26,7 @@ PyTorch is optional and not in requirements.txt: install it in a separate
 environment (``python -m venv torchenv && torchenv/bin/pip install torch numpy``)
 and run this script with that environment's Python::
 
-    torchenv/bin/python bench/torch_reference.py [--threads 2] [--steps 10] [--sample-steps 50]
+    torchenv/bin/python bench/torch_reference.py [--threads 2] [--steps 10] [--sample-steps 50] [--only train]
     torchenv/bin/python bench/torch_reference.py --check unet.pt --check-io io.npz
 
 ``--check-io`` is an npz with our model's inputs ``x`` [N, 3, 32, 32] and ``t``
@@ -462,6 +462,32 @@ def sample_speed(batch, steps):
               f"{elapsed / batch:.3f} s/image ({batch / elapsed:.2f} images/s)")
 
 
+def machine_limit(threads):
+    """How much work a trained image is, and how fast this machine can do dense fp32 work.
+
+    FLOPs of one image's forward (torch's FlopCounterMode: convolutions, matrix
+    products, attention), a train step's being about 3× that (the backward computes
+    two products per forward one); and the fp32 matmul peak: the best of 5 products
+    of 2048×2048 matrices (2n³ FLOPs each) with ``threads`` threads.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    model = UNetModel(**CIFAR10_UNET).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.randn(1, 3, 32, 32), torch.zeros(1, dtype=torch.long))
+    print(f"forward FLOPs per image: {counter.get_total_flops() / 1e9:.3f} GFLOP "
+          f"(a train step about 3× that per image)")
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    print(f"fp32 matmul peak: {2 * n ** 3 / best / 1e9:.1f} GFLOP/s ({n}×{n}, {threads} threads)")
+
+
 def forward_speed(batch_sizes, repeats):
     """bench/model_speed.py in PyTorch: median eval forward time per batch size, after one warm-up call."""
     model = UNetModel(**CIFAR10_UNET).eval()
@@ -486,6 +512,8 @@ def _parse_args():
         description=__doc__.split("\n\n")[0],
         epilog="Without --check: timings of training, sampling and the forward pass (see the module docstring).")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--only", choices=("train", "sample", "forward", "limit"),
+                        help="run one bench (default: the first three); limit: FLOPs per image and matmul peak")
     parser.add_argument("--batch", type=int, default=16, help="batch of the training and sampling benches")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps after 2 warm-up steps")
     parser.add_argument("--sample-steps", type=int, default=50, help="respaced steps of the DDPM/DDIM chains")
@@ -507,9 +535,14 @@ def main():
     if args.check:
         return check(args.check, args.check_io)
     print(f"model: improved-diffusion CIFAR-10 UNet {CIFAR10_UNET}; cosine T={DIFFUSION_STEPS}")
-    train_throughput(args.batch, args.steps, warmup=2)
-    sample_speed(args.batch, args.sample_steps)
-    forward_speed(args.batch_sizes, args.repeats)
+    if args.only in (None, "train"):
+        train_throughput(args.batch, args.steps, warmup=2)
+    if args.only in (None, "sample"):
+        sample_speed(args.batch, args.sample_steps)
+    if args.only in (None, "forward"):
+        forward_speed(args.batch_sizes, args.repeats)
+    if args.only == "limit":
+        machine_limit(args.threads)
     return 0
 
 

@@ -25,11 +25,10 @@ def main():
     args = parser.parse_args()
 
     import mindspore as ms
-    from mindspore import nn
+    from mind_diffusion.data.pipeline import sample_randomness
     from mind_diffusion.gaussian_diffusion import create_diffusion
     from mind_diffusion.resample import UniformSampler
-    from mind_diffusion.train.step import EMA, DiffusionLoss, TrainStep, WarmupLR
-    from mind_diffusion.train.trainer import step_randomness
+    from mind_diffusion.train.step import EMA, AdamW, DiffusionLoss, TrainStep, WarmupLR
     from models.unet import create_model
 
     ms.set_context(mode=ms.GRAPH_MODE)
@@ -37,7 +36,7 @@ def main():
     model = create_model(**CIFAR10_UNET)
     diffusion = create_diffusion(4000, "cosine", learn_sigma=True, loss="rescaled_mse")
     named = [(n, p) for n, p in model.parameters_and_names() if p.requires_grad]
-    optimizer = nn.AdamWeightDecay([p for _, p in named], learning_rate=WarmupLR(1e-4, 0), eps=1e-8)
+    optimizer = AdamW(named, WarmupLR(1e-4, 0), eps=1e-8)  # the trainer's optimizer, weight decay 0
     step = TrainStep(DiffusionLoss(model, diffusion, UniformSampler(diffusion.num_timesteps)), optimizer,
                      EMA(named, [0.9999]))
     count = sum(int(np.prod(p.shape)) for _, p in named)
@@ -48,7 +47,9 @@ def main():
     images = ms.Tensor(rng.uniform(-1, 1, (args.batch, 3, 32, 32)).astype(np.float32))
     times = []
     for i in range(args.steps + 1):
-        u, noise = step_randomness(0, 0, i, args.batch, (3, 32, 32))
+        # the trainer's per-sample draws (there they arrive with the batch from the data pipeline)
+        draws = [sample_randomness(0, 0, i * args.batch + b, (3, 32, 32)) for b in range(args.batch)]
+        u, noise = np.stack([d[0] for d in draws]), np.stack([d[1] for d in draws])
         start = time.perf_counter()
         step(images, ms.Tensor(u), ms.Tensor(noise))[0].asnumpy()
         times.append(time.perf_counter() - start)
