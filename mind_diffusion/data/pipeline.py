@@ -48,7 +48,7 @@ import logging
 import mindspore.dataset as ds
 import numpy as np
 
-from mind_diffusion.data import captions, demo, folder, mindrecord, mnist, transforms
+from mind_diffusion.data import captions, demo, fashion_mnist, folder, grayscale28, mindrecord, mnist, transforms
 
 logger = logging.getLogger("mind_diffusion.data")
 
@@ -94,11 +94,11 @@ def _items_for(data_cfg, channels=3):
             raise ValueError(f"data.kind 'demo' draws RGB images; it cannot feed model.in_channels={channels}")
         return _DemoItems(data_cfg.demo_size, data_cfg.image_size, data_cfg.demo_seed)
     if data_cfg.kind == "mnist":
-        if channels != 1 or data_cfg.image_size != mnist.IMAGE_SIZE:
-            raise ValueError(f"data.kind 'mnist' gives 1-channel {mnist.IMAGE_SIZE}×{mnist.IMAGE_SIZE} images (28×28 "
-                             f"padded); set model.in_channels=1 and model.image_size={mnist.IMAGE_SIZE} "
-                             f"(got {channels} channels, size {data_cfg.image_size})")
-        return mnist.MnistItems("train", data_cfg.path)
+        grayscale28.check_model_shape(data_cfg.kind, channels, data_cfg.image_size)
+        return grayscale28.ArrayItems(*mnist.load_mnist("train", data_cfg.path), "mnist train")
+    if data_cfg.kind == "fashion_mnist":
+        grayscale28.check_model_shape(data_cfg.kind, channels, data_cfg.image_size)
+        return fashion_mnist.items("train", data_cfg.path)
     if data_cfg.kind == "folder":
         image_folder = folder.ImageFolder(data_cfg.path, class_cond=data_cfg.class_cond)
         return _ImageItems(image_folder.paths, None, image_folder.labels, data_cfg.image_size, channels)
@@ -354,7 +354,7 @@ def create_dataset(data_cfg, batch_size, rank=0, world_size=1, tokenizer=None, s
         per_shard = records.per_rank
     else:
         items = _items_for(data_cfg, channels)
-        if tokenizer is not None and data_cfg.kind in ("folder", "mnist"):
+        if tokenizer is not None and data_cfg.kind in ("folder", "mnist", "fashion_mnist"):
             raise ValueError(f"data.kind {data_cfg.kind!r} has no captions to tokenize; "
                              "use data.kind 'captions' or 'demo' for a text-conditioned model")
         source = _SampleSource(items, rank=rank, world_size=world_size, **row_settings)
