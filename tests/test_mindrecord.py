@@ -234,3 +234,11 @@ def test_training_resumed_mid_epoch_ends_bit_identical(caption_set, tmp_path):
     assert names and set(names) == {name for name in ours if name != "config"}
     for name in names:
         np.testing.assert_array_equal(ours[name].asnumpy(), reference[name].asnumpy(), err_msg=name)
+
+
+def test_help_and_a_bad_input_on_the_command_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        mindrecord.main(["--help"])
+    assert exit_info.value.code == 0 and "--shards" in capsys.readouterr().out
+    assert mindrecord.main([str(tmp_path / "none.jsonl"), str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -48,7 +48,7 @@ import logging
 import mindspore.dataset as ds
 import numpy as np
 
-from mind_diffusion.data import captions, demo, emoji, fashion_mnist, folder, grayscale28, mindrecord, mnist, transforms
+from mind_diffusion.data import captions, demo, emoji, fashion_mnist, folder, grayscale28, mnist, transforms
 
 logger = logging.getLogger("mind_diffusion.data")
 
@@ -348,6 +348,7 @@ def create_dataset(data_cfg, batch_size, rank=0, world_size=1, tokenizer=None, s
                         tokenizer=tokenizer, with_labels=data_cfg.class_cond, noise_shape=noise_shape,
                         low_res_size=low_res_size)
     if data_cfg.kind == "mindrecord":
+        from mind_diffusion.data import mindrecord  # here: `python -m mind_diffusion.data.mindrecord` runs it as main
         records = mindrecord.RecordStream(data_cfg.path, data_cfg.image_size, channels, rank, world_size, seed)
         if tokenizer is not None and not records.has_captions:
             raise ValueError(f"the MindRecord set {data_cfg.path!r} holds labels, no captions to tokenize; convert "
@@ -376,6 +377,7 @@ def preview_items(data_cfg, count, channels=3):
         n < ``count`` only when the source has fewer readable items.
     """
     if data_cfg.kind == "mindrecord":
+        from mind_diffusion.data import mindrecord
         loaded = mindrecord.RecordStream(data_cfg.path, data_cfg.image_size, channels).head(count)
     else:
         loaded = _readable(_items_for(data_cfg, channels))
