@@ -131,9 +131,14 @@ class _RowBuilder:
         self.tokenizer, self.with_labels = tokenizer, with_labels
         self.noise_shape, self.low_res_size = noise_shape, low_res_size
 
-    def row(self, sample, epoch, image, text, label, index, skipped=0):
-        """The columns of rank sample ``sample``: item ``index`` (of ``epoch``) decoded to ``image`` (uint8 HWC)."""
-        flip_draw, drop_draw = np.random.default_rng([self.seed, epoch, index]).random(2)
+    def row(self, sample, epoch, image, text, label, index, skipped=0, draw_key=None):
+        """The columns of rank sample ``sample``: item ``index`` (of ``epoch``) decoded to ``image`` (uint8 HWC).
+
+        The flip and caption-dropout draws are keyed by (seed, epoch, ``draw_key``), the item the sample
+        asked for (default ``index``; an unreadable item's replacement keeps the draws of the item it replaces).
+        """
+        key = index if draw_key is None else draw_key
+        flip_draw, drop_draw = np.random.default_rng([self.seed, epoch, key]).random(2)
         if self.random_flip and flip_draw < 0.5:
             image = transforms.horizontal_flip(image)
         # 0-d arrays, not NumPy scalars: MindSpore wraps rows with np.array(copy=False),
@@ -191,7 +196,7 @@ class _SampleSource(_RowBuilder):
     def __getitem__(self, sample):
         epoch, index = self.item_of(int(sample))
         (image, text, label), loaded, skipped = self._load_readable(index)
-        return self.row(int(sample), epoch, image, text, label, loaded, skipped)
+        return self.row(int(sample), epoch, image, text, label, loaded, skipped, draw_key=index)
 
     def dataset(self, columns, first, count, num_workers, python_multiprocessing):
         """The GeneratorDataset of rank samples [first, first + count)."""
