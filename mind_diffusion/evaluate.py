@@ -9,8 +9,9 @@
   (1-channel digit models), with the class histogram.
 
 Reference data (``--data``): ``mnist`` (the 10 000 test digits, padded to 32×32), ``mnist-train``,
+``fashion_mnist`` (the 10 000 Fashion-MNIST test images, padded to 32×32), ``fashion_mnist-train``,
 ``recipe`` (the checkpoint's own training data, in order: e.g. the demo set), or an image folder.
-Default: ``mnist`` for an MNIST recipe, else ``recipe``. Reference features are cached (by data
+Default: the test split for an MNIST or Fashion-MNIST recipe, else ``recipe``. Reference features are cached (by data
 content, count and Inception file) under ``$MIND_DIFFUSION_CACHE/fid``.
 
 Samples follow the checkpoint's recipe (``sample.sampler``/``steps``/``eta``) unless
@@ -34,7 +35,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 METRICS = ("fid", "kid", "bpd", "score")
-MNIST_DATA = {"mnist": "test", "mnist-test": "test", "mnist-train": "train"}
+# --data names of the 28×28 sets (mind_diffusion.data.grayscale28) → (data.kind, split)
+GRAYSCALE28_DATA = {f"{kind}{suffix}": (kind, split) for kind in ("mnist", "fashion_mnist")
+                    for suffix, split in (("", "test"), ("-test", "test"), ("-train", "train"))}
 DEFAULT_MAX_REF = 10000
 
 
@@ -47,9 +50,10 @@ def build_parser():
     parser.add_argument("metric", choices=METRICS, help="what to measure")
     parser.add_argument("--ckpt", help="checkpoint (training or exported); not needed with --samples and --data")
     parser.add_argument("--config", help="recipe of a checkpoint that carries none (converted networks)")
-    parser.add_argument("--data", help="reference images: mnist (test split), mnist-train, recipe (the "
-                                       "checkpoint's training data) or an image folder; default mnist for an "
-                                       "MNIST recipe, else recipe")
+    parser.add_argument("--data", help="reference images: mnist or fashion_mnist (test split), mnist-train, "
+                                       "fashion_mnist-train, recipe (the checkpoint's training data) or an image "
+                                       "folder; default the test split for an MNIST/Fashion-MNIST recipe, "
+                                       "else recipe")
     parser.add_argument("--num-samples", type=_positive, default=1000, help="samples to draw (fid, kid, score)")
     parser.add_argument("--num-ref", type=_positive, help=f"reference images (fid, kid); default all of the "
                                                           f"data, at most {DEFAULT_MAX_REF}")
@@ -117,18 +121,32 @@ class Reference:
 
 
 def default_data(config):
-    return "mnist" if config is not None and config.data.kind == "mnist" else "recipe"
+    if config is not None and f"{config.data.kind}-test" in GRAYSCALE28_DATA:
+        return config.data.kind
+    return "recipe"
+
+
+def _grayscale28_split(kind, split, path):
+    """(images uint8 [N, 28, 28], labels) of MNIST or Fashion-MNIST; ``path`` as the recipe's data.path."""
+    if kind == "mnist":
+        from mind_diffusion.data import mnist
+        return mnist.load_mnist(split, path)
+    from mind_diffusion.data import fashion_mnist
+    return fashion_mnist.load_fashion_mnist(split, path)
 
 
 def load_reference(data, config, count):
     """The first ``count`` images of ``data`` (see the module docstring) as a :class:`Reference`."""
-    if data in MNIST_DATA:
-        from mind_diffusion.data import mnist
-        images, labels = mnist.load_mnist(MNIST_DATA[data])
-        return Reference(mnist.padded(images[:count]), None, labels[:count], f"mnist-{MNIST_DATA[data]}")
+    if data in GRAYSCALE28_DATA:
+        from mind_diffusion.data.grayscale28 import padded
+        kind, split = GRAYSCALE28_DATA[data]
+        # the recipe's data.path locates the files when it is a recipe of the same set (e.g. offline copies)
+        path = config.data.path if config is not None and config.data.kind == kind else ""
+        images, labels = _grayscale28_split(kind, split, path)
+        return Reference(padded(images[:count]), None, labels[:count], f"{kind}-{split}")
     if config is None:
-        raise EvaluationError(f"--data {data}: reference images other than MNIST take their size from the "
-                              "checkpoint's recipe; give --ckpt (or --config)")
+        raise EvaluationError(f"--data {data}: reference images other than MNIST / Fashion-MNIST take their size "
+                              "from the checkpoint's recipe; give --ckpt (or --config)")
     from mind_diffusion.data.pipeline import preview_items
     from mind_diffusion.imaging import to_uint8
     from mind_diffusion.paths import input_path
@@ -137,10 +155,10 @@ def load_reference(data, config, count):
     else:
         path = input_path(data)
         if not os.path.isdir(path):
-            raise EvaluationError(f"--data {data}: not mnist, mnist-train, recipe or an image folder")
+            raise EvaluationError(f"--data {data}: not {', '.join(GRAYSCALE28_DATA)}, recipe or an image folder")
         data_cfg, name = dataclasses.replace(config.data, kind="folder", path=path), f"folder-{os.path.basename(path)}"
-    if data_cfg.kind == "mnist":
-        return load_reference("mnist-train", config, count)
+    if f"{data_cfg.kind}-train" in GRAYSCALE28_DATA:
+        return load_reference(f"{data_cfg.kind}-train", config, count)
     images, captions, labels = preview_items(data_cfg, count, config.model.in_channels)
     uint8 = to_uint8(images).transpose(0, 3, 1, 2)
     return Reference(np.ascontiguousarray(uint8), list(captions) if captions[0] is not None else None, labels, name)

