@@ -177,3 +177,34 @@ def test_a_runs_export_samples_through_run_infer(trained, tmp_path, capsys):
                                  "--out", str(tmp_path)], capsys)
     assert status == 0, err
     assert os.path.isfile(out.strip().splitlines()[-1])
+
+
+def test_the_encoders_downsampling_backward_keeps_running():
+    """models/autoencoder.py:Downsample pads inside its convolution: with an ``ops.pad`` before it, this very
+    gradient (64 channels, 16×16, batch 16) stopped progressing on its 18th call on MindSpore 2.10's CPU backend,
+    which stalled every autoencoder training run (this test then never finishes)."""
+    from mindspore import nn, ops
+    from models.autoencoder import Downsample
+
+    class Energy(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.down = Downsample(64)
+
+        def construct(self, x):
+            return ops.square(self.down(x)).sum()
+
+    class Gradient(nn.Cell):  # compiled, as the train step is
+        def __init__(self):
+            super().__init__()
+            self.energy = Energy()
+            self.grad = ops.value_and_grad(self.energy, 0, ms.ParameterTuple(self.energy.trainable_params()))
+
+        def construct(self, x):
+            return self.grad(x)
+
+    gradient = Gradient()
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((16, 64, 16, 16)).astype(np.float32))
+    for _ in range(20):
+        value, (dx, _) = gradient(x)
+    assert dx.shape == x.shape and np.isfinite(float(value.asnumpy()))
