@@ -50,6 +50,7 @@ __all__ = [
     "ignored_text_keys",
     "infer_text_config",
     "extract_text_encoder",
+    "layout_traits",
 ]
 
 HF_CLIP = "hf_clip"
@@ -73,6 +74,15 @@ _LAYOUT_TRAITS = {
     WUKONG: dict(marker="transformer_layer.resblocks.0.attn.attn.in_proj.weight", token="embedding_table",
                  numerics="wukong", activation="quick_gelu", skip_last_layers=0),
 }
+
+
+def layout_traits(layout):
+    """What a layout fixes beyond the sizes: ``activation``, ``numerics`` and ``skip_last_layers`` (and the
+    ``marker`` and ``token`` names by which it is recognised)."""
+    if layout not in _LAYOUT_TRAITS:
+        raise ValueError(f"unknown text-encoder layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    return dict(_LAYOUT_TRAITS[layout])
+
 
 # Keys under a layout's prefix that are not parameters of the encoder (dropped by name).
 _IGNORED = {

@@ -139,6 +139,10 @@ def non_empty(value):
 # (mind_diffusion.data.demo.NUM_CLASSES, 5 shapes × 8 colours): config imports neither package,
 # and tests/test_config.py keeps the copies equal.
 CLASSIFIER_POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
+ARCHS = ("unet", "glide", "glide_upsample", "classifier", "latent", "autoencoder")
+# mind_diffusion.clip_names.LAYOUTS (config imports no MindSpore-side module; tests/test_ldm_train.py keeps them equal)
+TEXT_LAYOUTS = ("wukong", "hf_clip", "open_clip")
+LATENT_TEXT_CTX = 77  # models.tokenizers.CONTEXT_LENGTH
 DEMO_NUM_CLASSES = 40
 
 
@@ -146,8 +150,10 @@ DEMO_NUM_CLASSES = 40
 class ModelConfig:
     """The network (models/): ADM UNet, GLIDE text-to-image UNet or upsampler, or classifier."""
     arch: str = option("unet", "network: unet (ADM), glide (text-to-image), glide_upsample "
-                       "(text-conditioned super-resolution) or classifier (noisy-image classifier)",
-                       one_of("unet", "glide", "glide_upsample", "classifier"))
+                       "(text-conditioned super-resolution), classifier (noisy-image classifier), latent "
+                       "(latent text-to-image UNet on a frozen autoencoder and text encoder, Stable Diffusion / "
+                       "Wukong-Huahua style) or autoencoder (the KL autoencoder that latent models work in)",
+                       one_of(*ARCHS))
     image_size: int = option(32, "side of the (square) images the network sees, in pixels", at_least(8))
     in_channels: int = option(3, "image channels", at_least(1))
     num_channels: int = option(128, "base width of the UNet (model_channels)", at_least(NORM_GROUPS))
@@ -190,14 +196,44 @@ class ModelConfig:
                                "0 for other archs", at_least(0))
     pool: str = option("attention", "head of arch classifier: attention (ADM's attention pooling, needs "
                        "num_head_channels), adaptive, spatial or spatial_v2", one_of(*CLASSIFIER_POOLS))
+    # arch latent and autoencoder (models/latent_unet.py, models/autoencoder.py, models/clip_text.py)
+    transformer_depth: int = option(1, "transformer blocks per spatial transformer (arch latent; SD 2: 2)",
+                                    at_least(1))
+    numerics: str = option("sd", "arch latent: sd, or wukong (Wukong-Huahua's MindSpore numerics: tanh-GELU in "
+                           "GEGLU, float32 timestep frequencies, text LayerNorm ε 1e-7)", one_of("sd", "wukong"))
+    text_layout: str = option("wukong", "arch latent: the frozen text encoder's layout and tokenizer: wukong "
+                              "(BERT-Chinese WordPiece, model.vocab is a vocab_zh.txt), hf_clip (SD 1, CLIP "
+                              "BPE) or open_clip (SD 2)", one_of(*TEXT_LAYOUTS))
+    vocab: str = option("", "arch latent: the tokenizer's vocabulary file (vocab_zh.txt for text_layout wukong, "
+                        "bpe_simple_vocab_16e6.txt.gz or vocab.json for CLIP); its size is the text encoder's "
+                        "vocabulary. The text encoder's sizes are text_ctx, xf_width, xf_layers and xf_heads")
+    unet_from: str = option("", "arch latent: start the UNet from this SD / Wukong-Huahua checkpoint's "
+                            "(original or converted; fine-tuning) instead of random weights. (train.init_from takes "
+                            "this project's checkpoints.) \"\" = random")
+    text_encoder_from: str = option("", "arch latent: take the frozen text encoder's weights from this "
+                                    "checkpoint (SD / Wukong-Huahua original or converted); \"\" = random "
+                                    "weights (a fixed random text embedding: demos and tests)")
+    autoencoder_from: str = option("", "arch latent: take the frozen autoencoder's weights from this checkpoint "
+                                   "(SD / Wukong-Huahua original or converted, or an arch autoencoder run's "
+                                   "checkpoint: its EMA copy); \"\" = random weights (tests only)")
+    ae_channels: int = option(128, "autoencoder base width (CompVis ddconfig.ch)", at_least(NORM_GROUPS))
+    ae_channel_mult: List[int] = option([1, 2, 4, 4], "autoencoder width multiplier per level; the latent is "
+                                        "2^(levels - 1) times smaller than the image (SD: [1, 2, 4, 4], "
+                                        "factor 8)", at_least(1))
+    ae_num_res_blocks: int = option(2, "autoencoder residual blocks per level", at_least(1))
+    latent_channels: int = option(4, "latent channels (CompVis embed_dim = z_channels)", at_least(1))
+    scale_factor: float = option(0.18215, "the diffusion model sees scale_factor · z (SD: 0.18215, about "
+                                 "1 / std of its latents)", greater_than(0.0))
 
 
 @dataclass
 class DiffusionConfig:
     """The Gaussian diffusion process (mind_diffusion/gaussian_diffusion.py)."""
     steps: int = option(1000, "T, number of diffusion steps trained on (diffusion_steps)", at_least(1))
-    noise_schedule: str = option("linear", "β schedule: linear (DDPM) or cosine (improved DDPM)",
-                                 one_of("linear", "cosine"))
+    noise_schedule: str = option("linear", "β schedule: linear (DDPM), cosine (improved DDPM) or "
+                                 "scaled_linear (latent diffusion's: √β evenly spaced from √0.00085 to "
+                                 "√0.012; arch latent, which needs it)",
+                                 one_of("linear", "cosine", "scaled_linear"))
     learn_sigma: Optional[bool] = option(None, "mirror of model.learn_sigma: leave unset")
     sigma_small: bool = option(False, "fixed variance β̃_t (posterior) instead of β_t; "
                                "used only when learn_sigma is false")
@@ -271,6 +307,10 @@ class TrainConfig:
     keep_checkpoints: int = option(0, "keep only the newest K periodic checkpoints of the run, deleting "
                                    "older ones once a newer one is complete; 0 = keep all (nothing is "
                                    "deleted unless you ask)", at_least(0))
+    kl_weight: float = option(1e-6, "arch autoencoder: weight of KL(q(z|x) || N(0, I)) against the L1 "
+                              "reconstruction error, both summed over an example (CompVis: 1e-6)", at_least(0.0))
+    sample_posterior: bool = option(True, "arch latent: train on a draw z = μ + σ·n of the autoencoder's "
+                                    "posterior (CompVis), not on its mean μ")
     jit_level: str = option("auto", "MindSpore graph compilation level: O0, O1 (graph-kernel fusion) "
                             "or auto (O1 on Ascend, O0 elsewhere)", one_of("O0", "O1", "auto"))
     seed: Optional[int] = option(None, "mirror of the top-level seed: leave unset")
@@ -367,6 +407,9 @@ def load_config(path, overrides=()):
         config.train.init_from = input_path(config.train.init_from)
     if config.data.path:
         config.data.path = input_path(config.data.path)
+    for key in ("vocab", "unet_from", "text_encoder_from", "autoencoder_from"):
+        if getattr(config.model, key):
+            setattr(config.model, key, input_path(getattr(config.model, key)))
     return config
 
 
@@ -611,27 +654,44 @@ def _check_consistency(config):
     _check_model(config.model)
     _check_diffusion(config.diffusion)
     _check_data(config.data, config.model)
+    _check_latent(config)
     if config.sample.steps > config.diffusion.steps:
         _fail("sample.steps", f"must be <= diffusion.steps ({config.diffusion.steps})",
               config.sample.steps)
 
 
+def autoencoder_factor(model):
+    """f: the autoencoder's latents are f times smaller than its images (2^(levels − 1))."""
+    return 2 ** (len(model.ae_channel_mult) - 1)
+
+
+def unet_side(model):
+    """The side of what the UNet sees: the image, or for arch latent its latent (image_size / f)."""
+    return model.image_size // autoencoder_factor(model) if model.arch == "latent" else model.image_size
+
+
 def _check_model(model):
+    if model.arch in ("latent", "autoencoder"):
+        _check_autoencoder(model)
+    side = unet_side(model)
     if not model.channel_mult:
-        if model.image_size not in DEFAULT_CHANNEL_MULT:
-            _fail("model.channel_mult", "has no default for image_size "
-                  f"{model.image_size} (defaults exist for {sorted(DEFAULT_CHANNEL_MULT)}); "
+        if side not in DEFAULT_CHANNEL_MULT:
+            _fail("model.channel_mult", f"has no default for a UNet at {side}×{side} "
+                  f"(defaults exist for {sorted(DEFAULT_CHANNEL_MULT)}); "
                   "give it explicitly, e.g. [1, 2, 2]", model.channel_mult)
-        model.channel_mult = list(DEFAULT_CHANNEL_MULT[model.image_size])
+        model.channel_mult = list(DEFAULT_CHANNEL_MULT[side])
     levels = len(model.channel_mult)
-    if model.image_size % 2 ** (levels - 1):
+    if side % 2 ** (levels - 1):
         _fail("model.image_size", f"must be divisible by 2^{levels - 1} "
-              f"(channel_mult has {levels} levels)", model.image_size)
-    resolutions = [model.image_size // 2 ** level for level in range(levels)]
+              f"(channel_mult has {levels} levels)" + (" times the autoencoder's factor "
+                                                      f"{autoencoder_factor(model)}" if side != model.image_size
+                                                      else ""), model.image_size)
+    resolutions = [side // 2 ** level for level in range(levels)]
     for res in model.attention_resolutions:
         if res not in resolutions:
             _fail("model.attention_resolutions", "every entry must be a resolution the UNet "
-                  f"visits: {resolutions}", model.attention_resolutions)
+                  f"visits: {resolutions}" + (" (arch latent: latent pixels)" if model.arch == "latent" else ""),
+                  model.attention_resolutions)
     widths = [model.num_channels * mult for mult in model.channel_mult]
     if any(width % NORM_GROUPS for width in widths):
         _fail("model.num_channels", f"times each channel_mult must be divisible by {NORM_GROUPS} "
@@ -639,7 +699,7 @@ def _check_model(model):
     for res, width in zip(resolutions, widths):
         if res in model.attention_resolutions:
             _check_heads(width, model)
-    text_arch = model.arch in ("glide", "glide_upsample")
+    text_arch = model.arch in ("glide", "glide_upsample", "latent")
     if text_arch and model.xf_width % model.xf_heads:
         _fail("model.xf_heads", f"must divide model.xf_width ({model.xf_width})", model.xf_heads)
     if text_arch and model.class_cond:
@@ -658,6 +718,50 @@ def _check_model(model):
                   model.low_res_size)
     elif model.low_res_size:
         _fail("model.low_res_size", "must be 0 unless arch is 'glide_upsample'", model.low_res_size)
+
+
+def _check_autoencoder(model):
+    factor = autoencoder_factor(model)
+    if model.image_size % factor:
+        _fail("model.image_size", f"must be divisible by the autoencoder's factor {factor} "
+              f"(model.ae_channel_mult has {len(model.ae_channel_mult)} levels)", model.image_size)
+    widths = [model.ae_channels * mult for mult in model.ae_channel_mult]
+    if any(width % NORM_GROUPS for width in widths):
+        _fail("model.ae_channels", f"times each ae_channel_mult must be divisible by {NORM_GROUPS} "
+              f"(GroupNorm groups); widths would be {widths}", model.ae_channels)
+
+
+def _check_latent(config):
+    """What arch latent needs from the other sections: latent diffusion's own process, ε or v."""
+    model, diffusion = config.model, config.diffusion
+    is_latent = model.arch == "latent"
+    if diffusion.noise_schedule == "scaled_linear" and not is_latent:
+        _fail("diffusion.noise_schedule", "'scaled_linear' is latent diffusion's schedule: use it with "
+              "model.arch 'latent', or choose linear or cosine", diffusion.noise_schedule)
+    if not is_latent:
+        return
+    if diffusion.noise_schedule != "scaled_linear":
+        _fail("diffusion.noise_schedule", "must be 'scaled_linear' for arch 'latent' (the schedule that "
+              "latent sampling and SD / Wukong checkpoints use)", diffusion.noise_schedule)
+    for key, bad in (("model.learn_sigma", model.learn_sigma), ("model.class_cond", model.class_cond),
+                     ("diffusion.predict_xstart", diffusion.predict_xstart),
+                     ("diffusion.rescale_timesteps", diffusion.rescale_timesteps)):
+        if bad:
+            _fail(key, "must be false for arch 'latent' (a latent model predicts ε or, with "
+                  "diffusion.predict_v, v, of fixed variance, from the original timesteps)", bad)
+    if diffusion.loss != "mse" or diffusion.timestep_respacing:
+        key = "diffusion.loss" if diffusion.loss != "mse" else "diffusion.timestep_respacing"
+        _fail(key, "arch 'latent' trains L_simple on all diffusion.steps: use loss mse and no respacing",
+              _get(config, key))
+    if model.text_ctx != LATENT_TEXT_CTX:
+        _fail("model.text_ctx", f"must be {LATENT_TEXT_CTX} for arch 'latent' (the CLIP / Wukong tokenizers' "
+              "context, which latent sampling uses)", model.text_ctx)
+    if not model.vocab:
+        _fail("model.vocab", "is required for arch 'latent': the tokenizer's vocabulary file (vocab_zh.txt "
+              "for text_layout wukong, CLIP's bpe_simple_vocab_16e6.txt.gz for hf_clip / open_clip)", model.vocab)
+    if config.data.kind in ("folder", "mnist"):
+        _fail("data.kind", "must be 'captions' or 'demo' for arch 'latent': a plain image folder has no "
+              "captions", config.data.kind)
 
 
 def _check_classifier(model):
@@ -684,7 +788,8 @@ def _check_heads(width, model):
 
 def _check_diffusion(diffusion):
     try:
-        get_named_beta_schedule(diffusion.noise_schedule, diffusion.steps)
+        if diffusion.noise_schedule != "scaled_linear":  # its β are valid for every T
+            get_named_beta_schedule(diffusion.noise_schedule, diffusion.steps)
     except ValueError as err:
         _fail("diffusion.steps", f"is not usable with diffusion.noise_schedule "
               f"{diffusion.noise_schedule!r} ({err})", diffusion.steps)

@@ -84,14 +84,19 @@ class AttnBlock(nn.Cell):
 
 
 class Downsample(nn.Cell):
-    """2× downsampling: zero-pad right and bottom by one, then a 3×3 convolution with stride 2 (``conv``)."""
+    """2× downsampling: zero-pad right and bottom by one, then a 3×3 convolution with stride 2 (``conv``).
+
+    The padding is the convolution's own (top 0, bottom 1, left 0, right 1), not an ``ops.pad`` before
+    it: with the separate pad, the backward graph of the autoencoder's encoder stops progressing on its
+    18th call on MindSpore 2.10's CPU backend (tests/test_ldm_train.py reproduces it).
+    """
 
     def __init__(self, channels):
         super().__init__()
-        self.conv = conv_nd(2, channels, channels, 3, stride=2, padding=0)
+        self.conv = conv_nd(2, channels, channels, 3, stride=2, padding=(0, 1, 0, 1))
 
     def construct(self, x):
-        return self.conv(ops.pad(x, (0, 1, 0, 1)))
+        return self.conv(x)
 
 
 class Upsample(nn.Cell):

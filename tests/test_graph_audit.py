@@ -41,6 +41,7 @@ PRIMITIVES_FILE = os.path.join(ROOT, "tests", "data", "ascend_primitives.txt")
 CONTROL_FLOW = {"Switch", "SwitchLayer", "ConditionSwitch", "ConditionGather", "While", "If"}
 FLOAT64 = {mind_ir_pb2.TensorProto.DOUBLE, mind_ir_pb2.TensorProto.FLOAT64}
 BATCH, IMAGE, CHANNELS, TEXT_CTX = 1, 16, 32, 8
+LATENT_VOCAB = os.path.join(ROOT, "configs", "ldm_demo_vocab.txt")
 # The chip the recipes are audited for: 910B-class, the superset (FlashAttention for the fp16
 # recipes; 910A graphs differ only in taking the ops path there, whose primitives the fp32 recipes use).
 AUDITED_SOC = "910B"
@@ -69,14 +70,21 @@ def shrunk(path):
         overrides += ["model.xf_width=32", "model.xf_layers=1", "model.xf_heads=2", f"model.text_ctx={TEXT_CTX}"]
     if model.arch == "glide_upsample":
         overrides.append(f"model.low_res_size={IMAGE // 2}")
+    if model.arch in ("latent", "autoencoder"):
+        # a factor-2 autoencoder (8×8 latents, attention at 8 as above), random weights instead of the recipe's
+        # files, the demo's vocabulary; the text context stays 77 (the tokenizers')
+        overrides += ["model.ae_channels=32", "model.ae_channel_mult=[1, 2]", "model.ae_num_res_blocks=1",
+                      "model.unet_from=''", "model.text_encoder_from=''", "model.autoencoder_from=''",
+                      f"model.vocab={LATENT_VOCAB}", "model.xf_width=32", "model.xf_layers=1", "model.xf_heads=2"]
     return load_config(path, overrides)
 
 
-def fake_column(name, config, tokenizer):
+def fake_column(name, config, tokenizer, noise_shape):
     """A batch column of the right shape and dtype (values do not matter to the graph)."""
     c, side = config.model.in_channels, config.model.image_size
     images = np.zeros((BATCH, c, side, side), np.float32)
-    columns = {"images": images, "noise": images, "u": np.full((BATCH,), 0.5, np.float32),
+    columns = {"images": images, "noise": np.zeros((BATCH, *noise_shape), np.float32),
+               "u": np.full((BATCH,), 0.5, np.float32),
                "labels": np.zeros((BATCH,), np.int32)}
     if tokenizer is not None:
         columns["tokens"], columns["mask"] = tokenizer(["a"] * BATCH)
@@ -106,7 +114,7 @@ def train_step_ir(config, tmp_path):
     model, tokenizer = build_model(config.model)
     diffusion = build_diffusion(config.diffusion, config.model)
     trainer = Trainer(config, model, diffusion, str(tmp_path / "run"), tokenizer=tokenizer)
-    args = [fake_column(name, config, tokenizer) for name in trainer.step_columns]
+    args = [fake_column(name, config, tokenizer, trainer.noise_shape) for name in trainer.step_columns]
     return exported(trainer.train_step, args)
 
 
@@ -125,10 +133,37 @@ def guided_sampling_step_ir(classifier_config):
     return exported(graph, [x, ms.Tensor(np.zeros((BATCH,), np.int32)), x, ms.Tensor(np.zeros((BATCH,), np.int32))])
 
 
+def latent_sampling_step_ir(config):
+    """A latent recipe's sampling graph as run_infer runs its export: the recipe's sampler on CompVis's steps,
+    the UNet under classifier-free guidance on text states; an autoencoder recipe's: the latent decoder."""
+    from mind_diffusion.config import unet_side
+    from mind_diffusion.sampling.latent import ContextGuidance
+    from mind_diffusion.sampling.schedulers import SamplingGraph, create_scheduler
+    from models.autoencoder import LatentDecoder
+    model, _ = build_model(config.model)
+    m = config.model
+    side = IMAGE // 2  # the shrunk autoencoder's factor 2
+    if m.arch == "autoencoder":
+        return exported(LatentDecoder(model), [ms.Tensor(np.zeros((BATCH, m.latent_channels, side, side), np.float32))])
+    assert unet_side(m) == side
+    s = config.sample
+    eta = s.eta if s.sampler in ("ddim", "euler_a") else None
+    scheduler = create_scheduler(s.sampler, build_diffusion(config.diffusion, m, respaced=False), eta=eta,
+                                 clip_denoised=False).set_timesteps(s.steps, "ldm")
+    graph = SamplingGraph(ContextGuidance(model.unet, s.guidance_scale), scheduler.make_step(guided=False),
+                          ("context", "uncond"))
+    z = ms.Tensor(np.zeros((BATCH, m.latent_channels, side, side), np.float32))
+    context = ms.Tensor(np.zeros((BATCH, m.text_ctx, m.xf_width), np.float32))
+    return exported(graph, [z, ms.Tensor(np.zeros((BATCH,), np.int32)), z, *(z,) * scheduler.history_size,
+                            context, context])
+
+
 def sampling_step_ir(config):
     """The step graph that run_infer.sh and the periodic grids run, with the recipe's sampler and guidance."""
     if config.model.arch == "classifier":
         return guided_sampling_step_ir(config)
+    if config.model.arch in ("latent", "autoencoder"):
+        return latent_sampling_step_ir(config)
     model, tokenizer = build_model(config.model)
     diffusion = build_diffusion(config.diffusion, config.model, respaced=False)
     image_shape = (config.model.in_channels, config.model.image_size, config.model.image_size)

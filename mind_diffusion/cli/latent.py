@@ -55,29 +55,41 @@ def checkpoint_names(path):
     return names
 
 
+def checkpoint_components(path, **options):
+    """``({"unet"|"vae"|"text_encoder": {our name: array}}, config)`` of a latent checkpoint: a converted one
+    as written, an SD / Wukong-Huahua one converted on the fly (``options``: :func:`~mind_diffusion.
+    convert_ldm.infer_ldm_config`'s ``num_heads``, ``num_head_channels``, ``text_heads``, ``prediction``).
+
+    :raises ValueError: for tensors the inferred model does not have.
+    """
+    from mind_diffusion.convert_ldm import PREFIXES, convert_ldm_state_dict, load_ldm_checkpoint, read_converted
+
+    if not zipfile.is_zipfile(path) and "ldm_config" in checkpoint_names(path):
+        return read_converted(path)
+    state, config, _ = load_ldm_checkpoint(path, **options)
+    params, report = convert_ldm_state_dict(state, config)
+    if report["unexpected"]:
+        raise ValueError(f"{path}: {len(report['unexpected'])} tensor(s) this model does not have, e.g. "
+                         f"{', '.join(report['unexpected'][:5])}")
+    components = {name: {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+                  for name, prefix in PREFIXES.items()}
+    return components, config
+
+
 def load_latent_model(path, args):
     """(config, unet, vae, text encoder, tokenizer) of a latent checkpoint, every parameter checked.
 
     :raises ValueError: naming the file, the missing piece and the flag that supplies it.
     """
     from mind_diffusion.convert import load_into
-    from mind_diffusion.convert_ldm import PREFIXES, convert_ldm_state_dict, load_ldm_checkpoint, read_converted
     from models.autoencoder import create_autoencoder
     from models.clip_text import CLIPTextEncoder, encoder_arguments
     from models.latent_unet import create_latent_unet
     from models.tokenizers import tokenizer_for_layout
 
-    if not zipfile.is_zipfile(path) and "ldm_config" in checkpoint_names(path):
-        components, config = read_converted(path)
-    else:
-        state, config, _ = load_ldm_checkpoint(path, num_heads=args.num_heads, num_head_channels=args.num_head_channels,
+    components, config = checkpoint_components(path, num_heads=args.num_heads,
+                                               num_head_channels=args.num_head_channels,
                                                text_heads=args.text_heads, prediction=args.prediction)
-        params, report = convert_ldm_state_dict(state, config)
-        if report["unexpected"]:
-            raise ValueError(f"{path}: {len(report['unexpected'])} tensor(s) this model does not have, e.g. "
-                             f"{', '.join(report['unexpected'][:5])}")
-        components = {name: {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
-                      for name, prefix in PREFIXES.items()}
     if config.get("vae") is None or config.get("text_encoder") is None:
         missing = "autoencoder (first_stage_model.*)" if config.get("vae") is None else \
             "text encoder (cond_stage_model.*)"

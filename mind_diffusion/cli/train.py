@@ -81,15 +81,21 @@ def main(argv=None):
     from mind_diffusion.cli.factory import build_diffusion, build_model
     from mind_diffusion.train.trainer import RunFolderInUse, Trainer, TrainingDiverged, log_model_summary
 
-    model, tokenizer = build_model(config.model)
+    try:
+        model, tokenizer = build_model(config.model)
+    except (ValueError, FileNotFoundError) as err:  # a latent recipe's vocabulary or frozen weights
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     diffusion = build_diffusion(config.diffusion, config.model)
     log_model_summary(model)
     run_dir = output_path(args.run_dir or os.path.join(config.train.out_dir, config.name))
     resume = args.resume if args.resume in (None, "auto") else input_path(args.resume)
 
+    # no periodic grids for the classifier, nor (yet) for latent models and autoencoders: sample a latent
+    # run's ldm_<step>.ckpt with run_infer.sh
+    grids = config.model.arch not in ("classifier", "latent", "autoencoder")
     trainer = Trainer(config, model, diffusion, run_dir, tokenizer=tokenizer,
-                      sample_fn=None if config.model.arch == "classifier" else sample_grid_fn(config, tokenizer,
-                                                                                          run_dir),
+                      sample_fn=sample_grid_fn(config, tokenizer, run_dir) if grids else None,
                       rank=rank, world_size=world_size)
     try:
         final = trainer.fit(resume=resume, progress=not args.no_progress, overwrite=args.overwrite)
@@ -98,6 +104,9 @@ def main(argv=None):
         return 1
     if rank == 0:
         print(f"checkpoint: {final}")
+        if config.model.arch == "latent" and final:  # ckpt_<step>.ckpt has its sampling export ldm_<step>.ckpt
+            export = os.path.join(os.path.dirname(final), "ldm_" + os.path.basename(final)[len("ckpt_"):])
+            print(f"for sampling: bash run_infer.sh PROMPT --ckpt {export} --vocab {config.model.vocab}")
         samples = os.path.join(run_dir, "samples")  # grids, and their caption sidecars (.txt)
         grids = sorted(name for name in os.listdir(samples) if name.endswith(".png")) if os.path.isdir(samples) else []
         if grids:

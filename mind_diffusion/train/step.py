@@ -124,7 +124,9 @@ class DiffusionLoss(nn.Cell):
 
     ``construct(x_0, u, ε, *cond) -> (loss, t, per-example L, *per-example metrics)``, the
     metrics named by :attr:`metric_names` (here L_simple's mse and L_vlb's vb); every
-    training objective of :class:`TrainStep` has this shape.
+    training objective of :class:`TrainStep` has this shape, and its ``num_timesteps`` (T, which
+    the metrics' t quartiles divide) and ``schedule_sampler`` attributes (see also
+    :mod:`mind_diffusion.train.latent`).
 
     :param model: ``model(x_t, t, **cond)``.
     :param diffusion: the :class:`GaussianDiffusion` trained on.
@@ -139,6 +141,7 @@ class DiffusionLoss(nn.Cell):
         self.model = model
         self.diffusion = diffusion
         self.schedule_sampler = schedule_sampler
+        self.num_timesteps = diffusion.num_timesteps
         self.cond_names = tuple(cond_names)
 
     def construct(self, x_start, u, noise, *cond):
@@ -172,6 +175,7 @@ class ClassifierLoss(nn.Cell):
         self.model = classifier
         self.diffusion = diffusion
         self.schedule_sampler = schedule_sampler
+        self.num_timesteps = diffusion.num_timesteps
         self.top_k = int(top_k)
         self.metric_names = ("acc@1", f"acc@{self.top_k}")
 
@@ -337,7 +341,8 @@ class StepMetrics(nn.Cell):
 
 
 class TrainStep(nn.Cell):
-    """One optimisation step of a :class:`DiffusionLoss` (or :class:`ClassifierLoss`), compiled as a single graph without branches.
+    """One optimisation step of a :class:`DiffusionLoss` (or :class:`ClassifierLoss`, or a loss of
+    :mod:`mind_diffusion.train.latent`), compiled as a single graph without branches.
 
     Order inside the graph: clear the overflow status (status-register mode),
     forward and backward (loss × loss scale for fp16), gradient all-reduce across
@@ -348,7 +353,7 @@ class TrainStep(nn.Cell):
     gathered every step) and the interval metrics. An overflowed step changes
     nothing but the loss scale and the metrics.
 
-    :param loss_net: a :class:`DiffusionLoss` or :class:`ClassifierLoss`.
+    :param loss_net: a :class:`DiffusionLoss`, :class:`ClassifierLoss`, or a latent or autoencoder loss.
     :param optimizer: an :class:`AdamW` over the model's trainable parameters.
     :param ema: an :class:`EMA` or None.
     :param grad_clip: max global gradient norm; 0 disables clipping.
@@ -376,7 +381,7 @@ class TrainStep(nn.Cell):
         self.scale_update = nn.DynamicLossScaleUpdateCell(float(loss_scale or 1.0), scale_factor=2,
                                                           scale_window=1000)
         self.overflow = overflow if overflow is not None else OverflowCheck(VALUES, world_size)
-        self.metrics = StepMetrics(loss_net.diffusion.num_timesteps, loss_net.metric_names)
+        self.metrics = StepMetrics(loss_net.num_timesteps, loss_net.metric_names)
         if self.world_size > 1:
             self.grad_reducer = nn.DistributedGradReducer(self.weights, mean=True, degree=self.world_size)
             self.all_gather = ops.AllGather(GlobalComm.WORLD_COMM_GROUP)

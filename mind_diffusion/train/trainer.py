@@ -31,12 +31,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..checkpoints import (checkpoint_config, checkpoint_step, latest_checkpoint, list_checkpoints, read_checkpoint,
                            restore_state)
-from ..config import config_to_dict, save_config, uses_loss_scale
+from ..config import autoencoder_factor, config_to_dict, save_config, uses_loss_scale
 from ..data import create_dataset
 from ..device import graph_target
 from ..kernels.dropout import seed_step
 from ..resample import create_named_schedule_sampler
 from .checkpoint import CheckpointWriter, load_initial_weights, training_state
+from .latent import AutoencoderLoss, LatentDiffusionLoss, export_config, export_path, write_export
 from .step import EMA, AdamW, ClassifierLoss, DiffusionLoss, OverflowCheck, StepMetrics, TrainStep, WarmupLR, overflow_mode
 
 logger = logging.getLogger("mind_diffusion.train")
@@ -49,7 +50,7 @@ MAX_NONFINITE_STREAK = 20
 # intervals' mean losses, or the interval's own best step) has diverged: no checkpoint is written then.
 DIVERGENCE_FACTOR = 100.0
 # Files of a run folder, which a new run must not silently mix with its own.
-RUN_FILES = ("ckpt_*.ckpt", "partial_*", "metrics.jsonl", "samples", "config.yaml")
+RUN_FILES = ("ckpt_*.ckpt", "ldm_*.ckpt", "partial_*", "metrics.jsonl", "samples", "config.yaml")
 
 
 class TrainingDiverged(RuntimeError):
@@ -129,11 +130,7 @@ class Trainer:
         if train.init_from:
             # before the EMA copies are made, so that they start from these weights too
             load_initial_weights(model, train.init_from)
-        if config.model.arch == "classifier":  # p_φ(y | x_t, t) for classifier guidance: labels are targets
-            loss_net = ClassifierLoss(model, diffusion, self.schedule_sampler,
-                                      top_k=min(5, config.model.num_classes))
-        else:
-            loss_net = DiffusionLoss(model, diffusion, self.schedule_sampler, self.cond_names)
+        loss_net = self._loss(model, diffusion)
         named = [(name, p) for name, p in model.parameters_and_names() if p.requires_grad]
         optimizer = AdamW(named, WarmupLR(train.lr, train.warmup_steps), betas=(0.9, 0.999), eps=1e-8,
                           weight_decay=train.weight_decay)
@@ -143,8 +140,31 @@ class Trainer:
                                     world_size=world_size,
                                     overflow=OverflowCheck(overflow_mode(self.target), world_size))
         self.state = training_state(model, self.train_step)
-        self.image_shape = (config.model.in_channels, config.model.image_size, config.model.image_size)
+        self.noise_shape = self._noise_shape(loss_net)
         self.writer = CheckpointWriter(run_dir, train.keep_checkpoints) if self.is_writer else None
+
+    def _loss(self, model, diffusion):
+        """The objective of ``model.arch`` (see :mod:`mind_diffusion.train.step`, :mod:`.latent`)."""
+        config = self.config
+        arch = config.model.arch
+        if arch == "classifier":  # p_φ(y | x_t, t) for classifier guidance: labels are targets
+            return ClassifierLoss(model, diffusion, self.schedule_sampler, top_k=min(5, config.model.num_classes))
+        if arch == "latent":  # the frozen parts are not trainable parameters: no gradient, moment or EMA
+            return LatentDiffusionLoss(model, diffusion, self.schedule_sampler, config.model.latent_channels,
+                                       config.train.sample_posterior)
+        if arch == "autoencoder":
+            return AutoencoderLoss(model, config.train.kl_weight)
+        return DiffusionLoss(model, diffusion, self.schedule_sampler, self.cond_names)
+
+    def _noise_shape(self, loss_net):
+        """(C, H, W) of the step's Gaussian input: the image's, or for latent models the latent's (for
+        arch latent with a posterior draw, 2C: ε and the draw; for arch autoencoder the draw alone)."""
+        model = self.config.model
+        if model.arch not in ("latent", "autoencoder"):
+            return (model.in_channels, model.image_size, model.image_size)
+        side = model.image_size // autoencoder_factor(model)
+        channels = loss_net.noise_channels() if model.arch == "latent" else model.latent_channels
+        return (channels, side, side)
 
     def _condition_names(self):
         names = []
@@ -271,7 +291,16 @@ class Trainer:
         if not self.is_writer:
             return None
         save_config(self.config, os.path.join(self.run_dir, "config.yaml"))
-        return self.writer.save(self.state, step, config_to_dict(self.config))
+        path = self.writer.save(self.state, step, config_to_dict(self.config))
+        if self.config.model.arch == "latent":
+            self.export(export_path(self.run_dir, step))
+        return path
+
+    def export(self, path, ema_rate=None):
+        """Write the latent model as a converted checkpoint (its UNet's EMA copy, the frozen parts), which
+        ``run_infer.sh PROMPT --ckpt PATH --vocab model.vocab`` samples from."""
+        parts = export_config(self.model.parts, self.config)
+        return write_export(path, dict(self.model.parameters_and_names()), self.train_step.ema, parts, ema_rate)
 
     def fit(self, resume=None, progress=True, overwrite=False):
         """Train up to ``train.total_steps``; returns the path of the final checkpoint (rank 0) or None."""
@@ -283,7 +312,7 @@ class Trainer:
             return latest_checkpoint(self.run_dir) if self.is_writer else None
         stream = create_dataset(self.config.data, train.batch_size, self.rank, self.world_size,
                                 tokenizer=self.tokenizer, seed=self.config.seed, start_step=start,
-                                end_step=train.total_steps, noise_shape=self.image_shape,
+                                end_step=train.total_steps, noise_shape=self.noise_shape,
                                 low_res_size=self.config.model.low_res_size if "low_res" in self.cond_names else None,
                                 channels=self.config.model.in_channels)
         log = MetricLog(self.train_step.metrics,

@@ -1,0 +1,172 @@
+"""Training latent diffusion (Rombach et al. 2022): the latent model's objective, the KL autoencoder's, and
+the converted checkpoint a latent run writes for sampling.
+
+Both losses have :class:`~mind_diffusion.train.step.DiffusionLoss`'s call,
+``construct(images, u, noise, *cond) -> (loss, t, per-example loss, metric 1, metric 2)``, so the one
+compiled :class:`~mind_diffusion.train.step.TrainStep` (AdamW, EMA, overflow check, metrics) trains them.
+
+The latent objective (Sec. 4.3, Eq. 2, "L_LDM"): for an image x with caption y,
+
+    z_0 = s · z,  z = μ(x) + σ(x)·n  (a draw of the frozen encoder's posterior; z = μ without ``sample_posterior``)
+    z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε,    L = ‖target − ε_θ(z_t, t, τ(y))‖² averaged over the latent,
+
+with target ε, or v = √ᾱ_t ε − √(1 − ᾱ_t) z_0 for a v-predicting model (Salimans & Ho 2022): the process's
+own ``training_losses`` computes both (one home per formula). τ is the frozen text encoder; a caption
+dropped by ``data.caption_dropout`` is the empty prompt's tokens, which trains the unconditional model
+that classifier-free guidance needs.
+
+The autoencoder's objective (App. G; CompVis ``LPIPSWithDiscriminator`` without its perceptual and
+adversarial terms, and without its learned output log-variance, which starts at 0):
+
+    L = Σ_pixels |x − D(z)| + w · KL(q(z | x) ‖ N(0, I)),  z = μ + σ·n,
+    KL = ½ Σ_latent (μ² + σ² − 1 − log σ²),
+
+both summed over one example (CompVis's scale, at which w = 1e-6), averaged over the batch.
+"""
+import json
+import os
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops
+
+from ..convert_ldm import config_json
+from ..losses import mean_flat, normal_kl
+from ..resample import UniformSampler
+from ..sampling.schedulers.ldm import create_ldm_diffusion
+
+__all__ = ["LatentDiffusionLoss", "AutoencoderLoss", "LDM_SCHEDULE", "latent_diffusion", "export_config",
+           "write_export", "export_path"]
+
+# Latent diffusion's β range (SD 1.x/2.x, Wukong-Huahua): diffusion.noise_schedule "scaled_linear".
+LDM_SCHEDULE = dict(linear_start=0.00085, linear_end=0.012)
+
+
+def latent_diffusion(diffusion_cfg):
+    """The process of ``diffusion.noise_schedule: scaled_linear``: latent diffusion's β over
+    ``diffusion.steps``, ε or (``predict_v``) v prediction, as latent sampling builds it."""
+    return create_ldm_diffusion(diffusion_cfg.steps, prediction="v" if diffusion_cfg.predict_v else "eps",
+                                **LDM_SCHEDULE)
+
+
+class LatentDiffusionLoss(nn.Cell):
+    """L_LDM of a batch: ``construct(images, u, noise, tokens, *unused) -> (mean_b w_b L_b, t, L, mse, z_rms)``.
+
+    :param model: a :class:`models.latent_diffusion.LatentDiffusion` (``latents``, ``context``, and the
+        UNet as ``model(z_t, t, context)``).
+    :param diffusion: the latent process (ε or v by its mean type; fixed variance, loss mse).
+    :param schedule_sampler: a :class:`~mind_diffusion.resample.ScheduleSampler` over its steps.
+    :param latent_channels: C of a latent. With ``sample_posterior`` the ``noise`` input carries 2C
+        channels: ε (the first C) and the posterior draw n (the last C), independent Gaussians of one
+        seeded draw; else C (ε only, z = μ).
+
+    The second metric, z_rms = √(mean z_0²) per example, shows whether ``scale_factor`` gives the
+    latents about unit variance, as the process assumes.
+    """
+
+    metric_names = ("mse", "z_rms")
+
+    def __init__(self, model, diffusion, schedule_sampler, latent_channels, sample_posterior=True):
+        super().__init__()
+        self.model = model
+        self.diffusion = diffusion
+        self.schedule_sampler = schedule_sampler
+        self.num_timesteps = diffusion.num_timesteps
+        self.channels = int(latent_channels)
+        self.sample_posterior = bool(sample_posterior)
+
+    def noise_channels(self):
+        """Channels of the ``noise`` input: 2C with a posterior draw, else C."""
+        return 2 * self.channels if self.sample_posterior else self.channels
+
+    def construct(self, images, u, noise, tokens, *unused):
+        t, weights = self.schedule_sampler(u)
+        if self.sample_posterior:
+            eps = noise[:, :self.channels]
+            z_start = self.model.latents(images, noise[:, self.channels:])
+        else:
+            eps = noise
+            z_start = self.model.latents(images)
+        context = self.model.context(tokens)
+        loss, mse, _ = self.diffusion.training_losses(self.model, z_start, t, eps, context=context)
+        z_rms = ops.sqrt(mean_flat(ops.square(z_start)))
+        return (loss * weights).mean(), t, loss, mse, z_rms
+
+
+class AutoencoderLoss(nn.Cell):
+    """The KL autoencoder's loss: ``construct(images, u, noise) -> (mean_b L_b, t = 0, L, l1, kl)``.
+
+    ``noise`` [B, C, h, w] is the posterior draw n. ``l1`` is the mean absolute error per pixel (the
+    sum in L divided by the pixel count, for reading), ``kl`` the per-example KL in nats. ``u`` is
+    unused: the step's timestep input and output exist so that the train step stays one graph for
+    every objective (t is always 0, a single-step "schedule").
+
+    :param autoencoder: an :class:`models.autoencoder.AutoencoderKL` (``posterior``, ``decode``).
+    :param kl_weight: w.
+    """
+
+    metric_names = ("l1", "kl")
+
+    def __init__(self, autoencoder, kl_weight):
+        super().__init__()
+        self.model = autoencoder
+        self.kl_weight = float(kl_weight)
+        self.schedule_sampler = UniformSampler(1)
+        self.num_timesteps = 1
+
+    def construct(self, images, u, noise, *unused):
+        t, _ = self.schedule_sampler(u)
+        mean, logvar = self.model.posterior(images)
+        z = mean + ops.exp(0.5 * logvar) * noise
+        reconstruction = self.model.decode(z).astype(ms.float32)
+        l1 = mean_flat(ops.abs(images - reconstruction))
+        l1_sum = l1 * float(np.prod(images.shape[1:]))
+        standard = ops.zeros_like(mean)  # the prior N(0, I): mean 0, log-variance 0
+        kl = normal_kl(mean, logvar, standard, standard).sum(axis=(1, 2, 3))
+        losses = l1_sum + self.kl_weight * kl
+        return losses.mean(), t, losses, l1, kl
+
+
+# ---- the converted checkpoint a latent run writes ------------------------------------------------
+
+def export_path(run_dir, step):
+    """``<run_dir>/ldm_<step:08d>.ckpt``: the sampling checkpoint written beside ``ckpt_<step>.ckpt``."""
+    return os.path.join(run_dir, f"ldm_{step:08d}.ckpt")
+
+
+def export_config(parts, config):
+    """The ``ldm_config`` of a run: the networks' description ``parts`` (keys ``unet``, ``vae``,
+    ``text_encoder``, ``scale_factor``, ``numerics``, as :func:`mind_diffusion.convert_ldm.infer_ldm_config`
+    gives them) with the process of ``config.diffusion``: its T, latent diffusion's β range, ε or v."""
+    diffusion = config.diffusion
+    out = json.loads(json.dumps(parts))
+    out.update(schedule=dict(timesteps=diffusion.steps, **LDM_SCHEDULE),
+               prediction="v" if diffusion.predict_v else "eps",
+               inferred=dict(heads="the training recipe", schedule="the training recipe"))
+    return out
+
+
+def write_export(path, state, ema, ldm_config, ema_rate=None):
+    """Write a converted latent checkpoint (``python -m mind_diffusion.convert``'s format: ``unet.*``,
+    ``vae.*``, ``text_encoder.*`` and ``ldm_config``), which ``run_infer.sh`` samples from.
+
+    :param state: the model's name → Parameter (``LatentDiffusion.parameters_and_names()``).
+    :param ema: the train step's :class:`~mind_diffusion.train.step.EMA` or None: the UNet's weights are
+        its copy at ``ema_rate`` (default the slowest, the one sampling uses), the frozen parts their own.
+    """
+    weights = {name: param.asnumpy() for name, param in state.items()}
+    if ema is not None:
+        rate = max(ema.rates) if ema_rate is None else float(ema_rate)
+        shadow = ema.shadows[ema.rates.index(rate)]
+        weights.update((name, param.asnumpy()) for name, param in zip(ema.names, shadow))
+    entries = [{"name": name, "data": ms.Tensor(value)} for name, value in weights.items()]
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f"partial_{os.path.basename(path)}")
+    try:
+        ms.save_checkpoint(entries, tmp, append_dict={"ldm_config": config_json(ldm_config)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

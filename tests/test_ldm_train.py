@@ -1,0 +1,210 @@
+"""Training latent diffusion (mind_diffusion/train/latent.py): the latent and autoencoder objectives against
+NumPy, the frozen parts, an exact resume, and a run's checkpoint sampled by run_infer.
+
+One tiny latent model (16×16 images, a factor-2 autoencoder → 4×8×8 latents, a one-level-attention UNet of
+width 32, a one-layer text encoder over the demo vocabulary) is trained by one Trainer for the whole
+module, so its train step compiles once.
+"""
+import os
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from mind_diffusion.checkpoints import ema_prefix, read_checkpoint
+from mind_diffusion.cli import latent as latent_cli
+from mind_diffusion.cli.factory import build_diffusion, build_model
+from mind_diffusion.config import config_from_dict
+from mind_diffusion.train.latent import AutoencoderLoss, LatentDiffusionLoss
+from mind_diffusion.train.trainer import Trainer
+from tests.helpers.infer_main import run_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = os.path.join(ROOT, "configs", "ldm_demo_vocab.txt")
+BATCH, C, SIDE, LATENT = 2, 4, 16, 8
+
+
+def tiny_recipe(**diffusion):
+    return {
+        "name": "ldm_tiny", "seed": 3,
+        "model": {"arch": "latent", "image_size": SIDE, "num_channels": 32, "num_res_blocks": 1,
+                  "channel_mult": [1, 2], "attention_resolutions": [4], "num_head_channels": 32,
+                  "vocab": VOCAB, "text_ctx": 77, "xf_width": 32, "xf_layers": 1, "xf_heads": 2,
+                  "ae_channels": 32, "ae_channel_mult": [1, 2], "ae_num_res_blocks": 1, "latent_channels": C,
+                  "scale_factor": 0.5},
+        "diffusion": {"steps": 1000, "noise_schedule": "scaled_linear", **diffusion},
+        "data": {"kind": "demo", "demo_size": 16, "random_flip": False, "caption_dropout": 0.5},
+        "train": {"batch_size": BATCH, "lr": 1e-3, "ema_rate": [0.5], "total_steps": 2, "save_every": 1,
+                  "log_every": 1},
+    }
+
+
+def numpy_alphas_cumprod(steps):
+    """ᾱ_t of latent diffusion's schedule, derived here: √β evenly spaced from √0.00085 to √0.012."""
+    betas = np.linspace(np.sqrt(0.00085), np.sqrt(0.012), steps, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+def batch(seed, channels):
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(-1, 1, (BATCH, 3, SIDE, SIDE)).astype(np.float32)
+    u = np.array([0.0123, 0.9371], np.float32)
+    noise = rng.standard_normal((BATCH, channels, LATENT, LATENT)).astype(np.float32)
+    return images, u, noise
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    ms.set_seed(0)
+    config = config_from_dict(tiny_recipe())
+    return build_model(config.model)
+
+
+@pytest.mark.parametrize("predict_v", [False, True], ids=["eps", "v"])
+def test_latent_loss_matches_numpy(model_and_tokenizer, predict_v):
+    model, tokenizer = model_and_tokenizer
+    config = config_from_dict(tiny_recipe(predict_v=predict_v))
+    diffusion = build_diffusion(config.diffusion, config.model)
+    from mind_diffusion.resample import UniformSampler
+    loss_net = LatentDiffusionLoss(model, diffusion, UniformSampler(1000), C, sample_posterior=True)
+    images, u, noise = batch(1, 2 * C)
+    tokens, _ = tokenizer(["a red circle", ""])
+    loss, t, losses, mse, z_rms = (v.asnumpy() for v in loss_net(
+        ms.Tensor(images), ms.Tensor(u), ms.Tensor(noise), ms.Tensor(tokens)))
+
+    # The same quantities composed by hand: the networks run alone, every formula in NumPy.
+    eps, draw = noise[:, :C], noise[:, C:]
+    mean, logvar = (v.asnumpy().astype(np.float64) for v in model.vae.posterior(ms.Tensor(images)))
+    z0 = 0.5 * (mean + np.exp(0.5 * logvar) * draw)                    # scale_factor · (μ + σ n)
+    want_t = np.floor(u.astype(np.float64) * 1000).astype(np.int32)
+    abar = numpy_alphas_cumprod(1000)[want_t].reshape(-1, 1, 1, 1)
+    z_t = np.sqrt(abar) * z0 + np.sqrt(1 - abar) * eps
+    context = model.text_encoder(ms.Tensor(tokens))
+    out = model.unet(ms.Tensor(z_t.astype(np.float32)), ms.Tensor(want_t.astype(np.float32)), context)
+    target = np.sqrt(abar) * eps - np.sqrt(1 - abar) * z0 if predict_v else eps
+    want = ((target - out.asnumpy().astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+
+    np.testing.assert_array_equal(t, want_t)
+    np.testing.assert_allclose(losses, want, rtol=2e-5)
+    np.testing.assert_allclose(mse, want, rtol=2e-5)
+    np.testing.assert_allclose(loss, want.mean(), rtol=2e-5)
+    np.testing.assert_allclose(z_rms, np.sqrt((z0 ** 2).mean(axis=(1, 2, 3))), rtol=1e-5)
+    assert abs(want[0] - want[1]) > 1e-3  # the two examples differ: a swapped t or context would show
+
+
+def test_autoencoder_loss_matches_numpy():
+    config = config_from_dict({"model": {"arch": "autoencoder", "image_size": SIDE, "ae_channels": 32,
+                                         "ae_channel_mult": [1, 2], "ae_num_res_blocks": 1,
+                                         "latent_channels": C}})
+    ms.set_seed(1)
+    vae, _ = build_model(config.model)
+    loss_net = AutoencoderLoss(vae, kl_weight=0.25)
+    images, u, noise = batch(2, C)
+    loss, t, losses, l1, kl = (v.asnumpy() for v in loss_net(ms.Tensor(images), ms.Tensor(u), ms.Tensor(noise)))
+
+    mean, logvar = (v.asnumpy().astype(np.float64) for v in vae.posterior(ms.Tensor(images)))
+    z = mean + np.exp(0.5 * logvar) * noise
+    decoded = vae.decode(ms.Tensor(z.astype(np.float32))).asnumpy().astype(np.float64)
+    want_l1 = np.abs(images - decoded).sum(axis=(1, 2, 3))
+    want_kl = 0.5 * (mean ** 2 + np.exp(logvar) - 1.0 - logvar).sum(axis=(1, 2, 3))
+    want = want_l1 + 0.25 * want_kl
+    np.testing.assert_array_equal(t, [0, 0])
+    np.testing.assert_allclose(l1, want_l1 / (3 * SIDE * SIDE), rtol=1e-5)
+    np.testing.assert_allclose(kl, want_kl, rtol=1e-4)
+    np.testing.assert_allclose(losses, want, rtol=1e-5)
+    np.testing.assert_allclose(loss, want.mean(), rtol=1e-5)
+    assert want_kl.min() > 1.0  # a random encoder's posterior is far from N(0, I): the KL term is exercised
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, model_and_tokenizer):
+    """(trainer, initial state, state after 2 steps) of the tiny latent model, v-predicting."""
+    model, tokenizer = model_and_tokenizer
+    config = config_from_dict(tiny_recipe(predict_v=True))
+    run_dir = str(tmp_path_factory.mktemp("ldm_run"))
+    trainer = Trainer(config, model, build_diffusion(config.diffusion, config.model), run_dir, tokenizer=tokenizer)
+    initial = {name: p.asnumpy().copy() for name, p in trainer.state.items()}
+    trainer.fit(progress=False)
+    after = {name: p.asnumpy().copy() for name, p in trainer.state.items()}
+    return trainer, initial, after
+
+
+def test_frozen_parts_get_no_gradient_moment_average_or_update(trained):
+    trainer, initial, after = trained
+    frozen = [n for n in initial if n.startswith(("model.vae.", "model.text_encoder."))]
+    unet = [n for n in initial if n.startswith("model.unet.")]
+    assert frozen and unet
+    assert all(np.array_equal(initial[n], after[n]) for n in frozen)
+    # two applied steps; the UNet moved (not all of it: ADM's zero-initialised output layers pass no gradient
+    # upstream in the first step)
+    assert int(after["optimizer.global_step"]) == 2
+    assert any(not np.array_equal(initial[n], after[n]) for n in unet)
+    # the optimizer (hence the gradients: value_and_grad takes its parameters) and the EMA hold the UNet only
+    names = {id(p): n for n, p in trainer.model.parameters_and_names()}
+    assert {names[id(p)].split(".")[0] for p in trainer.train_step.optimizer.parameters} == {"unet"}
+    assert {n.split(".")[0] for n in trainer.train_step.ema.names} == {"unet"}
+    assert not [n for n in initial if n.startswith(("optimizer.", ema_prefix(0.5))) and
+                (".vae." in n or ".text_encoder." in n or n.startswith(f"{ema_prefix(0.5)}vae."))]
+
+
+def test_two_steps_resume_exactly(trained):
+    trainer, initial, after = trained
+    for name, value in initial.items():  # back to the start, so nothing of the finished run lingers
+        trainer.state[name].set_data(ms.Tensor(value))
+    trainer.fit(resume=os.path.join(trainer.run_dir, "ckpt_00000001.ckpt"), progress=False)
+    resumed = {name: p.asnumpy() for name, p in trainer.state.items()}
+    changed = [n for n in after if not np.array_equal(after[n], resumed[n])]
+    assert changed == []
+
+
+def test_a_runs_export_samples_through_run_infer(trained, tmp_path, capsys):
+    trainer, _, after = trained
+    export = os.path.join(trainer.run_dir, "ldm_00000002.ckpt")
+    assert latent_cli.is_latent_checkpoint(export)
+
+    class Args:
+        num_heads = num_head_channels = text_heads = merges = None
+        prediction, vocab = "eps", VOCAB
+    config, unet, vae, text, _ = latent_cli.load_latent_model(export, Args)
+    assert config["prediction"] == "v" and config["scale_factor"] == 0.5
+    checkpoint = read_checkpoint(os.path.join(trainer.run_dir, "ckpt_00000002.ckpt"))
+    for network, part in ((unet, "unet"), (vae, "vae"), (text, "text_encoder")):
+        for param in network.get_parameters():  # the UNet's EMA copy, the frozen parts as they are
+            key = f"{ema_prefix(0.5)}unet.{param.name}" if part == "unet" else f"model.{part}.{param.name}"
+            np.testing.assert_array_equal(param.asnumpy(), checkpoint[key].asnumpy(), err_msg=key)
+    status, out, err = run_main(["a red circle", "--ckpt", export, "--vocab", VOCAB, "--size", str(SIDE),
+                                 "--sampler", "ddim", "--steps", "2", "--n", "1", "--batch", "1",
+                                 "--out", str(tmp_path)], capsys)
+    assert status == 0, err
+    assert os.path.isfile(out.strip().splitlines()[-1])
+
+
+def test_the_encoders_downsampling_backward_keeps_running():
+    """models/autoencoder.py:Downsample pads inside its convolution: with an ``ops.pad`` before it, this very
+    gradient (64 channels, 16×16, batch 16) stopped progressing on its 18th call on MindSpore 2.10's CPU backend,
+    which stalled every autoencoder training run (this test then never finishes)."""
+    from mindspore import nn, ops
+    from models.autoencoder import Downsample
+
+    class Energy(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.down = Downsample(64)
+
+        def construct(self, x):
+            return ops.square(self.down(x)).sum()
+
+    class Gradient(nn.Cell):  # compiled, as the train step is
+        def __init__(self):
+            super().__init__()
+            self.energy = Energy()
+            self.grad = ops.value_and_grad(self.energy, 0, ms.ParameterTuple(self.energy.trainable_params()))
+
+        def construct(self, x):
+            return self.grad(x)
+
+    gradient = Gradient()
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((16, 64, 16, 16)).astype(np.float32))
+    for _ in range(20):
+        value, (dx, _) = gradient(x)
+    assert dx.shape == x.shape and np.isfinite(float(value.asnumpy()))
