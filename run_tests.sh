@@ -18,4 +18,11 @@ if ! "$PY" -c 'import pytest' >/dev/null 2>&1; then
   fi
 fi
 [ $# -gt 0 ] || set -- tests
+# Two test processes by default (pytest-xdist, a file per process at a time, so a file's shared compiled
+# graphs stay shared): compiling graphs, most of the suite's time, uses one core. MIND_DIFFUSION_TEST_WORKERS=1
+# runs in one process; without pytest-xdist (a Python this script did not set up) the run is serial too.
+workers="${MIND_DIFFUSION_TEST_WORKERS:-2}"
+if [ "$workers" -gt 1 ] && "$PY" -c 'import xdist' >/dev/null 2>&1; then
+  set -- -n "$workers" --dist loadfile "$@"
+fi
 exec "$PY" -m pytest -q "$@"

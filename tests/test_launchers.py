@@ -149,3 +149,26 @@ def test_run_tests_leaves_a_foreign_python_without_pytest_alone(tmp_path):
                             env=clean_env(PY=str(foreign)), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and f"pytest is not installed for {foreign}" in result.stderr
     assert "pip" not in log.read_text()
+
+
+def _run_tests_argv(tmp_path, xdist, **env):
+    """The pytest arguments run_tests.sh gives a Python that has pytest (and pytest-xdist when ``xdist``)."""
+    tmp_path.mkdir()
+    log = tmp_path / "calls.log"
+    python = tmp_path / "python"
+    # Answers the two probes (import pytest, import xdist) and logs the pytest call.
+    python.write_text(f'#!/bin/sh\ncase "$*" in\n  *"import xdist"*) exit {0 if xdist else 1} ;;\n'
+                      f'  *"import pytest"*) exit 0 ;;\nesac\necho "$*" >> {shlex.quote(str(log))}\n')
+    python.chmod(0o755)
+    result = subprocess.run(["bash", os.path.join(ROOT, "run_tests.sh"), "tests/test_x.py"], cwd=tmp_path,
+                            env=clean_env(PY=str(python), **env), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return log.read_text().split()
+
+
+def test_run_tests_uses_two_processes_when_xdist_is_there(tmp_path):
+    serial = ["-m", "pytest", "-q", "tests/test_x.py"]
+    assert _run_tests_argv(tmp_path / "a", True) == ["-m", "pytest", "-q", "-n", "2", "--dist", "loadfile",
+                                                     "tests/test_x.py"]
+    assert _run_tests_argv(tmp_path / "b", True, MIND_DIFFUSION_TEST_WORKERS="1") == serial
+    assert _run_tests_argv(tmp_path / "c", False) == serial
