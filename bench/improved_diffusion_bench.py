@@ -21,6 +21,8 @@ import statistics
 import sys
 import time
 
+from torch_reference import add_timing_arguments, time_forwards  # bench/ is on the path as a script
+
 WORKS = ("train", "sample", "forward")
 FLAGS = dict(image_size=32, num_channels=64, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
              attention_resolutions="16,8", dropout=0.1, learn_sigma=True, sigma_small=False, class_cond=False,
@@ -94,29 +96,13 @@ def forward_speed(torch, batch_sizes, repeats):
     model.eval()
     count = sum(p.numel() for p in model.parameters())
     print(f"parameters: {count:,} ({count / 1e6:.2f} M)")
-    for batch in batch_sizes:
-        x, t = torch.randn(batch, 3, 32, 32), torch.randint(0, 1000, (batch,))
-        times = []
-        with torch.no_grad():
-            model(x, t)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(x, t)
-                times.append(time.perf_counter() - start)
-        print(f"forward batch {batch:3d}: median {statistics.median(times) * 1e3:8.1f} ms "
-              f"(min {min(times) * 1e3:.1f}, {repeats} runs)")
+    time_forwards(model, batch_sizes, repeats)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkout", required=True, help="a checkout of openai/improved-diffusion (its root folder)")
-    parser.add_argument("--only", choices=WORKS, help="run one bench (default: all three)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--batch", type=int, default=16, help="batch of the training and sampling benches")
-    parser.add_argument("--steps", type=int, default=10, help="timed training steps after 2 warm-up steps")
-    parser.add_argument("--sample-steps", type=int, default=50, help="respaced steps of the DDPM/DDIM chains")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="forward-only batch sizes")
-    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per batch size")
+    add_timing_arguments(parser, WORKS)
     args = parser.parse_args()
     try:
         import_checkout(args.checkout)

@@ -493,6 +493,12 @@ def forward_speed(batch_sizes, repeats):
     model = UNetModel(**CIFAR10_UNET).eval()
     count = sum(p.numel() for p in model.parameters())
     print(f"parameters: {count:,} ({count / 1e6:.2f} M)")
+    time_forwards(model, batch_sizes, repeats)
+
+
+def time_forwards(model, batch_sizes, repeats):
+    """Print the median eval forward time of ``model(x, t)`` per batch size, after one warm-up call
+    (shared with bench/improved_diffusion_bench.py)."""
     for batch in batch_sizes:
         x = torch.randn(batch, 3, 32, 32)
         t = torch.randint(0, 1000, (batch,))
@@ -507,18 +513,23 @@ def forward_speed(batch_sizes, repeats):
               f"(min {min(times) * 1e3:.1f}, {repeats} runs)")
 
 
-def _parse_args():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Without --check: timings of training, sampling and the forward pass (see the module docstring).")
+def add_timing_arguments(parser, works):
+    """The options of the PyTorch benches (this one and bench/improved_diffusion_bench.py)."""
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--only", choices=("train", "sample", "forward", "limit"),
-                        help="run one bench (default: the first three); limit: FLOPs per image and matmul peak")
+    parser.add_argument("--only", choices=works, help="run one bench (default: train, sample and forward)")
     parser.add_argument("--batch", type=int, default=16, help="batch of the training and sampling benches")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps after 2 warm-up steps")
     parser.add_argument("--sample-steps", type=int, default=50, help="respaced steps of the DDPM/DDIM chains")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="forward-only batch sizes")
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per batch size")
+
+
+def _parse_args():
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Without --check: timings of training, sampling and the forward pass (see the module docstring).")
+    # limit: FLOPs per image and the matmul peak
+    add_timing_arguments(parser, ("train", "sample", "forward", "limit"))
     parser.add_argument("--check", metavar="PATH.pt", help="state dict exported from our model: check, don't time")
     parser.add_argument("--check-io", metavar="PATH.npz", help="our model's x, t and eval-mode output out")
     args = parser.parse_args()
