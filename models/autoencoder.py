@@ -259,6 +259,10 @@ class AutoencoderKL(nn.Cell):
     def encode_latent(self, x, noise=None):
         """The diffusion model's latent ``scale_factor · z``: z = μ, or μ + σ·noise when ``noise`` is given."""
         mean, logvar = self.posterior(x)
+        return self.latent_of_posterior(mean, logvar, noise)
+
+    def latent_of_posterior(self, mean, logvar, noise=None):
+        """``scale_factor · z`` of the posterior (μ, log σ²): z = μ, or the draw μ + σ·noise."""
         z = mean if noise is None else mean + ops.exp(0.5 * logvar) * noise
         return z * self.scale_factor
 

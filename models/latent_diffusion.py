@@ -42,6 +42,12 @@ class LatentDiffusion(nn.Cell):
         """
         return ops.stop_gradient(self.vae.encode_latent(images, noise))
 
+    def latents_of_moments(self, moments, noise=None):
+        """z_0 of a precomputed posterior: ``moments`` [B, 2C, h, w] holds μ then log σ² (the encoder's
+        output, as :mod:`mind_diffusion.data.latents` stores it); z = μ, or μ + σ·noise."""
+        mean, logvar = ops.chunk(moments, 2, axis=1)
+        return ops.stop_gradient(self.vae.latent_of_posterior(mean, logvar, noise))
+
     def context(self, tokens):
         """τ(y): the frozen text encoder's states of token ids [B, L], float32 [B, L, D]."""
         return ops.stop_gradient(self.text_encoder(tokens))

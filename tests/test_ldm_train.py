@@ -5,6 +5,7 @@ One tiny latent model (16×16 images, a factor-2 autoencoder → 4×8×8 latents
 width 32, a one-layer text encoder over the demo vocabulary) is trained by one Trainer for the whole
 module, so its train step compiles once.
 """
+import json
 import os
 
 import mindspore as ms
@@ -14,7 +15,9 @@ import pytest
 from mind_diffusion.checkpoints import ema_prefix, read_checkpoint
 from mind_diffusion.cli import latent as latent_cli
 from mind_diffusion.cli.factory import build_diffusion, build_model
-from mind_diffusion.config import config_from_dict
+from mind_diffusion.config import ConfigError, config_from_dict
+from mind_diffusion.data import latents, transforms
+from mind_diffusion.data.pipeline import _items_for
 from mind_diffusion.train.latent import AutoencoderLoss, LatentDiffusionLoss
 from mind_diffusion.train.trainer import Trainer
 from tests.helpers.infer_main import run_main
@@ -126,7 +129,13 @@ def trained(tmp_path_factory, model_and_tokenizer):
     initial = {name: p.asnumpy().copy() for name, p in trainer.state.items()}
     trainer.fit(progress=False)
     after = {name: p.asnumpy().copy() for name, p in trainer.state.items()}
+    trainer.first_metrics = read_metrics(run_dir)  # before any later test resumes the run
     return trainer, initial, after
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 def test_frozen_parts_get_no_gradient_moment_average_or_update(trained):
@@ -208,3 +217,114 @@ def test_the_encoders_downsampling_backward_keeps_running():
     for _ in range(20):
         value, (dx, _) = gradient(x)
     assert dx.shape == x.shape and np.isfinite(float(value.asnumpy()))
+
+
+# ---- precomputed latents (mind_diffusion/data/latents.py, data.kind latents) -----------------------------
+
+def encoded(model, tmp_path, random_flip, batch_size=5, name="latents"):
+    """The tiny recipe's demo set encoded by ``model``'s autoencoder (16 images in batches of 5: the last
+    one padded), and its config."""
+    recipe = tiny_recipe()
+    recipe["data"]["random_flip"] = random_flip
+    config = config_from_dict(recipe)
+    out = str(tmp_path / name)
+    return latents.encode(config, out, model.vae, batch_size=batch_size, progress=False), out, config
+
+
+def test_precomputed_latents_are_the_encoders_posterior(model_and_tokenizer, tmp_path):
+    model, _ = model_and_tokenizer
+    meta, out, config = encoded(model, tmp_path, random_flip=True)
+    items = _items_for(config.data)
+    images = np.stack([transforms.to_model_input(items.load(i)[0]) for i in range(len(items))])
+    mirrored = images[..., ::-1].copy()
+    for array, pixels in (("moments.npy", images), ("moments_flipped.npy", mirrored)):
+        mean, logvar = (v.asnumpy() for v in model.vae.posterior(ms.Tensor(pixels)))  # one batch of 16
+        stored = np.load(os.path.join(out, array))
+        assert stored.shape == (16, 2 * C, LATENT, LATENT) and stored.dtype == np.float32
+        np.testing.assert_allclose(stored[:, :C], mean, atol=2e-6, err_msg=array)
+        np.testing.assert_allclose(stored[:, C:], logvar, atol=2e-6, err_msg=array)
+    assert np.abs(np.load(os.path.join(out, "moments.npy")) - np.load(os.path.join(out, "moments_flipped.npy"))).max() > 1e-2
+    with open(os.path.join(out, "captions.json"), encoding="utf-8") as f:
+        assert json.load(f) == [items.load(i)[1] for i in range(16)]
+    np.testing.assert_array_equal(np.load(os.path.join(out, "labels.npy")), [items.load(i)[2] for i in range(16)])
+    assert meta["count"] == 16 and meta["flipped"] and meta["skipped"] == 0
+    assert meta["autoencoder"] == latents.autoencoder_digest(model.vae)
+    assert sorted(os.listdir(tmp_path)) == ["latents"]  # nothing staged is left beside it
+
+
+def test_the_precomputed_loss_is_the_in_step_loss(model_and_tokenizer, tmp_path):
+    """LatentDiffusionLoss on stored moments equals it on the images, draw for draw (ε, n, t, caption)."""
+    model, tokenizer = model_and_tokenizer
+    _, out, config = encoded(model, tmp_path, random_flip=False)
+    diffusion = build_diffusion(config.diffusion, config.model)
+    from mind_diffusion.resample import UniformSampler
+    items = _items_for(config.data)
+    images = np.stack([transforms.to_model_input(items.load(i)[0]) for i in (3, 11)])
+    moments = np.load(os.path.join(out, "moments.npy"))[[3, 11]]
+    _, u, noise = batch(4, 2 * C)
+    tokens, _ = tokenizer(["a red circle", "一个蓝色的方块"])
+    results = []
+    for precomputed, first in ((False, images), (True, moments)):
+        loss_net = LatentDiffusionLoss(model, diffusion, UniformSampler(1000), C, precomputed=precomputed)
+        results.append([v.asnumpy() for v in loss_net(ms.Tensor(first), ms.Tensor(u), ms.Tensor(noise),
+                                                     ms.Tensor(tokens))])
+    for got, want, name in zip(results[1], results[0], ("loss", "t", "losses", "mse", "z_rms")):
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=name)
+
+
+def test_a_run_on_precomputed_latents_draws_and_learns_as_the_in_step_run(trained, tmp_path):
+    trainer, initial, _ = trained
+    model = trainer.model
+    _, out, _ = encoded(model, tmp_path, random_flip=False)
+    for name, param in model.parameters_and_names():  # the in-step run's starting weights
+        param.set_data(ms.Tensor(initial[f"model.{name}"]))
+    recipe = tiny_recipe(predict_v=True)
+    recipe["data"].update(kind="latents", path=out)
+    config = config_from_dict(recipe)
+    run = Trainer(config, model, build_diffusion(config.diffusion, config.model), str(tmp_path / "run"),
+                  tokenizer=trainer.tokenizer)
+    assert run.step_columns == trainer.step_columns and run.noise_shape == trainer.noise_shape
+    run.fit(progress=False)
+    got, want = read_metrics(str(tmp_path / "run")), trainer.first_metrics
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2]
+    for name in ("loss", "mse", "z_rms"):  # step 1: the same latents, draws and weights
+        np.testing.assert_allclose(got[0][name], want[0][name], rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got[1]["loss"], want[1]["loss"], rtol=1e-4)  # after one update of each
+
+
+def test_latent_sets_refuse_what_they_cannot_serve(model_and_tokenizer, tmp_path, monkeypatch):
+    model, _ = model_and_tokenizer
+    meta, out, config = encoded(model, tmp_path, random_flip=False)
+    shape = tuple(meta["latent_shape"])
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        encoded(model, tmp_path, random_flip=False)
+    with pytest.raises(ValueError, match="mirrored latents"):
+        latents.check_matches(out, model.vae, shape, random_flip=True)
+    with pytest.raises(ValueError, match="shape"):
+        latents.check_matches(out, model.vae, (2 * C, 4, 4), random_flip=False)
+    other = build_model(config.model)[0].vae  # a fresh autoencoder: other random weights
+    with pytest.raises(ValueError, match="another autoencoder"):
+        latents.check_matches(out, other, shape, random_flip=False)
+    with pytest.raises(FileNotFoundError, match="encode_latents"):
+        latents.check_matches(str(tmp_path), model.vae, shape, random_flip=False)
+    with pytest.raises(ConfigError, match="data.kind"):
+        config_from_dict({"model": {"arch": "unet"}, "data": {"kind": "latents", "path": out}})
+    with pytest.raises(ConfigError, match="data.path"):
+        config_from_dict({**tiny_recipe(), "data": {"kind": "latents"}})
+
+    # an encoding that fails part-way leaves neither the folder nor its staging behind, and keeps an old set
+    def fail(self, images):
+        raise RuntimeError("injected encoder failure")
+    monkeypatch.setattr(latents._Posterior, "__call__", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        encoded(model, tmp_path, random_flip=False, name="broken")
+    with pytest.raises(RuntimeError, match="injected"):
+        latents.encode(config, out, model.vae, overwrite=True, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["latents"] and latents.read_meta(out) == meta
+
+
+def test_the_encode_command_refuses_other_recipes(tmp_path, capsys):
+    from mind_diffusion.cli import encode_latents
+    status = encode_latents.main([os.path.join(ROOT, "configs", "tiny.yaml"), str(tmp_path / "z")])
+    assert status == 2 and "arch 'latent'" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "z")

@@ -55,6 +55,7 @@ def run_from_elsewhere(tmp_path, *args):
     (os.path.join(ROOT, "mind_diffusion", "cli", "train.py"), "--help"),  # msrun starts files
     (os.path.join(ROOT, "mind_diffusion", "cli", "export.py"), "--help"),
     ("-m", "mind_diffusion.cli.export", "--help"),
+    ("-m", "mind_diffusion.cli.encode_latents", "--help"),
 ])
 def test_the_command_line_programs_start_from_any_folder(tmp_path, command):
     result = run_from_elsewhere(tmp_path, *command)

@@ -48,7 +48,7 @@ import logging
 import mindspore.dataset as ds
 import numpy as np
 
-from mind_diffusion.data import captions, demo, emoji, fashion_mnist, folder, grayscale28, mnist, transforms
+from mind_diffusion.data import captions, demo, emoji, fashion_mnist, folder, grayscale28, latents, mnist, transforms
 
 logger = logging.getLogger("mind_diffusion.data")
 
@@ -101,6 +101,8 @@ def _items_for(data_cfg, channels=3):
         return fashion_mnist.items("train", data_cfg.path)
     if data_cfg.kind == "emoji":
         return emoji.EmojiItems(data_cfg.image_size, data_cfg.path, channels=channels)
+    if data_cfg.kind == "latents":  # an arch latent recipe's posteriors, precomputed (mind_diffusion.data.latents)
+        return latents.LatentItems(data_cfg.path)
     if data_cfg.kind == "folder":
         image_folder = folder.ImageFolder(data_cfg.path, class_cond=data_cfg.class_cond)
         return _ImageItems(image_folder.paths, None, image_folder.labels, data_cfg.image_size, channels)
@@ -122,7 +124,14 @@ def sample_randomness(seed, rank, sample, shape):
 
 
 class _RowBuilder:
-    """Turns a decoded item into the row of columns of one rank sample (flips, caption dropout, u, ε, …)."""
+    """Turns a decoded item into the row of columns of one rank sample (flips, caption dropout, u, ε, …).
+
+    ``flip`` and ``to_input`` mirror an item's image and make it the model's input: a uint8 HWC image's
+    by default; a source whose items are not pixels (precomputed latents) brings its own.
+    """
+
+    flip = staticmethod(transforms.horizontal_flip)
+    to_input = staticmethod(transforms.to_model_input)
 
     def __init__(self, seed, rank, world_size, random_flip, caption_dropout,
                  tokenizer, with_labels, noise_shape=None, low_res_size=None):
@@ -140,10 +149,10 @@ class _RowBuilder:
         key = index if draw_key is None else draw_key
         flip_draw, drop_draw = np.random.default_rng([self.seed, epoch, key]).random(2)
         if self.random_flip and flip_draw < 0.5:
-            image = transforms.horizontal_flip(image)
+            image = self.flip(image)
         # 0-d arrays, not NumPy scalars: MindSpore wraps rows with np.array(copy=False),
         # which NumPy 2 refuses for scalars.
-        row = [transforms.to_model_input(image), np.array(index, np.int32),
+        row = [self.to_input(image), np.array(index, np.int32),
                np.array(skipped, np.int32)]
         if self.noise_shape is not None:
             row += sample_randomness(self.seed, self.rank, sample, self.noise_shape)
@@ -166,6 +175,8 @@ class _SampleSource(_RowBuilder):
         super().__init__(**kwargs)
         self.items = items
         self.per_shard = len(items) // self.world_size
+        if isinstance(items, latents.LatentItems):
+            self.flip, self.to_input = items.flip, items.to_input
 
     def __len__(self):
         return len(self.items)
@@ -362,7 +373,9 @@ def create_dataset(data_cfg, batch_size, rank=0, world_size=1, tokenizer=None, s
         per_shard = records.per_rank
     else:
         items = _items_for(data_cfg, channels)
-        if tokenizer is not None and data_cfg.kind in ("folder", "mnist", "fashion_mnist"):
+        uncaptioned = data_cfg.kind in ("folder", "mnist", "fashion_mnist") or (
+            data_cfg.kind == "latents" and items.texts is None)  # a set encoded from images without captions
+        if tokenizer is not None and uncaptioned:
             raise ValueError(f"data.kind {data_cfg.kind!r} has no captions to tokenize; "
                              "use data.kind 'captions' or 'demo' for a text-conditioned model")
         source = _SampleSource(items, rank=rank, world_size=world_size, **row_settings)
@@ -381,6 +394,8 @@ def preview_items(data_cfg, count, channels=3):
     :return: (images float32 [n, 3, S, S] in [-1, 1], captions (list of str or None), labels [n]);
         n < ``count`` only when the source has fewer readable items.
     """
+    if data_cfg.kind == "latents":
+        raise ValueError("data.kind 'latents' holds encoded latents, no images to preview")
     if data_cfg.kind == "mindrecord":
         from mind_diffusion.data import mindrecord
         loaded = mindrecord.RecordStream(data_cfg.path, data_cfg.image_size, channels).head(count)

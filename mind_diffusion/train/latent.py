@@ -59,6 +59,9 @@ class LatentDiffusionLoss(nn.Cell):
     :param latent_channels: C of a latent. With ``sample_posterior`` the ``noise`` input carries 2C
         channels: ε (the first C) and the posterior draw n (the last C), independent Gaussians of one
         seeded draw; else C (ε only, z = μ).
+    :param precomputed: the ``images`` input is the frozen encoder's posterior, precomputed
+        (``data.kind: latents``, :mod:`mind_diffusion.data.latents`): [B, 2C, h, w], μ then log σ². The
+        step then draws z from it and runs no encoder; the loss is the same function of the same draws.
 
     The second metric, z_rms = √(mean z_0²) per example, shows whether ``scale_factor`` gives the
     latents about unit variance, as the process assumes.
@@ -66,7 +69,8 @@ class LatentDiffusionLoss(nn.Cell):
 
     metric_names = ("mse", "z_rms")
 
-    def __init__(self, model, diffusion, schedule_sampler, latent_channels, sample_posterior=True):
+    def __init__(self, model, diffusion, schedule_sampler, latent_channels, sample_posterior=True,
+                 precomputed=False):
         super().__init__()
         self.model = model
         self.diffusion = diffusion
@@ -74,6 +78,7 @@ class LatentDiffusionLoss(nn.Cell):
         self.num_timesteps = diffusion.num_timesteps
         self.channels = int(latent_channels)
         self.sample_posterior = bool(sample_posterior)
+        self.precomputed = bool(precomputed)
 
     def noise_channels(self):
         """Channels of the ``noise`` input: 2C with a posterior draw, else C."""
@@ -81,12 +86,12 @@ class LatentDiffusionLoss(nn.Cell):
 
     def construct(self, images, u, noise, tokens, *unused):
         t, weights = self.schedule_sampler(u)
-        if self.sample_posterior:
-            eps = noise[:, :self.channels]
-            z_start = self.model.latents(images, noise[:, self.channels:])
+        eps = noise[:, :self.channels] if self.sample_posterior else noise
+        draw = noise[:, self.channels:] if self.sample_posterior else None
+        if self.precomputed:
+            z_start = self.model.latents_of_moments(images, draw)
         else:
-            eps = noise
-            z_start = self.model.latents(images)
+            z_start = self.model.latents(images, draw)
         context = self.model.context(tokens)
         loss, mse, _ = self.diffusion.training_losses(self.model, z_start, t, eps, context=context)
         z_rms = ops.sqrt(mean_flat(ops.square(z_start)))

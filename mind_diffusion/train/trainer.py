@@ -37,6 +37,7 @@ from ..device import graph_target
 from ..kernels.dropout import seed_step
 from ..resample import create_named_schedule_sampler
 from .checkpoint import CheckpointWriter, load_initial_weights, training_state
+from ..data.latents import check_matches as check_latents
 from .latent import AutoencoderLoss, LatentDiffusionLoss, export_config, export_path, write_export
 from .step import EMA, AdamW, ClassifierLoss, DiffusionLoss, OverflowCheck, StepMetrics, TrainStep, WarmupLR, overflow_mode
 
@@ -150,8 +151,13 @@ class Trainer:
         if arch == "classifier":  # p_φ(y | x_t, t) for classifier guidance: labels are targets
             return ClassifierLoss(model, diffusion, self.schedule_sampler, top_k=min(5, config.model.num_classes))
         if arch == "latent":  # the frozen parts are not trainable parameters: no gradient, moment or EMA
+            precomputed = config.data.kind == "latents"
+            if precomputed:  # the set must come from this run's frozen encoder, at this run's latent shape
+                side = config.model.image_size // autoencoder_factor(config.model)
+                check_latents(config.data.path, model.vae, (2 * config.model.latent_channels, side, side),
+                              config.data.random_flip)
             return LatentDiffusionLoss(model, diffusion, self.schedule_sampler, config.model.latent_channels,
-                                       config.train.sample_posterior)
+                                       config.train.sample_posterior, precomputed)
         if arch == "autoencoder":
             return AutoencoderLoss(model, config.train.kl_weight)
         return DiffusionLoss(model, diffusion, self.schedule_sampler, self.cond_names)
