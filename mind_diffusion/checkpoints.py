@@ -33,11 +33,13 @@ def checkpoint_path(run_dir, step):
     return os.path.join(run_dir, f"ckpt_{step:08d}.ckpt")
 
 
-def list_checkpoints(run_dir):
-    """(step, path) of the run's complete checkpoints, oldest first."""
+def list_checkpoints(run_dir, prefix="ckpt"):
+    """(step, path) of the run's complete checkpoints, oldest first: ``ckpt_<step>.ckpt``, or with
+    ``prefix="ldm"`` a latent run's sampling exports ``ldm_<step>.ckpt``."""
+    pattern = CHECKPOINT_PATTERN if prefix == "ckpt" else re.compile(rf"^{re.escape(prefix)}_(\d{{8}})\.ckpt$")
     found = []
-    for path in glob.glob(os.path.join(run_dir, "ckpt_*.ckpt")):
-        match = CHECKPOINT_PATTERN.match(os.path.basename(path))
+    for path in glob.glob(os.path.join(run_dir, f"{prefix}_*.ckpt")):
+        match = pattern.match(os.path.basename(path))
         if match:
             found.append((int(match.group(1)), path))
     return sorted(found)
@@ -122,14 +124,18 @@ def ema_state(checkpoint, rate):
 def model_weights(checkpoint, ema_rate=None, raw=False):
     """The network's weights from a checkpoint: an EMA copy when it has one (unless ``raw``), else the raw weights.
 
-    Without ``ema_rate`` the slowest copy (largest r) is taken, the one sampling uses.
+    Without ``ema_rate`` the slowest copy (largest r) is taken, the one sampling uses. Parameters that
+    were not trained have no EMA copy (a latent model's frozen autoencoder and text encoder): theirs are
+    the raw weights.
     """
+    weights = {name[len("model."):]: value for name, value in checkpoint.items() if name.startswith("model.")}
     rates = ema_rates(checkpoint)
     if rates and not raw:
-        return ema_state(checkpoint, rates[-1] if ema_rate is None else ema_rate)
+        weights.update(ema_state(checkpoint, rates[-1] if ema_rate is None else ema_rate))
+        return weights
     if ema_rate is not None:
         raise KeyError(f"this checkpoint has no EMA copies (asked for --ema-rate {ema_rate})")
-    return {name[len("model."):]: value for name, value in checkpoint.items() if name.startswith("model.")}
+    return weights
 
 
 def restore_state(state, checkpoint, path):

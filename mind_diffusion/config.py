@@ -297,7 +297,8 @@ class TrainConfig:
                                    "parameters each, e.g. [0.9999]",
                                    in_range(0.0, 1.0, high_inclusive=False))
     init_from: str = option("", "start from the network weights of this checkpoint (its EMA copy if it "
-                            "has one, e.g. an export) instead of random ones; the step, optimizer "
+                            "has one, e.g. an export; for arch latent the UNet's EMA copy and the frozen "
+                            "parts it was trained with) instead of random ones; the step, optimizer "
                             "and data order start fresh. \"\" = random initialisation")
     total_steps: int = option(100000, "optimizer steps to train", at_least(1))
     log_every: int = option(100, "steps between log lines", at_least(1))
@@ -308,9 +309,9 @@ class TrainConfig:
                           non_empty)
     loss_scale: float = option(65536.0, "initial dynamic loss scale, used when model.dtype is fp16 "
                                "(halved on overflow, the step skipped)", greater_than(0.0))
-    keep_checkpoints: int = option(0, "keep only the newest K periodic checkpoints of the run, deleting "
-                                   "older ones once a newer one is complete; 0 = keep all (nothing is "
-                                   "deleted unless you ask)", at_least(0))
+    keep_checkpoints: int = option(0, "keep only the newest K periodic checkpoints of the run (and of a latent "
+                                   "run's ldm_<step>.ckpt exports), deleting older ones once a newer one is "
+                                   "complete; 0 = keep all (nothing is deleted unless you ask)", at_least(0))
     kl_weight: float = option(1e-6, "arch autoencoder: weight of KL(q(z|x) || N(0, I)) against the L1 "
                               "reconstruction error, both summed over an example (CompVis: 1e-6)", at_least(0.0))
     sample_posterior: bool = option(True, "arch latent: train on a draw z = μ + σ·n of the autoencoder's "

@@ -280,6 +280,7 @@ def test_a_run_on_precomputed_latents_draws_and_learns_as_the_in_step_run(traine
         param.set_data(ms.Tensor(initial[f"model.{name}"]))
     recipe = tiny_recipe(predict_v=True)
     recipe["data"].update(kind="latents", path=out)
+    recipe["train"]["keep_checkpoints"] = 1  # and the exports are pruned with the checkpoints
     config = config_from_dict(recipe)
     run = Trainer(config, model, build_diffusion(config.diffusion, config.model), str(tmp_path / "run"),
                   tokenizer=trainer.tokenizer)
@@ -290,6 +291,27 @@ def test_a_run_on_precomputed_latents_draws_and_learns_as_the_in_step_run(traine
     for name in ("loss", "mse", "z_rms"):  # step 1: the same latents, draws and weights
         np.testing.assert_allclose(got[0][name], want[0][name], rtol=1e-5, err_msg=name)
     np.testing.assert_allclose(got[1]["loss"], want[1]["loss"], rtol=1e-4)  # after one update of each
+    assert sorted(f for f in os.listdir(tmp_path / "run") if f.endswith(".ckpt")) == [
+        "ckpt_00000002.ckpt", "ldm_00000002.ckpt"]
+
+
+def test_init_from_a_latent_run_takes_its_unets_average_and_its_frozen_parts(trained, tmp_path):
+    trainer, _, _ = trained
+    path = os.path.join(trainer.run_dir, "ckpt_00000002.ckpt")
+    recipe = tiny_recipe(predict_v=True)
+    recipe["train"]["init_from"] = path
+    config = config_from_dict(recipe)
+    ms.set_seed(7)
+    model, tokenizer = build_model(config.model)  # other random weights, replaced by the checkpoint's
+    Trainer(config, model, build_diffusion(config.diffusion, config.model), str(tmp_path / "run"),
+            tokenizer=tokenizer)
+    saved = read_checkpoint(path)
+    for name, param in model.parameters_and_names():
+        key = f"{ema_prefix(0.5)}{name}" if name.startswith("unet.") else f"model.{name}"
+        np.testing.assert_array_equal(param.asnumpy(), saved[key].asnumpy(), err_msg=name)
+    unet = [n for n, _ in model.parameters_and_names() if n.startswith("unet.")]
+    assert any(not np.array_equal(saved[f"{ema_prefix(0.5)}{n}"].asnumpy(), saved[f"model.{n}"].asnumpy())
+               for n in unet)  # the average differs from the raw weights: the test tells them apart
 
 
 def test_latent_sets_refuse_what_they_cannot_serve(model_and_tokenizer, tmp_path, monkeypatch):

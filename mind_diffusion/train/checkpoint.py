@@ -81,11 +81,11 @@ class CheckpointWriter:
             error, self._error = self._error, None
             raise RuntimeError(f"writing a checkpoint in {self.run_dir} failed: {error}") from error
 
-    def prune(self):
-        """Delete all but the newest ``keep`` complete checkpoints."""
+    def prune(self, prefix="ckpt"):
+        """Delete all but the newest ``keep`` complete checkpoints (``prefix="ldm"``: a latent run's exports)."""
         if self.keep <= 0:
             return
-        for _, old in list_checkpoints(self.run_dir)[:-self.keep]:
+        for _, old in list_checkpoints(self.run_dir, prefix)[:-self.keep]:
             os.remove(old)
 
 

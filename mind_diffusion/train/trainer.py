@@ -300,6 +300,7 @@ class Trainer:
         path = self.writer.save(self.state, step, config_to_dict(self.config))
         if self.config.model.arch == "latent":
             self.export(export_path(self.run_dir, step))
+            self.writer.prune("ldm")  # train.keep_checkpoints applies to the exports too
         return path
 
     def export(self, path, ema_rate=None):
