@@ -199,6 +199,9 @@ class ModelConfig:
     # arch latent and autoencoder (models/latent_unet.py, models/autoencoder.py, models/clip_text.py)
     transformer_depth: int = option(1, "transformer blocks per spatial transformer (arch latent; SD 2: 2)",
                                     at_least(1))
+    use_linear_in_transformer: bool = option(False, "arch latent: the spatial transformers' proj_in/proj_out are "
+                                             "linear layers (SD 2.x) instead of 1×1 convolutions (SD 1.x, "
+                                             "Wukong-Huahua)")
     numerics: str = option("sd", "arch latent: sd, or wukong (Wukong-Huahua's MindSpore numerics: tanh-GELU in "
                            "GEGLU, float32 timestep frequencies, text LayerNorm ε 1e-7)", one_of("sd", "wukong"))
     text_layout: str = option("wukong", "arch latent: the frozen text encoder's layout and tokenizer: wukong "

@@ -29,7 +29,7 @@ LATENT = {"model": {"arch": "latent", "vocab": "v.txt", "text_ctx": 77, "channel
     ("model", "vocab", "", "model.vocab: is required"),
     ("model", "attention_resolutions", [16], "(arch latent: latent pixels)"),
     ("model", "ae_channels", 48, "model.ae_channels: times each ae_channel_mult must be divisible by 32"),
-    ("data", "kind", "folder", "must be 'captions' or 'demo' for arch 'latent'"),
+    ("data", "kind", "folder", "data.kind: must be 'captions', 'demo', 'emoji', 'mindrecord' or 'latents' for arch 'latent'"),
 ])
 def test_latent_recipes_refuse_what_cannot_train(section, key, value, message):
     raw = {name: dict(values) for name, values in LATENT.items()}
@@ -70,3 +70,50 @@ def test_demo_captions_tokenize_without_unknown_pieces():
     # every colour and shape word, in both languages, is known
     words = [w for item in demo.SHAPES + demo.BACKGROUNDS for w in item.en + item.zh]
     assert all(tokenizer.unk_id not in tokenizer.encode(w) for w in words)
+
+
+def tiny_sd1_recipe(**model):
+    """A latent recipe with the UNet of tests/fixtures/ldm_sd1_tiny (ldm_sd1_tiny.json's unet section)."""
+    return {"model": {"arch": "latent", "vocab": VOCAB, "text_ctx": 77, "image_size": 32, "ae_channels": 32,
+                      "ae_channel_mult": [1, 1, 1], "ae_num_res_blocks": 1, "num_channels": 32, "num_res_blocks": 1,
+                      "channel_mult": [1, 2], "attention_resolutions": [8], "num_heads": 2, "num_head_channels": -1,
+                      "xf_width": 32, "xf_layers": 1, "xf_heads": 2, **model},
+            "diffusion": {"noise_schedule": "scaled_linear"}}
+
+
+def unet_weights(model):
+    return {name[len("unet."):]: p.asnumpy() for name, p in model.parameters_and_names() if name.startswith("unet.")}
+
+
+def test_unet_from_starts_the_unet_from_a_stable_diffusion_checkpoint():
+    """model.unet_from with SD 1.x's conv projections (the CompVis fixture) and, with
+    model.use_linear_in_transformer, SD 2.x's linear ones (a checkpoint written under SD's names)."""
+    import numpy as np
+    from mind_diffusion.cli.factory import build_model
+    from mind_diffusion.convert_ldm import convert_ldm_state_dict, load_ldm_checkpoint, sd_names_of
+    from mind_diffusion.safetensors import save_safetensors
+    from tests.ldm_util import SD_CKPT, TINY_HEADS, component
+
+    model, _ = build_model(config_from_dict(tiny_sd1_recipe(unet_from=SD_CKPT)).model)
+    state, config, _ = load_ldm_checkpoint(SD_CKPT, num_heads=TINY_HEADS, text_heads=TINY_HEADS)
+    want = component(convert_ldm_state_dict(state, config)[0], "unet")
+    got = unet_weights(model)
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+    linear = tiny_sd1_recipe(use_linear_in_transformer=True)
+    source, _ = build_model(config_from_dict(linear).model)
+    weights = unet_weights(source)
+    assert weights["middle_block.1.proj_in.weight"].ndim == 2  # a linear layer, not a 1×1 convolution
+    rng = np.random.default_rng(0)
+    weights = {name: rng.normal(0, 0.1, value.shape).astype(np.float32) for name, value in weights.items()}
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "sd2.safetensors")
+        save_safetensors(sd_names_of({"unet." + name: value for name, value in weights.items()}), path)
+        started, _ = build_model(config_from_dict({**linear, "model": {**linear["model"], "unet_from": path}}).model)
+        for name, value in unet_weights(started).items():
+            np.testing.assert_array_equal(value, weights[name], err_msg=name)
+        with pytest.raises(ValueError, match="proj_in"):  # SD 2 weights into SD 1's conv projections
+            build_model(config_from_dict(tiny_sd1_recipe(unet_from=path)).model)

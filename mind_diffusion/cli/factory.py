@@ -98,7 +98,8 @@ def latent_parts(model_cfg, vocab_size):
                 model_channels=model_cfg.num_channels, num_res_blocks=model_cfg.num_res_blocks,
                 attention_resolutions=list(attention_downsample_rates(side, model_cfg.attention_resolutions)),
                 channel_mult=list(model_cfg.channel_mult), transformer_depth=model_cfg.transformer_depth,
-                context_dim=model_cfg.xf_width, use_linear_in_transformer=False, gelu_approximate=wukong,
+                context_dim=model_cfg.xf_width, use_linear_in_transformer=model_cfg.use_linear_in_transformer,
+                gelu_approximate=wukong,
                 float32_frequencies=wukong, dropout=model_cfg.dropout, **heads)
     traits = layout_traits(model_cfg.text_layout)
     text = dict(layout=model_cfg.text_layout, prefix="", vocab_size=int(vocab_size),
