@@ -350,3 +350,46 @@ def test_the_encode_command_refuses_other_recipes(tmp_path, capsys):
     status = encode_latents.main([os.path.join(ROOT, "configs", "tiny.yaml"), str(tmp_path / "z")])
     assert status == 2 and "arch 'latent'" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "z")
+
+
+def test_a_latent_runs_sample_grid_is_what_run_infer_draws_from_its_export(trained, tmp_path):
+    """cli/train.py:latent_sample_grid_fn draws with the EMA UNet exactly as sampling the run's
+    ldm_<step>.ckpt does (same prompts, sampler, steps, guidance, seed)."""
+    from PIL import Image
+
+    from mind_diffusion.cli.train import default_conditions, latent_sample_grid_fn
+    from mind_diffusion.imaging import save_grid, to_uint8
+    from mind_diffusion.sampling.latent import text_to_image
+    from mind_diffusion.sampling.schedulers import create_scheduler
+    from mind_diffusion.sampling.schedulers.ldm import create_ldm_diffusion
+    from models.autoencoder import LatentDecoder
+
+    trainer, _, _ = trained
+    recipe = tiny_recipe(predict_v=True)
+    recipe["sample"] = {"sampler": "ddim", "steps": 2, "num_samples": 3, "batch_size": 2, "guidance_scale": 3.0}
+    config = config_from_dict(recipe)
+    ms.set_seed(11)  # the grid's own network starts from other random weights than the run's
+    grid = latent_sample_grid_fn(config, trainer.tokenizer, str(tmp_path / "run"))
+    path = grid(trainer.ema_model_state(), 2, True)
+    assert path == str(tmp_path / "run" / "samples" / "step_00000002.png")
+
+    class Args:
+        num_heads = num_head_channels = text_heads = merges = None
+        prediction, vocab = "eps", VOCAB
+    export, unet, vae, text, tokenizer = latent_cli.load_latent_model(
+        os.path.join(trainer.run_dir, "ldm_00000002.ckpt"), Args)
+    scheduler = create_scheduler("ddim", create_ldm_diffusion(**export["schedule"], prediction=export["prediction"]),
+                                 eta=0.0, clip_denoised=False).set_timesteps(2, "ldm")
+    prompts, _, _ = default_conditions(config)
+    assert len(prompts) == 3 and any(ord(ch) > 0x4E00 for p in prompts for ch in p)  # both languages
+    images = []
+    for start in (0, 2):  # the grid's batches of 2, the last padded
+        batch = prompts[start:start + 2]
+        out, _ = text_to_image(unet, text, tokenizer, LatentDecoder(vae), scheduler, batch + batch[-1:] * (2 - len(batch)),
+                               guidance_scale=3.0, latent_shape=(C, LATENT, LATENT), seed=config.seed + start)
+        images.append(np.clip(out.asnumpy()[:len(batch)], -1, 1))
+    want = save_grid(to_uint8(np.concatenate(images)), str(tmp_path / "want.png"), scale=8, captions=prompts)
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(want)))
+    with open(os.path.join(os.path.dirname(path), "step_00000002.txt"), encoding="utf-8") as f:
+        sidecar = f.read()
+    assert all(p in sidecar for p in prompts)

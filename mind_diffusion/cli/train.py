@@ -91,11 +91,13 @@ def main(argv=None):
     run_dir = output_path(args.run_dir or os.path.join(config.train.out_dir, config.name))
     resume = args.resume if args.resume in (None, "auto") else input_path(args.resume)
 
-    # no periodic grids for the classifier, nor (yet) for latent models and autoencoders: sample a latent
-    # run's ldm_<step>.ckpt with run_infer.sh
-    grids = config.model.arch not in ("classifier", "latent", "autoencoder")
-    trainer = Trainer(config, model, diffusion, run_dir, tokenizer=tokenizer,
-                      sample_fn=sample_grid_fn(config, tokenizer, run_dir) if grids else None,
+    # periodic grids for every generative model but the autoencoder (its reconstructions are not samples)
+    sample_fn = None
+    if config.model.arch == "latent":
+        sample_fn = latent_sample_grid_fn(config, tokenizer, run_dir)
+    elif config.model.arch not in ("classifier", "autoencoder"):
+        sample_fn = sample_grid_fn(config, tokenizer, run_dir)
+    trainer = Trainer(config, model, diffusion, run_dir, tokenizer=tokenizer, sample_fn=sample_fn,
                       rank=rank, world_size=world_size)
     try:
         final = trainer.fit(resume=resume, progress=not args.no_progress, overwrite=args.overwrite)
@@ -151,6 +153,48 @@ def sample_grid_fn(config, tokenizer, run_dir):
     return sample_grid
 
 
+def latent_sample_grid_fn(config, tokenizer, run_dir):
+    """The trainer's ``sample_fn`` for ``arch: latent``: the EMA UNet's text-to-image grid (the recipe's
+    sampler on CompVis's steps, classifier-free guidance against the empty prompt, the frozen decoder),
+    drawn as ``run_infer.sh`` draws from the run's ``ldm_<step>.ckpt``, under ``run_dir/samples/``."""
+    from mind_diffusion.cli.factory import build_model
+    from mind_diffusion.config import autoencoder_factor
+    from mind_diffusion.imaging import save_grid, to_uint8
+    from mind_diffusion.sampling.latent import ContextGuidance, text_to_image
+    from mind_diffusion.sampling.schedulers import create_scheduler
+    from mind_diffusion.train.latent import latent_diffusion
+    from models.autoencoder import LatentDecoder
+
+    sampling_model, _ = build_model(config.model)  # its own copy: the train step's weights stay untouched
+    s, m = config.sample, config.model
+    side = m.image_size // autoencoder_factor(m)
+    scheduler = create_scheduler(s.sampler, latent_diffusion(config.diffusion),
+                                 eta=s.eta if s.sampler in ("ddim", "euler_a") else None,
+                                 clip_denoised=False).set_timesteps(s.steps, "ldm")
+    guided = ContextGuidance(sampling_model.unet, s.guidance_scale)
+    decoder = LatentDecoder(sampling_model.vae)
+    prompts, _, _ = default_conditions(config)
+
+    def sample_grid(ema_state, step, write):
+        own = dict(sampling_model.parameters_and_names())
+        for name, param in ema_state.items():
+            own[name].set_data(param.value())
+        images = []
+        for start in range(0, len(prompts), s.batch_size):  # equal batches: the last one padded
+            batch = prompts[start:start + s.batch_size]
+            padded = batch + [batch[-1]] * (min(s.batch_size, len(prompts)) - len(batch))
+            out, _ = text_to_image(sampling_model.unet, sampling_model.text_encoder, tokenizer, decoder, scheduler,
+                                   padded, latent_shape=(m.latent_channels, side, side), seed=config.seed + start,
+                                   guided=guided)
+            images.append(np.clip(out.asnumpy()[:len(batch)], -1.0, 1.0))
+        if not write:
+            return None
+        return save_grid(to_uint8(np.concatenate(images)), os.path.join(run_dir, "samples", f"step_{step:08d}.png"),
+                         scale=max(1, 128 // m.image_size), captions=prompts)
+
+    return sample_grid
+
+
 def default_conditions(config):
     """(prompts, labels, low_res) for the periodic sample grids: the demo vocabulary in both
     languages; an upsampler enlarges the first training images, with their captions."""
@@ -159,7 +203,7 @@ def default_conditions(config):
         from mind_diffusion.data.transforms import box_downsample
         images, texts, _ = preview_items(config.data, config.sample.num_samples, config.model.in_channels)
         return [text or "" for text in texts], None, box_downsample(images, config.model.low_res_size)
-    if config.model.arch == "glide":
+    if config.model.arch in ("glide", "latent"):
         from mind_diffusion.data import demo
         rng = np.random.default_rng(config.seed)
         prompts = []
