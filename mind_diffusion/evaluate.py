@@ -126,6 +126,12 @@ def default_data(config):
     return "recipe"
 
 
+def _digit_data(data, config):
+    """False for data known not to be digits (Fashion-MNIST: the same shape as MNIST, other classes)."""
+    kind = config.data.kind if data == "recipe" and config is not None else data.split("-")[0]
+    return kind != "fashion_mnist"
+
+
 def _grayscale28_split(kind, split, path):
     """(images uint8 [N, 28, 28], labels) of MNIST or Fashion-MNIST; ``path`` as the recipe's data.path."""
     if kind == "mnist":
@@ -398,6 +404,11 @@ def evaluate(args):
         raise EvaluationError(f"{args.metric} needs --ckpt" + ("" if args.metric == "bpd" else " (or --samples)"))
     data = args.data or default_data(config)
     result = {"metric": args.metric, "ckpt": args.ckpt, "data": data}
+    if args.metric == "score" and not _digit_data(data, config):
+        raise EvaluationError(f"score rates samples by ccexam's MNIST digit classifier, whose ten classes are digits: "
+                              f"for data {data!r}"
+                              f"{f' (data.kind {config.data.kind!r})' if data == 'recipe' and config else ''} "
+                              "they mean nothing; use fid or kid")
 
     if args.metric == "bpd":
         reference = load_reference(data, config, args.num_images)

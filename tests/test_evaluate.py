@@ -143,6 +143,13 @@ def test_bad_requests_say_what_to_do(digits, tmp_path, capsys):
     assert status == 2 and "1-channel samples" in err
     status, _, err = run(["fid", "--samples", str(rgb), "--data", "mnist", "--num-ref", "2"], capsys)
     assert status == 2 and "compare images of one size" in err
+    gray = tmp_path / "gray.npz"
+    np.savez(gray, images=np.zeros((2, 1, 32, 32), np.uint8))
+    for data in ("fashion_mnist", "fashion_mnist-train"):  # the digit classifier rates digits, not garments
+        status, _, err = run(["score", "--samples", str(gray), "--data", data], capsys)
+        assert status == 2 and "use fid or kid" in err and repr(data) in err
+    status, result, _ = run(["score", "--samples", str(gray), "--data", "mnist"], capsys)
+    assert status == 0 and result["num_samples"] == 2
 
 
 def test_sample_blocks_shard_resume_and_merge(tiny_mnist, tmp_path, capsys):
