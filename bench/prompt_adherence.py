@@ -21,6 +21,10 @@ the same tokens, so it cannot change a picture.
 
     python bench/prompt_adherence.py [--ckpt checkpoints/demo.ckpt] [--n 200] [--scales 0,1,3,5]
                                      [--sets templates,heldout]
+    python bench/prompt_adherence.py --ckpt runs/ldm_demo/ldm_00004000.ckpt --vocab configs/ldm_demo_vocab.txt
+
+A latent checkpoint (a latent run's ``ldm_<step>.ckpt``) is sampled as run_infer.sh samples it (default
+PLMS-50), in batches of ``--batch``.
 """
 import argparse
 import os
@@ -74,6 +78,45 @@ def background_control(wanted, judged, seed):
     return sum(hits) / len(hits) if hits else None
 
 
+def latent_drawer(args):
+    """(path, image size, draw(prompts, scale) -> images [N, 3, S, S], sampler, steps) of a latent text-to-image
+    checkpoint (a latent run's ldm_<step>.ckpt, or a converted one), sampled as run_infer.sh samples it."""
+    import mindspore as ms
+    from mind_diffusion.cli.latent import DEFAULTS, load_latent_model
+    from mind_diffusion.sampling.latent import ContextGuidance, text_to_image
+    from mind_diffusion.sampling.schedulers import create_scheduler
+    from mind_diffusion.sampling.schedulers.ldm import create_ldm_diffusion
+    from models.autoencoder import LatentDecoder
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("CPU")
+
+    class Options:  # what load_latent_model reads: the rest comes from the checkpoint
+        num_heads = num_head_channels = text_heads = merges = prediction = None
+        vocab = args.vocab
+    config, unet, vae, text, tokenizer = load_latent_model(args.ckpt, Options)
+    factor = 2 ** (len(config["vae"]["ddconfig"]["ch_mult"]) - 1)
+    side = config["unet"]["image_size"]
+    sampler, steps = args.sampler or DEFAULTS["sampler"], args.steps or DEFAULTS["steps"]
+    scheduler = create_scheduler(sampler, create_ldm_diffusion(**config["schedule"], prediction=config["prediction"]),
+                                 eta=0.0 if sampler == "ddim" else None, clip_denoised=False).set_timesteps(steps, "ldm")
+    decoder, guided = LatentDecoder(vae), {}
+
+    def draw(prompts, scale):
+        guide = guided.setdefault(scale, ContextGuidance(unet, scale))  # one compiled graph per scale
+        images = []
+        for start in range(0, len(prompts), args.batch):  # equal batches: the last one padded
+            batch = prompts[start:start + args.batch]
+            padded = batch + [batch[-1]] * (min(args.batch, len(prompts)) - len(batch))
+            out, _ = text_to_image(unet, text, tokenizer, decoder, scheduler, padded,
+                                   latent_shape=(config["unet"]["in_channels"], side, side),
+                                   seed=args.seed * 1_000_003 + start, guided=guide)
+            images.append(np.clip(out.asnumpy()[:len(batch)], -1.0, 1.0))
+        return np.concatenate(images)
+
+    return args.ckpt, side * factor, draw, sampler, steps
+
+
 def _percent(value):
     return "–" if value is None else f"{100 * value:.1f}%"
 
@@ -86,11 +129,14 @@ def main():
     parser.add_argument("--sets", default=",".join(SETS), help="prompt sets, of " + ", ".join(SETS)
                         + " (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the recipe's)")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default: the recipe's")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim", "plms", "dpm++2m", "dpm++3m", "euler_a"], default=None,
+                        help="default: the recipe's (pixel models take ddpm or ddim; latent ones any, default plms)")
     parser.add_argument("--batch", type=int, default=50, help="images per sampling batch (default: %(default)s)")
     parser.add_argument("--prompt-seed", type=int, default=12345, help="seed of the prompt lists (not a training seed)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA copy")
+    parser.add_argument("--vocab", default=None,
+                        help="a latent checkpoint's tokenizer vocabulary (e.g. configs/ldm_demo_vocab.txt)")
     parser.add_argument("--grids", default=None, help="folder to write one PNG grid per set and scale")
     parser.add_argument("--no-normalise", action="store_true",
                         help="tokenise prompts exactly as written, as models from before text normalisation were")
@@ -107,19 +153,30 @@ def main():
     from mind_diffusion.generate import ImageGenerator
     from mind_diffusion.imaging import save_grid, to_uint8
 
-    path, config, model, tokenizer = load_text2im(args.ckpt, raw=args.raw)
-    tokenizer.normalise = not args.no_normalise
-    size = config.model.image_size
-    generator = ImageGenerator(model, build_diffusion(config.diffusion, config.model), (3, size, size), tokenizer)
-    sampler, steps = args.sampler or config.sample.sampler, args.steps or config.sample.steps
+    from mind_diffusion.cli.latent import is_latent_checkpoint
+    if args.ckpt and is_latent_checkpoint(args.ckpt):
+        path, size, draw, sampler, steps = latent_drawer(args)
+        tokenizer = None
+    else:
+        path, config, model, tokenizer = load_text2im(args.ckpt, raw=args.raw)
+        tokenizer.normalise = not args.no_normalise
+        size = config.model.image_size
+        generator = ImageGenerator(model, build_diffusion(config.diffusion, config.model), (3, size, size), tokenizer)
+        sampler, steps = args.sampler or config.sample.sampler, args.steps or config.sample.steps
+
+        def draw(prompts, scale):
+            return generator.sample(len(prompts), prompts=prompts, sampler=sampler, steps=steps,
+                                    eta=config.sample.eta, guidance_scale=scale, batch_size=args.batch,
+                                    seed=args.seed, clip_denoised=config.sample.clip_denoised)
 
     print(f"checkpoint {path}: {args.n} prompts per set and scale (alternately English and Chinese), "
           f"{sampler}-{steps}, judged by mind_diffusion.evaluation.judge; chance = 2.5% for both; "
           f"prompts {'as written' if args.no_normalise else 'normalised'}")
     for name in sets:
         prompts, _ = prompt_set(name, args.n, args.prompt_seed)
-        print(f"{name}: {layout_mismatches(tokenizer, prompts, args.prompt_seed)} of {len(prompts)} prompts "
-              f"tokenise differently once their layout is scrambled")
+        if tokenizer is not None:
+            print(f"{name}: {layout_mismatches(tokenizer, prompts, args.prompt_seed)} of {len(prompts)} prompts "
+                  f"tokenise differently once their layout is scrambled")
     print("| set | scale | shape | colour | both | both (en) | both (zh) | background (named) | bg control | s/image |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for scale in (float(s) for s in args.scales.split(",")):
@@ -127,9 +184,7 @@ def main():
             prompts, wanted = prompt_set(name, args.n, args.prompt_seed)
             chinese = np.array([any("\u4e00" <= ch <= "\u9fff" for ch in p) for p in prompts])
             started = time.perf_counter()
-            images = generator.sample(args.n, prompts=prompts, sampler=sampler, steps=steps,
-                                      eta=config.sample.eta, guidance_scale=scale, batch_size=args.batch,
-                                      seed=args.seed, clip_denoised=config.sample.clip_denoised)
+            images = draw(prompts, scale)
             seconds = (time.perf_counter() - started) / args.n
             pictures = to_uint8(images)
             result = adherence(pictures, prompts, wanted)

@@ -252,6 +252,34 @@ def test_precomputed_latents_are_the_encoders_posterior(model_and_tokenizer, tmp
     assert sorted(os.listdir(tmp_path)) == ["latents"]  # nothing staged is left beside it
 
 
+def test_unreadable_images_are_skipped_counted_and_cut_from_the_set(model_and_tokenizer, tmp_path):
+    from PIL import Image
+    model, _ = model_and_tokenizer
+    rng = np.random.default_rng(5)
+    lines = []
+    for i in range(4):
+        name = f"img{i}.png"
+        if i == 2:
+            (tmp_path / name).write_bytes(b"not a picture")
+        else:
+            Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)).save(tmp_path / name)
+        lines.append(json.dumps({"path": name, "text": f"caption {i}"}))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    recipe = tiny_recipe()
+    recipe["data"] = {"kind": "captions", "path": str(tmp_path / "pairs.jsonl"), "random_flip": False}
+    config = config_from_dict(recipe)
+    meta = latents.encode(config, str(tmp_path / "set"), model.vae, batch_size=2, progress=False)
+    assert meta["count"] == 3 and meta["skipped"] == 1 and "img2.png" in meta["skipped_first"][0]
+    stored = np.load(tmp_path / "set" / "moments.npy")
+    pixels = np.stack([transforms.to_model_input(np.asarray(Image.open(tmp_path / f"img{i}.png").convert("RGB")))
+                       for i in (0, 1, 3)])
+    mean, logvar = (v.asnumpy() for v in model.vae.posterior(ms.Tensor(pixels)))
+    assert stored.shape == (3, 2 * C, LATENT, LATENT)
+    np.testing.assert_allclose(stored, np.concatenate([mean, logvar], axis=1), atol=2e-6)
+    items = latents.LatentItems(str(tmp_path / "set"))
+    assert [items.load(i)[1] for i in range(3)] == ["caption 0", "caption 1", "caption 3"]
+
+
 def test_the_precomputed_loss_is_the_in_step_loss(model_and_tokenizer, tmp_path):
     """LatentDiffusionLoss on stored moments equals it on the images, draw for draw (ε, n, t, caption)."""
     model, tokenizer = model_and_tokenizer

@@ -61,3 +61,26 @@ def test_half_precision_counts_two_bytes_and_the_weight_casts():
     assert half["activations"] * 2 == full["activations"]
     assert half["attention"] * 4 == full["attention"] * 6  # float32 softmax output plus its half cast
     assert half["state"] == full["state"] + 2 * half["torso"] and 0 < half["torso"] < half["params"]
+
+
+def test_a_latent_recipes_frozen_parts_hold_weights_only():
+    """The trained UNet carries 16 bytes per parameter (weights, gradients, AdamW's moments) and 4 per EMA copy;
+    the frozen autoencoder and text encoder 4 (their weights) — counted here from requires_grad, which the
+    latent model sets on its frozen parts, not from their names as the script does."""
+    config = load_config(os.path.join(ROOT, "configs", "ldm_demo.yaml"), ["model.autoencoder_from=''"])
+    row = memory_estimate.estimate(config)
+    model = memory_estimate.build_network(config.model)
+    trained = sum(int(np.prod(p.shape)) for p in model.get_parameters() if p.requires_grad)
+    frozen = sum(int(np.prod(p.shape)) for p in model.get_parameters() if not p.requires_grad)
+    assert frozen > 0 and row["params"] == trained + frozen
+    assert row["state"] == 16 * trained + 4 * trained * len(config.train.ema_rate) + 4 * frozen
+    assert row["activations"] > 0 and row["attention"] > 0  # the spatial transformers are walked
+
+
+def test_classifier_and_autoencoder_recipes_are_estimated(capsys):
+    classifier = memory_estimate.estimate(load_config(os.path.join(ROOT, "configs", "demo_classifier.yaml")))
+    assert classifier["total"] > classifier["state"] > 0
+    memory_estimate.main([os.path.join(ROOT, "configs", "ldm_demo_autoencoder.yaml"),
+                          os.path.join(ROOT, "configs", "demo_classifier.yaml")])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ldm_demo_autoencoder")]
+    assert len(rows) == 1 and "not estimated (autoencoder)" in rows[0]
