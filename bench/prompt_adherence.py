@@ -83,7 +83,7 @@ def latent_drawer(args):
     checkpoint (a latent run's ldm_<step>.ckpt, or a converted one), sampled as run_infer.sh samples it."""
     import mindspore as ms
     from mind_diffusion.cli.latent import DEFAULTS, load_latent_model
-    from mind_diffusion.sampling.latent import ContextGuidance, text_to_image
+    from mind_diffusion.sampling.latent import ContextGuidance, text_to_image_batches
     from mind_diffusion.sampling.schedulers import create_scheduler
     from mind_diffusion.sampling.schedulers.ldm import create_ldm_diffusion
     from models.autoencoder import LatentDecoder
@@ -104,15 +104,9 @@ def latent_drawer(args):
 
     def draw(prompts, scale):
         guide = guided.setdefault(scale, ContextGuidance(unet, scale))  # one compiled graph per scale
-        images = []
-        for start in range(0, len(prompts), args.batch):  # equal batches: the last one padded
-            batch = prompts[start:start + args.batch]
-            padded = batch + [batch[-1]] * (min(args.batch, len(prompts)) - len(batch))
-            out, _ = text_to_image(unet, text, tokenizer, decoder, scheduler, padded,
-                                   latent_shape=(config["unet"]["in_channels"], side, side),
-                                   seed=args.seed * 1_000_003 + start, guided=guide)
-            images.append(np.clip(out.asnumpy()[:len(batch)], -1.0, 1.0))
-        return np.concatenate(images)
+        return text_to_image_batches(unet, text, tokenizer, decoder, scheduler, prompts, args.batch,
+                                     (config["unet"]["in_channels"], side, side), seed=args.seed * 1_000_003,
+                                     guided=guide)
 
     return args.ckpt, side * factor, draw, sampler, steps
 

@@ -7,7 +7,7 @@ import mindspore as ms
 
 from mind_diffusion.convert import load_into
 from mind_diffusion.convert_ldm import convert_ldm_state_dict, load_ldm_checkpoint
-from mind_diffusion.sampling.latent import ContextGuidance, text_to_image
+from mind_diffusion.sampling.latent import ContextGuidance, text_to_image, text_to_image_batches
 from mind_diffusion.sampling.schedulers import create_scheduler
 from mind_diffusion.sampling.schedulers.ldm import create_ldm_diffusion
 from models.autoencoder import LatentDecoder, create_autoencoder
@@ -63,6 +63,30 @@ def test_wukong_checkpoint_reproduces_wukong_plms():
     # measured 6.6e-5 on latents up to 25.9 and 9.0e-6 decoded
     assert np.abs(latents.asnumpy() - ref["txt2img_plms_latent"]).max() <= 1e-4
     assert np.abs(images.asnumpy() - ref["txt2img_plms_decoded"]).max() <= 1e-4
+
+
+def test_batches_pad_the_last_one_and_seed_by_start(tiny_sd):
+    """Three prompts in batches of two: the first batch is text_to_image's draw at seed s, the second its draw
+    of the last prompt padded with itself at seed s + 2 (first image kept); the result is clamped to [−1, 1]."""
+    unet, text, decoder, config = tiny_sd
+    ref = fixture_arrays("ldm_sd1_tiny")
+    table = {"a": ref["clip_tokens"][0], "b": ref["clip_tokens"][1], "": ref["clip_empty_tokens"][0]}
+    tokenize = lambda prompts: np.stack([table[p] for p in prompts])  # noqa: E731
+    scheduler = create_scheduler("ddim", create_ldm_diffusion(**config["schedule"]), clip_denoised=False)
+    scheduler.set_timesteps(2, "ldm")
+    guided = ContextGuidance(unet, 5.0)
+    images = text_to_image_batches(unet, text, tokenize, decoder, scheduler, ["a", "b", "b"], 2, (4, 8, 8),
+                                   seed=7, guided=guided)
+    first, _ = text_to_image(unet, text, tokenize, decoder, scheduler, ["a", "b"], latent_shape=(4, 8, 8),
+                             seed=7, guided=guided)
+    last, _ = text_to_image(unet, text, tokenize, decoder, scheduler, ["b", "b"], latent_shape=(4, 8, 8),
+                            seed=9, guided=guided)
+    expected = np.clip(np.concatenate([first.asnumpy(), last.asnumpy()[:1]]), -1.0, 1.0)
+    assert images.shape == expected.shape and len(images) == 3
+    np.testing.assert_array_equal(images, expected)
+    assert not np.array_equal(images[1], images[2])  # same prompt, different batch seed
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        text_to_image_batches(unet, text, tokenize, decoder, scheduler, ["a"], 0, (4, 8, 8))
 
 
 def test_negative_prompts_are_checked():

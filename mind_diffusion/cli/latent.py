@@ -17,7 +17,6 @@ import sys
 import time
 import zipfile
 
-import numpy as np
 
 from mind_diffusion.paths import input_path
 
@@ -118,7 +117,7 @@ def run(args, choice, out_dir, grid_name):
     """Sample ``args.n`` images for ``args.prompt`` and write the grid; returns the exit status."""
     from mind_diffusion.convert_ldm import LDMConfigError
     from mind_diffusion.imaging import save_grid, to_uint8
-    from mind_diffusion.sampling.latent import ContextGuidance, text_to_image
+    from mind_diffusion.sampling.latent import ContextGuidance, text_to_image_batches
     from mind_diffusion.sampling.schedulers import create_scheduler
     from mind_diffusion.sampling.schedulers.ldm import create_ldm_diffusion
     from mind_diffusion.torch_pickle import CheckpointFormatError
@@ -156,17 +155,13 @@ def run(args, choice, out_dir, grid_name):
         return 2
     guided, decoder = ContextGuidance(unet, scale), LatentDecoder(vae)
     batch = min(args.batch, args.n)
-    started, images = time.perf_counter(), []
-    for start in range(0, args.n, batch):
-        count = min(batch, args.n - start)
-        # every batch has the same size (the last is padded), so one compiled graph serves all
-        out, _ = text_to_image(unet, text, tokenizer, decoder, scheduler, [args.prompt] * batch,
-                               negative_prompts=args.negative, guidance_scale=scale, latent_shape=latent_shape,
-                               seed=args.seed * 1_000_003 + start, guided=guided)
-        images.append(np.clip(out.asnumpy()[:count], -1.0, 1.0))
+    started = time.perf_counter()
+    images = text_to_image_batches(unet, text, tokenizer, decoder, scheduler, [args.prompt] * args.n, batch,
+                                   latent_shape, seed=args.seed * 1_000_003, guided=guided,
+                                   negative_prompts=args.negative)
     elapsed = time.perf_counter() - started
     settings = {"sampler": sampler, "steps": steps, "eta": eta or 0.0, "guidance_scale": scale, "batch_size": batch}
-    path = save_grid(to_uint8(np.concatenate(images)), os.path.join(out_dir, grid_name(args, choice.path, settings)),
+    path = save_grid(to_uint8(images), os.path.join(out_dir, grid_name(args, choice.path, settings)),
                      overwrite=False)
     print(f"{args.n} images of {size}x{size} in {elapsed:.1f} s ({sampler}, {steps} steps, scale {scale:g})")
     print(path)

@@ -160,7 +160,7 @@ def latent_sample_grid_fn(config, tokenizer, run_dir):
     from mind_diffusion.cli.factory import build_model
     from mind_diffusion.config import autoencoder_factor
     from mind_diffusion.imaging import save_grid, to_uint8
-    from mind_diffusion.sampling.latent import ContextGuidance, text_to_image
+    from mind_diffusion.sampling.latent import ContextGuidance, text_to_image_batches
     from mind_diffusion.sampling.schedulers import create_scheduler
     from mind_diffusion.train.latent import latent_diffusion
     from models.autoencoder import LatentDecoder
@@ -179,17 +179,12 @@ def latent_sample_grid_fn(config, tokenizer, run_dir):
         own = dict(sampling_model.parameters_and_names())
         for name, param in ema_state.items():
             own[name].set_data(param.value())
-        images = []
-        for start in range(0, len(prompts), s.batch_size):  # equal batches: the last one padded
-            batch = prompts[start:start + s.batch_size]
-            padded = batch + [batch[-1]] * (min(s.batch_size, len(prompts)) - len(batch))
-            out, _ = text_to_image(sampling_model.unet, sampling_model.text_encoder, tokenizer, decoder, scheduler,
-                                   padded, latent_shape=(m.latent_channels, side, side), seed=config.seed + start,
-                                   guided=guided)
-            images.append(np.clip(out.asnumpy()[:len(batch)], -1.0, 1.0))
+        images = text_to_image_batches(sampling_model.unet, sampling_model.text_encoder, tokenizer, decoder,
+                                       scheduler, prompts, s.batch_size, (m.latent_channels, side, side),
+                                       seed=config.seed, guided=guided)
         if not write:
             return None
-        return save_grid(to_uint8(np.concatenate(images)), os.path.join(run_dir, "samples", f"step_{step:08d}.png"),
+        return save_grid(to_uint8(images), os.path.join(run_dir, "samples", f"step_{step:08d}.png"),
                          scale=max(1, 128 // m.image_size), captions=prompts)
 
     return sample_grid

@@ -20,7 +20,7 @@ from mindspore import nn, ops
 
 from .schedulers import sample
 
-__all__ = ["ContextGuidance", "text_to_image"]
+__all__ = ["ContextGuidance", "text_to_image", "text_to_image_batches"]
 
 
 class ContextGuidance(nn.Cell):
@@ -85,3 +85,34 @@ def text_to_image(unet, text_encoder, tokenize, decoder, scheduler, prompts, neg
     latents = sample(guided, (len(prompts),) + tuple(latent_shape), scheduler, seed=seed, x_T=x_T,
                      model_kwargs={"context": context, "uncond": uncond})
     return decoder(latents), latents
+
+
+def text_to_image_batches(unet, text_encoder, tokenize, decoder, scheduler, prompts, batch_size, latent_shape,
+                          seed=0, guided=None, negative_prompts=None, guidance_scale=7.5):
+    """Images for any number of ``prompts`` as a NumPy array [N, 3, H, W] clamped to [−1, 1], drawn by
+    :func:`text_to_image` in batches of ``min(batch_size, N)``.
+
+    Every batch has the same size (the last one is padded with copies of its last prompt and the extra
+    images dropped), so one compiled graph serves them all; batch k starting at prompt ``start`` is
+    seeded ``seed + start``, so a prompt's image does not depend on how many prompts follow it.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("text_to_image_batches needs at least one prompt")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(negative_prompts, str) or negative_prompts is None:
+        negative_prompts = [negative_prompts or ""] * len(prompts)
+    if len(negative_prompts) != len(prompts):
+        raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+    if guided is None:
+        guided = ContextGuidance(unet, guidance_scale)
+    size, images = min(batch_size, len(prompts)), []
+    for start in range(0, len(prompts), size):
+        batch, negative = prompts[start:start + size], negative_prompts[start:start + size]
+        pad = size - len(batch)
+        out, _ = text_to_image(unet, text_encoder, tokenize, decoder, scheduler, batch + [batch[-1]] * pad,
+                               negative_prompts=negative + [negative[-1]] * pad, latent_shape=latent_shape,
+                               seed=seed + start, guided=guided)
+        images.append(np.clip(out.asnumpy()[:len(batch)], -1.0, 1.0))
+    return np.concatenate(images)
