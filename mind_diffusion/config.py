@@ -317,6 +317,14 @@ class TrainConfig:
                                    "complete; 0 = keep all (nothing is deleted unless you ask)", at_least(0))
     kl_weight: float = option(1e-6, "arch autoencoder: weight of KL(q(z|x) || N(0, I)) against the L1 "
                               "reconstruction error, both summed over an example (CompVis: 1e-6)", at_least(0.0))
+    disc_weight: float = option(0.0, "arch autoencoder: s, the weight of the patch discriminator's adversarial "
+                                "term (its adaptive λ is s times a gradient-norm ratio at the decoder's last "
+                                "layer; CompVis: 0.5); 0 trains without a discriminator", at_least(0.0))
+    disc_start: int = option(0, "arch autoencoder: the step from which the adversarial terms count (CompVis "
+                             "starts them after the reconstruction has converged, e.g. step 50001)", at_least(0))
+    disc_layers: int = option(3, "arch autoencoder: the discriminator's stride-2 convolutions (PatchGAN n_layers)",
+                              at_least(1))
+    disc_channels: int = option(64, "arch autoencoder: the discriminator's first width (PatchGAN ndf)", at_least(1))
     sample_posterior: bool = option(True, "arch latent: train on a draw z = μ + σ·n of the autoencoder's "
                                     "posterior (CompVis), not on its mean μ")
     jit_level: str = option("auto", "MindSpore graph compilation level: O0, O1 (graph-kernel fusion) "
@@ -663,9 +671,28 @@ def _check_consistency(config):
     _check_diffusion(config.diffusion)
     _check_data(config.data, config.model)
     _check_latent(config)
+    _check_discriminator(config.train, config.model)
     if config.sample.steps > config.diffusion.steps:
         _fail("sample.steps", f"must be <= diffusion.steps ({config.diffusion.steps})",
               config.sample.steps)
+
+
+def discriminator_grid(image_size, layers):
+    """The side of the patch discriminator's logit grid (models/discriminator.py) on image_size inputs: 4×4
+    convolutions with padding 1, ``layers`` of stride 2, then two of stride 1 (each one pixel smaller)."""
+    side = image_size
+    for _ in range(layers):
+        side = (side - 2) // 2 + 1
+    return side - 2
+
+
+def _check_discriminator(train, model):
+    if train.disc_weight > 0 and model.arch != "autoencoder":
+        _fail("train.disc_weight", f"trains a patch discriminator for arch 'autoencoder' only, not arch "
+              f"{model.arch!r}; set it to 0", train.disc_weight)
+    if train.disc_weight > 0 and discriminator_grid(model.image_size, train.disc_layers) < 1:
+        _fail("train.disc_layers", f"halves model.image_size {model.image_size} too often: the discriminator's "
+              "logit grid would be empty; use fewer layers", train.disc_layers)
 
 
 def autoencoder_factor(model):

@@ -214,10 +214,14 @@ class Decoder(nn.Cell):
         self.conv_out = conv_nd(2, block_in, out_ch, 3, padding=1)
 
     def construct(self, z):
+        return self.conv_out(self.features(z))
+
+    def features(self, z):
+        """The input of ``conv_out``, the last layer (the adversarial loss's balance is measured at its weight)."""
         h = self.mid(self.conv_in(z))
         for i in range(len(self.up) - 1, -1, -1):
             h = self.up[i](h)
-        return self.conv_out(self.norm_out(h))
+        return self.norm_out(h)
 
 
 class AutoencoderKL(nn.Cell):

@@ -13,6 +13,16 @@ from ..train.latent import latent_diffusion
 COMPUTE_DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 
 
+def build_discriminator(config):
+    """The patch discriminator of an ``arch: autoencoder`` run with ``train.disc_weight`` > 0, else None."""
+    train = config.train
+    if config.model.arch != "autoencoder" or train.disc_weight <= 0:
+        return None
+    from models.discriminator import PatchDiscriminator
+
+    return PatchDiscriminator(config.model.in_channels, train.disc_channels, train.disc_layers, seed=config.seed)
+
+
 def build_model(model_cfg):
     """The network of a ``model`` config section and its tokenizer (None for non-text models).
 

@@ -78,7 +78,7 @@ def main(argv=None):
                         format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
     ms.set_seed(config.seed)  # parameter initialisation: identical on every rank
 
-    from mind_diffusion.cli.factory import build_diffusion, build_model
+    from mind_diffusion.cli.factory import build_diffusion, build_discriminator, build_model
     from mind_diffusion.train.trainer import RunFolderInUse, Trainer, TrainingDiverged, log_model_summary
 
     try:
@@ -98,7 +98,7 @@ def main(argv=None):
     elif config.model.arch not in ("classifier", "autoencoder"):
         sample_fn = sample_grid_fn(config, tokenizer, run_dir)
     trainer = Trainer(config, model, diffusion, run_dir, tokenizer=tokenizer, sample_fn=sample_fn,
-                      rank=rank, world_size=world_size)
+                      rank=rank, world_size=world_size, discriminator=build_discriminator(config))
     try:
         final = trainer.fit(resume=resume, progress=not args.no_progress, overwrite=args.overwrite)
     except (TrainingDiverged, RunFolderInUse, ValueError, FileNotFoundError) as err:

@@ -14,6 +14,13 @@ from ..checkpoints import (checkpoint_path, ema_prefix, list_checkpoints, model_
                            restore_state, write_checkpoint)
 
 
+def own_state(loss_net):
+    """name → Parameter that a loss cell trains or counts besides the model (``loss_net.own_state()``:
+    the autoencoder loss's discriminator and its step count), saved under ``loss.<name>``."""
+    own = getattr(loss_net, "own_state", None)
+    return own() if own is not None else {}
+
+
 def training_state(model, train_step):
     """name → Parameter of everything a checkpoint saves, under the stable names of :mod:`mind_diffusion.checkpoints`."""
     state = {f"model.{name}": param for name, param in model.parameters_and_names()}
@@ -22,8 +29,11 @@ def training_state(model, train_step):
         for rate, shadow in zip(ema.rates, ema.shadows):
             for name, param in zip(ema.names, shadow):
                 state[f"{ema_prefix(rate)}{name}"] = param
+    own = {f"loss.{name}": param for name, param in own_state(train_step.loss_net).items()}
+    state.update(own)
     optimizer = train_step.optimizer
     names = {id(p): n for n, p in model.parameters_and_names()}
+    names.update((id(p), n) for n, p in own.items())
     for slot in ("moments1", "moments2"):
         moments = getattr(optimizer, slot, None)
         if moments is None:

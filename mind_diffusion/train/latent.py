@@ -2,7 +2,7 @@
 the converted checkpoint a latent run writes for sampling.
 
 Both losses have :class:`~mind_diffusion.train.step.DiffusionLoss`'s call,
-``construct(images, u, noise, *cond) -> (loss, t, per-example loss, metric 1, metric 2)``, so the one
+``construct(images, u, noise, *cond) -> (loss, t, per-example loss, metrics …)``, so the one
 compiled :class:`~mind_diffusion.train.step.TrainStep` (AdamW, EMA, overflow check, metrics) trains them.
 
 The latent objective (Sec. 4.3, Eq. 2, "L_LDM"): for an image x with caption y,
@@ -15,13 +15,24 @@ own ``training_losses`` computes both (one home per formula). τ is the frozen t
 dropped by ``data.caption_dropout`` is the empty prompt's tokens, which trains the unconditional model
 that classifier-free guidance needs.
 
-The autoencoder's objective (App. G; CompVis ``LPIPSWithDiscriminator`` without its perceptual and
-adversarial terms, and without its learned output log-variance, which starts at 0):
+The autoencoder's objective (App. G; CompVis ``LPIPSWithDiscriminator`` without its perceptual term, for
+which no weights are available offline, and without its learned output log-variance, which starts at 0):
 
-    L = Σ_pixels |x − D(z)| + w · KL(q(z | x) ‖ N(0, I)),  z = μ + σ·n,
+    L_rec = Σ_pixels |x − x̂| + w · KL(q(z | x) ‖ N(0, I)),  x̂ = Dec(z),  z = μ + σ·n,
     KL = ½ Σ_latent (μ² + σ² − 1 − log σ²),
 
-both summed over one example (CompVis's scale, at which w = 1e-6), averaged over the batch.
+both summed over one example (CompVis's scale, at which w = 1e-6), averaged over the batch. With a patch
+discriminator D (``train.disc_weight`` > 0; Esser et al. 2021, Eq. 7 and 8) the autoencoder adds
+
+    λ f L_G,  L_G = −mean D(x̂),  λ = s · clip(‖∇_{W_L} L_nll‖ / (‖∇_{W_L} L_G‖ + 1e-4), 0, 1e4), not differentiated,
+
+where W_L is the decoder's last weight, L_nll = Σ_pixels |x − x̂| averaged over the batch, s = ``disc_weight``
+and f = 1 from step ``disc_start`` on (0 before), and D minimises the hinge loss
+
+    L_D = f · ½ (mean relu(1 − D(x)) + mean relu(1 + D(sg(x̂)))).
+
+The step minimises L_rec + λ f L_G + L_D in one backward pass: the generator's term sees D's weights
+through ``stop_gradient`` and D's term sees sg(x̂), so each network gets exactly its own loss's gradient.
 """
 import json
 import os
@@ -99,37 +110,93 @@ class LatentDiffusionLoss(nn.Cell):
 
 
 class AutoencoderLoss(nn.Cell):
-    """The KL autoencoder's loss: ``construct(images, u, noise) -> (mean_b L_b, t = 0, L, l1, kl)``.
+    """The KL autoencoder's loss: ``construct(images, u, noise) -> (mean_b L_b, t = 0, L, l1, kl[, g_loss,
+    d_loss, d_weight])``.
 
     ``noise`` [B, C, h, w] is the posterior draw n. ``l1`` is the mean absolute error per pixel (the
-    sum in L divided by the pixel count, for reading), ``kl`` the per-example KL in nats. ``u`` is
-    unused: the step's timestep input and output exist so that the train step stays one graph for
-    every objective (t is always 0, a single-step "schedule").
+    sum in L divided by the pixel count, for reading), ``kl`` the per-example KL in nats. With a
+    discriminator, L_b also holds example b's share of λ f L_G + L_D, and the metrics add L_G (``g_loss``),
+    the hinge loss before f (``d_loss``) and λ (``d_weight``). ``u`` is unused: the step's timestep input and
+    output exist so that the train step stays one graph for every objective (t is always 0, a
+    single-step "schedule").
 
-    :param autoencoder: an :class:`models.autoencoder.AutoencoderKL` (``posterior``, ``decode``).
+    :param autoencoder: an :class:`models.autoencoder.AutoencoderKL` (``posterior``, ``decoder``).
     :param kl_weight: w.
+    :param discriminator: a :class:`models.discriminator.PatchDiscriminator`, or None for L_rec alone.
+    :param disc_weight: s.
+    :param disc_start: the step from which f = 1 (steps are counted by this cell, in its ``steps``).
     """
 
-    metric_names = ("l1", "kl")
-
-    def __init__(self, autoencoder, kl_weight):
+    def __init__(self, autoencoder, kl_weight, discriminator=None, disc_weight=0.5, disc_start=0):
         super().__init__()
         self.model = autoencoder
         self.kl_weight = float(kl_weight)
         self.schedule_sampler = UniformSampler(1)
         self.num_timesteps = 1
+        self.discriminator = discriminator
+        self.metric_names = ("l1", "kl")
+        if discriminator is not None:
+            self.metric_names += ("g_loss", "d_loss", "d_weight")
+            self.disc_weight = float(disc_weight)
+            self.disc_start = int(disc_start)
+            self.steps = ms.Parameter(ms.Tensor(0, ms.int32), name="steps", requires_grad=False)
+
+    def own_state(self):
+        """name → Parameter of what this loss trains or counts besides the model (a checkpoint saves them)."""
+        if self.discriminator is None:
+            return {}
+        state = {f"discriminator.{name}": param for name, param in self.discriminator.parameters_and_names()}
+        state["steps"] = self.steps
+        return state
 
     def construct(self, images, u, noise, *unused):
         t, _ = self.schedule_sampler(u)
         mean, logvar = self.model.posterior(images)
         z = mean + ops.exp(0.5 * logvar) * noise
-        reconstruction = self.model.decode(z).astype(ms.float32)
+        features = self.model.decoder.features(self.model.post_quant_conv(z))
+        reconstruction = self.model.decoder.conv_out(features).astype(ms.float32)
         l1 = mean_flat(ops.abs(images - reconstruction))
         l1_sum = l1 * float(np.prod(images.shape[1:]))
         standard = ops.zeros_like(mean)  # the prior N(0, I): mean 0, log-variance 0
         kl = normal_kl(mean, logvar, standard, standard).sum(axis=(1, 2, 3))
         losses = l1_sum + self.kl_weight * kl
-        return losses.mean(), t, losses, l1, kl
+        if self.discriminator is None:
+            return losses.mean(), t, losses, l1, kl
+        started = (self.steps >= self.disc_start).astype(ms.float32)  # f: CompVis's adopt_weight
+        started = ops.depend(started, ops.assign_add(self.steps, ops.ones((), ms.int32)))
+        # the generator's term: D frozen, so its gradient reaches the autoencoder only
+        g_losses = -self.discriminator(reconstruction, True).mean(axis=(1, 2, 3))
+        d_weight = self.adaptive_weight(images, features)
+        # D's term: the reconstruction is a constant input, so its gradient reaches D only
+        real = self.discriminator(images)
+        fake = self.discriminator(ops.stop_gradient(reconstruction))
+        d_losses = 0.5 * (ops.relu(1.0 - real).mean(axis=(1, 2, 3)) + ops.relu(1.0 + fake).mean(axis=(1, 2, 3)))
+        losses = losses + started * (d_weight * g_losses + d_losses)
+        return losses.mean(), t, losses, l1, kl, g_losses, d_losses, ops.broadcast_to(d_weight, l1.shape)
+
+    def adaptive_weight(self, images, features):
+        """λ = s · clip(‖∇_{W_L} L_nll‖ / (‖∇_{W_L} L_G‖ + 1e-4), 0, 1e4), constant to the outer gradient.
+
+        Both gradients are taken at the decoder's last weight W_L through its last convolution alone
+        (the losses depend on W_L only there), from the step's own features.
+        """
+        conv = self.model.decoder.conv_out
+        features, images = ops.stop_gradient(features.astype(ms.float32)), ops.stop_gradient(images)
+        bias = ops.stop_gradient(conv.bias).reshape(1, -1, 1, 1)
+        batch = images.shape[0]
+
+        def decoded(weight):
+            return ops.conv2d(features, weight, pad_mode="pad", padding=1) + bias
+
+        def nll(weight):
+            return ops.abs(images - decoded(weight)).sum() / batch
+
+        def generator(weight):
+            return -self.discriminator(decoded(weight), True).mean()
+
+        weight = ops.stop_gradient(conv.weight)
+        ratio = ops.norm(ops.grad(nll)(weight)) / (ops.norm(ops.grad(generator)(weight)) + 1e-4)
+        return ops.stop_gradient(ops.clamp(ratio, 0.0, 1e4)) * self.disc_weight
 
 
 # ---- the converted checkpoint a latent run writes ------------------------------------------------

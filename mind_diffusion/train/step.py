@@ -275,67 +275,69 @@ class StepMetrics(nn.Cell):
     The host reads them once per interval (one device→host copy) and resets
     them; the steps in between never sync. Layout of :attr:`totals`, float32:
     ``steps, skipped, streak`` (non-finite steps in a row, up to now),
-    ``loss, m1, m2`` summed over applied steps (batch means), ``loss_max,
+    ``loss, m1 … mK`` summed over applied steps (batch means), ``loss_max,
     loss_min`` over applied steps, then for each quartile q of t:
-    ``count_q, loss_q, m1_q, m2_q`` summed over its examples. m1 and m2 are the
-    loss's two per-example metrics, reported under ``names`` (the loss cell's
-    ``metric_names``: mse and vb for diffusion, accuracies for a classifier).
+    ``count_q, loss_q, m1_q … mK_q`` summed over its examples. m1 … mK are the
+    loss's per-example metrics, reported under ``names`` (the loss cell's
+    ``metric_names``: mse and vb for diffusion, accuracies for a classifier,
+    l1 and kl for an autoencoder, …).
     """
 
-    HEAD = ("steps", "skipped", "streak", "loss", "m1", "m2", "loss_max", "loss_min")
-    PER_QUARTILE = ("count", "loss", "m1", "m2")
+    STREAK = 2  # the index of ``streak`` in every layout
     NONE = 3.0e38  # loss_min before any applied step
 
     def __init__(self, num_timesteps, names=DiffusionLoss.metric_names):
         super().__init__()
         self.num_timesteps = int(num_timesteps)
         self.names = tuple(names)
-        size = len(self.HEAD) + 4 * len(self.PER_QUARTILE)
-        self.totals = Parameter(ms.Tensor(self.initial(size)), name="step_metrics", requires_grad=False)
+        slots = tuple(f"m{i + 1}" for i in range(len(self.names)))
+        self.head = ("steps", "skipped", "streak", "loss") + slots + ("loss_max", "loss_min")
+        self.per_quartile = ("count", "loss") + slots
+        self.max_index, self.min_index = self.head.index("loss_max"), self.head.index("loss_min")
+        self.totals = Parameter(ms.Tensor(self.initial()), name="step_metrics", requires_grad=False)
 
-    @classmethod
-    def initial(cls, size, streak=0.0):
+    def initial(self, streak=0.0):
         """The totals of an interval with no step yet (the streak carries over)."""
-        totals = np.zeros(size, np.float32)
-        totals[cls.HEAD.index("streak")] = streak
-        totals[cls.HEAD.index("loss_min")] = cls.NONE
+        totals = np.zeros(len(self.head) + 4 * len(self.per_quartile), np.float32)
+        totals[self.STREAK] = streak
+        totals[self.min_index] = self.NONE
         return totals
 
-    def construct(self, applied, loss, t, losses, metric1, metric2):
+    def construct(self, applied, loss, t, losses, *metrics):
         f = applied.astype(ms.float32)
         zero = ops.zeros((), ms.float32)
         kept = [ops.select(applied, value.astype(ms.float32), ops.zeros(value.shape, ms.float32))
-                for value in (losses, metric1, metric2)]
+                for value in (losses,) + metrics]
         step_loss = ops.select(applied, loss.astype(ms.float32), zero)
         old = self.totals
-        streak = ops.select(applied, zero, old[2] + 1.0)
-        loss_max = ops.maximum(old[6], step_loss)
-        loss_min = ops.select(applied, ops.minimum(old[7], step_loss), old[7])
-        head = ops.stack([old[0] + 1.0, old[1] + 1.0 - f, streak, old[3] + step_loss, old[4] + kept[1].mean(),
-                          old[5] + kept[2].mean(), loss_max, loss_min])
+        streak = ops.select(applied, zero, old[self.STREAK] + 1.0)
+        loss_max = ops.maximum(old[self.max_index], step_loss)
+        loss_min = ops.select(applied, ops.minimum(old[self.min_index], step_loss), old[self.min_index])
+        sums = [old[4 + i] + kept[1 + i].mean() for i in range(len(metrics))]
+        head = ops.stack([old[0] + 1.0, old[1] + 1.0 - f, streak, old[3] + step_loss] + sums + [loss_max, loss_min])
         quartile = ops.minimum((4 * t) // self.num_timesteps, 3)
         one_hot = ops.one_hot(quartile, 4, ops.ones((), ms.float32), zero) * f  # [B, 4]
         per_quartile = ops.stack([one_hot.sum(axis=0)] + [(one_hot * k.reshape(-1, 1)).sum(axis=0) for k in kept],
-                                 axis=1)  # [4, 4]: count, loss, m1, m2
-        tail = old[len(self.HEAD):] + per_quartile.reshape(-1)
+                                 axis=1)  # [4, 2 + K]: count, loss, m1 … mK
+        tail = old[len(self.head):] + per_quartile.reshape(-1)
         return ops.assign(self.totals, ops.concat([head, tail]))
 
     def summary(self, totals):
         """The host-side dict of one interval's ``totals`` (a NumPy array)."""
-        head = dict(zip(self.HEAD, (float(v) for v in totals[:len(self.HEAD)])))
+        head = dict(zip(self.head, (float(v) for v in totals[:len(self.head)])))
         applied = head["steps"] - head["skipped"]
         record = {"steps": int(head["steps"]), "skipped_steps": int(head["skipped"]),
                   "nonfinite_streak": int(head["streak"])}
-        public = {"loss": "loss", "m1": self.names[0], "m2": self.names[1]}
+        public = {"loss": "loss", **{f"m{i + 1}": name for i, name in enumerate(self.names)}}
         for slot, name in public.items():
             record[name] = head[slot] / applied if applied else float("nan")
         record["loss_max"] = head["loss_max"] if applied else float("nan")
         record["loss_min"] = head["loss_min"] if applied else float("nan")
-        width = len(self.PER_QUARTILE)
+        width = len(self.per_quartile)
         for q in range(4):
-            count, *sums = (float(v) for v in totals[len(self.HEAD) + width * q: len(self.HEAD) + width * (q + 1)])
+            count, *sums = (float(v) for v in totals[len(self.head) + width * q: len(self.head) + width * (q + 1)])
             if count:
-                for slot, value in zip(self.PER_QUARTILE[1:], sums):
+                for slot, value in zip(self.per_quartile[1:], sums):
                     record[f"{public[slot]}_q{q}"] = value / count
         return record
 
@@ -391,7 +393,8 @@ class TrainStep(nn.Cell):
 
     def construct(self, x_start, u, noise, *cond):
         status, x_start = self.overflow.start(self.loss_scale, x_start)
-        (_, loss, t, losses, metric1, metric2), grads = self.grad_fn(self.loss_scale, x_start, u, noise, *cond)
+        outputs, grads = self.grad_fn(self.loss_scale, x_start, u, noise, *cond)
+        loss, t, losses, metrics = outputs[1], outputs[2], outputs[3], outputs[4:]
         grads = self.grad_reducer(grads)
         loss, grads = self.device_view(loss, grads)
         overflow = self.overflow(status, loss, grads)
@@ -405,8 +408,8 @@ class TrainStep(nn.Cell):
         if self.ema is not None:
             self.ema(finite)
         self.loss_net.schedule_sampler.update(self.all_gather(t), self.all_gather(losses), finite)
-        self.metrics(finite, loss, t, losses, metric1, metric2)
-        return loss, t, losses, metric1, metric2, finite
+        self.metrics(finite, loss, t, losses, *metrics)
+        return (loss, t, losses) + metrics + (finite,)
 
     def device_view(self, loss, grads):
         """The loss and gradients as the device holds them: as computed. A test seam: the saturation
@@ -422,5 +425,5 @@ class _ScaledLoss(nn.Cell):
         self.loss_net = loss_net
 
     def construct(self, scale, x_start, u, noise, *cond):
-        loss, t, losses, metric1, metric2 = self.loss_net(x_start, u, noise, *cond)
-        return loss * scale, loss, t, losses, metric1, metric2
+        outputs = self.loss_net(x_start, u, noise, *cond)
+        return (outputs[0] * scale,) + outputs

@@ -36,7 +36,7 @@ from ..data import create_dataset
 from ..device import graph_target
 from ..kernels.dropout import seed_step
 from ..resample import create_named_schedule_sampler
-from .checkpoint import CheckpointWriter, load_initial_weights, training_state
+from .checkpoint import CheckpointWriter, load_initial_weights, own_state, training_state
 from ..data.latents import check_matches as check_latents
 from .latent import AutoencoderLoss, LatentDiffusionLoss, export_config, export_path, write_export
 from .step import EMA, AdamW, ClassifierLoss, DiffusionLoss, OverflowCheck, StepMetrics, TrainStep, WarmupLR, overflow_mode
@@ -76,13 +76,12 @@ class MetricLog:
         self.healthy = True
 
     def reset(self, streak=0.0):
-        initial = StepMetrics.initial(self.metrics.totals.shape[0], streak)
-        self.metrics.totals.set_data(ms.Tensor(initial))
+        self.metrics.totals.set_data(ms.Tensor(self.metrics.initial(streak)))
 
     def read(self, step, extra=None):
         """The summary dict of the steps since the last read (None if there were none)."""
         totals = self.metrics.totals.asnumpy()  # the loop's one device → host sync
-        self.reset(streak=totals[StepMetrics.HEAD.index("streak")])
+        self.reset(streak=totals[StepMetrics.STREAK])
         record = self.metrics.summary(totals)
         if record["steps"] == 0:
             return None
@@ -113,10 +112,14 @@ class Trainer:
         ``train.sample_every`` steps and at the end on EVERY rank (so that no rank waits in a
         collective while rank 0 samples); only the rank with ``write`` true saves the grid.
     :param rank, world_size: data-parallel position (world_size > 1 after ``init()``).
+    :param discriminator: arch autoencoder with ``train.disc_weight`` > 0: the patch discriminator of its
+        adversarial term (trained by the same step, saved under ``loss.discriminator.*``).
     """
 
-    def __init__(self, config, model, diffusion, run_dir, tokenizer=None, sample_fn=None, rank=0, world_size=1):
+    def __init__(self, config, model, diffusion, run_dir, tokenizer=None, sample_fn=None, rank=0, world_size=1,
+                 discriminator=None):
         self.config = config
+        self.discriminator = discriminator
         self.model = model
         self.diffusion = diffusion
         self.run_dir = run_dir
@@ -133,7 +136,9 @@ class Trainer:
             load_initial_weights(model, train.init_from)
         loss_net = self._loss(model, diffusion)
         named = [(name, p) for name, p in model.parameters_and_names() if p.requires_grad]
-        optimizer = AdamW(named, WarmupLR(train.lr, train.warmup_steps), betas=(0.9, 0.999), eps=1e-8,
+        # a loss's own networks (the autoencoder's discriminator) train with the same AdamW, without EMA
+        critic = [(f"loss.{name}", p) for name, p in own_state(loss_net).items() if p.requires_grad]
+        optimizer = AdamW(named + critic, WarmupLR(train.lr, train.warmup_steps), betas=(0.9, 0.999), eps=1e-8,
                           weight_decay=train.weight_decay)
         ema = EMA(named, train.ema_rate) if train.ema_rate else None
         self.train_step = TrainStep(loss_net, optimizer, ema, grad_clip=train.grad_clip,
@@ -159,7 +164,11 @@ class Trainer:
             return LatentDiffusionLoss(model, diffusion, self.schedule_sampler, config.model.latent_channels,
                                        config.train.sample_posterior, precomputed)
         if arch == "autoencoder":
-            return AutoencoderLoss(model, config.train.kl_weight)
+            train = config.train
+            if (train.disc_weight > 0) != (self.discriminator is not None):
+                raise ValueError("train.disc_weight > 0 needs a discriminator (cli.factory.build_discriminator), "
+                                 "and a discriminator needs train.disc_weight > 0")
+            return AutoencoderLoss(model, train.kl_weight, self.discriminator, train.disc_weight, train.disc_start)
         return DiffusionLoss(model, diffusion, self.schedule_sampler, self.cond_names)
 
     def _noise_shape(self, loss_net):
