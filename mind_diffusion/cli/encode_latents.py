@@ -58,6 +58,8 @@ def main(argv=None):
           f"{' (and mirrored)' if meta['flipped'] else ''} written to {os.path.abspath(args.out_dir)}; "
           f"{meta['skipped']} unreadable image(s) skipped. Train with --set data.kind=latents "
           f"--set data.path={args.out_dir}")
+    print(f"RMS of the latents z = μ + σ·n: {meta['z_rms']:.4f}; for unit-variance latents set "
+          f"model.scale_factor: {1.0 / meta['z_rms']:.5g} (this recipe has {config.model.scale_factor:g})")
     return 0
 
 

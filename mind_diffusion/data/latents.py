@@ -18,7 +18,9 @@ What is written (OUT_DIR):
   run flips exactly as it would with pixels (the flip draw picks which array is read);
 - ``captions.json`` (the items' captions, when the source has them) and ``labels.npy`` int32 [N];
 - ``meta.json``, written last: the count, the latent shape, the source, the images skipped as unreadable,
-  and the SHA-1 of the autoencoder's weights, which a run checks against its own frozen autoencoder.
+  the SHA-1 of the autoencoder's weights, which a run checks against its own frozen autoencoder, and
+  ``z_rms``, the RMS of the draws z = μ + σ·n of the unmirrored set, √(mean(μ²) + mean(σ²)): a
+  ``model.scale_factor`` of 1 / z_rms gives the diffusion model unit-variance latents (SD's 0.18215).
 
 The arrays are read memory-mapped, so a set larger than memory trains from disk. The files are written
 into a hidden folder beside OUT_DIR and moved into it only when complete, so an interrupted encoding never
@@ -104,11 +106,12 @@ def encode(config, out_dir, vae, batch_size=64, overwrite=False, progress=True):
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
     try:
         arrays, captions, labels, skipped = None, [], [], []
+        square_sum = np.zeros(2)  # Σ (μ² + σ²) over the unmirrored latents' elements, and their count
         batch, count = [], 0
         bar = tqdm(total=len(items), desc="encode latents", unit="image", disable=not progress, dynamic_ncols=True)
 
         def flush():
-            nonlocal arrays
+            nonlocal arrays, square_sum
             for flip in flips:
                 pixels = np.stack([transforms.to_model_input(transforms.horizontal_flip(b) if flip else b)
                                    for b in batch])
@@ -118,6 +121,9 @@ def encode(config, out_dir, vae, batch_size=64, overwrite=False, progress=True):
                         os.path.join(staging, _array_file(f)), mode="w+", dtype=np.float32,
                         shape=(len(items), *moments.shape[1:])) for f in flips}
                 arrays[flip][count:count + len(batch)] = moments
+                if not flip:
+                    mean, logvar = np.split(moments.astype(np.float64), 2, axis=1)
+                    square_sum += (np.square(mean).sum() + np.exp(logvar).sum(), mean.size)
             batch.clear()
 
         for index in range(len(items)):
@@ -159,7 +165,8 @@ def encode(config, out_dir, vae, batch_size=64, overwrite=False, progress=True):
         meta = dict(format=FORMAT, version=VERSION, count=count, latent_shape=list(shape[1:]),
                     image_size=data.image_size, flipped=bool(data.random_flip), captions=has_captions,
                     autoencoder=autoencoder_digest(vae), source=dict(kind=data.kind, path=data.path),
-                    skipped=len(skipped), skipped_first=skipped[:REPORTED_SKIPS])
+                    skipped=len(skipped), skipped_first=skipped[:REPORTED_SKIPS],
+                    z_rms=float(np.sqrt(square_sum[0] / square_sum[1])))
         _write_json(os.path.join(staging, META_FILE), meta)
         if os.path.exists(out_dir):  # --overwrite: the old set goes only once the new one is complete
             shutil.rmtree(out_dir)
