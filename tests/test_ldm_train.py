@@ -58,8 +58,8 @@ def batch(seed, channels):
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
-    ms.set_seed(0)
     config = config_from_dict(tiny_recipe())
+    ms.set_seed(config.seed)  # as the training command seeds it, so the exporter's --debias-ema rebuilds θ_0
     return build_model(config.model)
 
 
@@ -186,6 +186,43 @@ def test_a_runs_export_samples_through_run_infer(trained, tmp_path, capsys):
                                  "--out", str(tmp_path)], capsys)
     assert status == 0, err
     assert os.path.isfile(out.strip().splitlines()[-1])
+
+
+def test_the_exporter_writes_a_latent_runs_checkpoint_as_its_sampling_export(trained, tmp_path):
+    """``cli.export`` on a latent run's ckpt_<step>.ckpt: the same tensors and ldm_config as the run's own
+    ldm_<step>.ckpt; ``--debias-ema`` gives (θ̄_n − r^n θ_0) / (1 − r^n) for the UNet (θ_0: the run's initial
+    weights, rebuilt from the recipe's seed) and leaves the frozen parts; ``--fp16`` loads back as float32."""
+    from mind_diffusion.cli import export as export_cli
+    trainer, initial, _ = trained
+    source = os.path.join(trainer.run_dir, "ckpt_00000002.ckpt")
+    plain, debiased = str(tmp_path / "plain.ckpt"), str(tmp_path / "debiased.ckpt")
+    assert export_cli.main([source, plain]) == 0
+    assert export_cli.main([source, debiased, "--debias-ema", "--fp16"]) == 0
+    own = ms.load_checkpoint(os.path.join(trainer.run_dir, "ldm_00000002.ckpt"), format="ckpt")
+    out = ms.load_checkpoint(plain, format="ckpt")
+    assert sorted(out) == sorted(own)
+    for name in own:
+        if name == "ldm_config":
+            assert json.loads(str(out[name])) == json.loads(str(own[name]))
+        else:
+            np.testing.assert_array_equal(out[name].asnumpy(), own[name].asnumpy(), err_msg=name)
+
+    class Args:
+        num_heads = num_head_channels = text_heads = merges = prediction = None
+        vocab = VOCAB
+    _, unet, vae, text, _ = latent_cli.load_latent_model(debiased, Args)
+    weight = 0.5 ** 2  # r^n
+    for network, part in ((unet, "unet"), (vae, "vae"), (text, "text_encoder")):
+        for param in network.get_parameters():
+            got = param.asnumpy()
+            assert got.dtype == np.float32
+            averaged = own[f"{part}.{param.name}"].asnumpy().astype(np.float64)
+            want = (averaged - weight * initial[f"model.{part}.{param.name}"]) / (1 - weight) if part == "unet" \
+                else averaged
+            np.testing.assert_array_equal(got, want.astype(np.float16).astype(np.float32), err_msg=param.name)
+    moved = [p.name for p in unet.get_parameters()
+             if not np.allclose(own[f"unet.{p.name}"].asnumpy(), initial[f"model.unet.{p.name}"])]
+    assert moved  # the debiasing had something to remove
 
 
 def test_the_encoders_downsampling_backward_keeps_running():

@@ -5,6 +5,10 @@
 Drops the optimizer moments, the raw weights and the other EMA copies; with
 ``--fp16`` stores the weights in float16 (sampling casts them back to the
 model's float32). The result loads in ``run_infer.sh`` like any checkpoint.
+A latent run's checkpoint (``arch: latent``) is exported in the converted format
+that its ``ldm_<step>.ckpt`` has (``unet.*`` from the EMA copy, the frozen
+``vae.*`` and ``text_encoder.*``, ``ldm_config``), which ``run_infer.sh
+PROMPT --ckpt OUT --vocab VOCAB`` samples.
 
 ``--debias-ema`` removes the initial weights' share from a short run's EMA.
 An EMA started at θ_0 is θ̄_n = r^n θ_0 + (1 − r) Σ_s r^(n−s) θ_s; after n steps
@@ -56,13 +60,31 @@ def main(argv=None):
     arrays = {name: value.asnumpy() for name, value in model_weights(checkpoint, args.ema_rate).items()}
     if args.debias_ema:
         arrays = debiased_ema(arrays, checkpoint, config, args.ema_rate, step)
-    weights = {f"model.{name}": ms.Parameter(ms.Tensor(value.astype(dtype)), name=f"model.{name}")
-               for name, value in arrays.items()}
-    write_checkpoint(args.out, weights, step, config)
+    if config.get("model", {}).get("arch") == "latent":
+        count = write_latent_export(args.out, arrays, config, dtype)
+    else:
+        weights = {f"model.{name}": ms.Parameter(ms.Tensor(value.astype(dtype)), name=f"model.{name}")
+                   for name, value in arrays.items()}
+        write_checkpoint(args.out, weights, step, config)
+        count = len(weights)
     size = os.path.getsize(args.out) / 2 ** 20
-    print(f"{args.out}: {len(weights)} tensors ({'float16' if args.fp16 else 'float32'}) from step {step}, "
+    print(f"{args.out}: {count} tensors ({'float16' if args.fp16 else 'float32'}) from step {step}, "
           f"{size:.1f} MiB; recipe {json.dumps(config.get('name'))}")
     return 0
+
+
+def write_latent_export(path, arrays, config_dict, dtype):
+    """A latent run's weights as the converted checkpoint ``run_infer.sh`` samples (the run's networks'
+    description from the recipe, as the trainer writes its ``ldm_<step>.ckpt``); returns the tensor count."""
+    from mind_diffusion.cli.factory import build_model
+    from mind_diffusion.config import config_from_dict
+    from mind_diffusion.train.latent import export_config, write_export_weights
+
+    config = config_from_dict(config_dict)
+    model, _ = build_model(config.model)  # for its description (model.parts) only
+    write_export_weights(path, {name: value.astype(dtype) for name, value in arrays.items()},
+                         export_config(model.parts, config))
+    return len(arrays)
 
 
 def debiased_ema(arrays, checkpoint, config_dict, ema_rate, step):

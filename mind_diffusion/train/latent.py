@@ -47,7 +47,7 @@ from ..resample import UniformSampler
 from ..sampling.schedulers.ldm import create_ldm_diffusion
 
 __all__ = ["LatentDiffusionLoss", "AutoencoderLoss", "LDM_SCHEDULE", "latent_diffusion", "export_config",
-           "write_export", "export_path"]
+           "write_export", "write_export_weights", "export_path"]
 
 # Latent diffusion's β range (SD 1.x/2.x, Wukong-Huahua): diffusion.noise_schedule "scaled_linear".
 LDM_SCHEDULE = dict(linear_start=0.00085, linear_end=0.012)
@@ -231,6 +231,12 @@ def write_export(path, state, ema, ldm_config, ema_rate=None):
         rate = max(ema.rates) if ema_rate is None else float(ema_rate)
         shadow = ema.shadows[ema.rates.index(rate)]
         weights.update((name, param.asnumpy()) for name, param in zip(ema.names, shadow))
+    return write_export_weights(path, weights, ldm_config)
+
+
+def write_export_weights(path, weights, ldm_config):
+    """Write ``weights`` (name → array under the latent model's names: ``unet.*``, ``vae.*``,
+    ``text_encoder.*``) with ``ldm_config`` as a converted latent checkpoint, atomically."""
     entries = [{"name": name, "data": ms.Tensor(value)} for name, value in weights.items()]
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
