@@ -213,9 +213,14 @@ class ModelConfig:
     unet_from: str = option("", "arch latent: start the UNet from this SD / Wukong-Huahua checkpoint's "
                             "(original or converted; fine-tuning) instead of random weights. (train.init_from takes "
                             "this project's checkpoints.) \"\" = random")
-    text_encoder_from: str = option("", "arch latent: take the frozen text encoder's weights from this "
+    text_encoder_from: str = option("", "arch latent: take the text encoder's weights from this "
                                     "checkpoint (SD / Wukong-Huahua original or converted); \"\" = random "
                                     "weights (a fixed random text embedding: demos and tests)")
+    train_text_encoder: bool = option(False, "arch latent: train the text encoder τ jointly with the UNet "
+                                      "(its weights get gradients, moments and EMA copies, as the LDM paper's "
+                                      "text-to-image model trains its transformer; CompVis cond_stage_trainable) "
+                                      "instead of keeping it frozen. For encoders without pretrained weights, "
+                                      "such as the CPU demo's")
     autoencoder_from: str = option("", "arch latent: take the frozen autoencoder's weights from this checkpoint "
                                    "(SD / Wukong-Huahua original or converted, or an arch autoencoder run's "
                                    "checkpoint: its EMA copy); \"\" = random weights (tests only)")
@@ -770,6 +775,9 @@ def _check_latent(config):
     """What arch latent needs from the other sections: latent diffusion's own process, ε or v."""
     model, diffusion = config.model, config.diffusion
     is_latent = model.arch == "latent"
+    if model.train_text_encoder and not is_latent:
+        _fail("model.train_text_encoder", f"trains a latent model's text encoder; arch {model.arch!r} trains its "
+              "own text transformer always: set it to false", model.train_text_encoder)
     if diffusion.noise_schedule == "scaled_linear" and not is_latent:
         _fail("diffusion.noise_schedule", "'scaled_linear' is latent diffusion's schedule: use it with "
               "model.arch 'latent', or choose linear or cosine", diffusion.noise_schedule)

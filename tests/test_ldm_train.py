@@ -1,5 +1,5 @@
 """Training latent diffusion (mind_diffusion/train/latent.py): the latent and autoencoder objectives against
-NumPy, the frozen parts, an exact resume, and a run's checkpoint sampled by run_infer.
+NumPy, the frozen parts, a jointly trained text encoder, an exact resume, and a run's checkpoint sampled by run_infer.
 
 One tiny latent model (16×16 images, a factor-2 autoencoder → 4×8×8 latents, a one-level-attention UNet of
 width 32, a one-layer text encoder over the demo vocabulary) is trained by one Trainer for the whole
@@ -223,6 +223,87 @@ def test_the_exporter_writes_a_latent_runs_checkpoint_as_its_sampling_export(tra
     moved = [p.name for p in unet.get_parameters()
              if not np.allclose(own[f"unet.{p.name}"].asnumpy(), initial[f"model.unet.{p.name}"])]
     assert moved  # the debiasing had something to remove
+
+
+def text_trained_model(seed):
+    """The tiny recipe with ``model.train_text_encoder`` and the model it builds from ``seed``."""
+    recipe = tiny_recipe(predict_v=True)
+    recipe["model"]["train_text_encoder"] = True
+    config = config_from_dict(recipe)
+    ms.set_seed(seed)
+    model, tokenizer = build_model(config.model)
+    return config, model, tokenizer
+
+
+def test_a_trained_text_encoder_gets_the_chain_rules_gradient(model_and_tokenizer):
+    """∂L/∂θ_τ through the loss equals (∂L/∂c) · (∂c/∂θ_τ), composed here from two separate gradients: the
+    loss's with respect to the context c = τ(y), then c's vector-Jacobian product with it. The frozen
+    encoder's parameters are left out of every gradient."""
+    from mindspore import nn
+    from mind_diffusion.resample import UniformSampler
+
+    config, model, tokenizer = text_trained_model(5)
+    rng = np.random.default_rng(0)
+    for param in model.unet.get_parameters():  # the zero-initialised output layers would pass no gradient to c
+        if not param.asnumpy().any():
+            param.set_data(ms.Tensor(0.05 * rng.standard_normal(param.shape).astype(np.float32)))
+    diffusion = build_diffusion(config.diffusion, config.model)
+    loss_net = LatentDiffusionLoss(model, diffusion, UniformSampler(1000), C)
+    images, u, noise = (ms.Tensor(v) for v in batch(4, 2 * C))
+    tokens = ms.Tensor(tokenizer(["a red circle", "一个蓝色的正方形"])[0])
+    weights = model.text_encoder.trainable_params()
+    assert weights and not model.vae.trainable_params()
+    assert not model_and_tokenizer[0].text_encoder.trainable_params()  # the default: frozen
+
+    class Loss(nn.Cell):
+        def construct(self, images, u, noise, tokens):
+            return loss_net(images, u, noise, tokens)[0]
+
+    class LossOfContext(nn.Cell):  # the same loss, the context an input
+        def construct(self, images, u, noise, context):
+            t, _ = loss_net.schedule_sampler(u)
+            z_start = model.latents(images, noise[:, C:])
+            loss, _, _ = diffusion.training_losses(model, z_start, t, noise[:, :C], context=context)
+            return loss.mean()
+
+    class Projected(nn.Cell):  # ⟨τ(y), g⟩: its gradient in θ_τ is the vector-Jacobian product gᵀ ∂c/∂θ_τ
+        def construct(self, tokens, g):
+            return (model.text_encoder(tokens) * g).sum()
+
+    got = ms.grad(Loss(), grad_position=None, weights=weights)(images, u, noise, tokens)
+    g = ms.grad(LossOfContext(), grad_position=3)(images, u, noise, model.text_encoder(tokens))
+    want = ms.grad(Projected(), grad_position=None, weights=weights)(tokens, g)
+    assert len(got) == len(want) == len(weights)
+    for param, a, b in zip(weights, got, want):
+        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-7, err_msg=param.name)
+    assert max(float(np.abs(a.asnumpy()).max()) for a in got) > 1e-4  # a real gradient, not zeros on both sides
+
+
+def test_a_run_that_trains_its_text_encoder_updates_averages_and_exports_it(tmp_path):
+    config, model, tokenizer = text_trained_model(config_from_dict(tiny_recipe()).seed)
+    config.train.total_steps = 3
+    run_dir = str(tmp_path / "run")
+    trainer = Trainer(config, model, build_diffusion(config.diffusion, config.model), run_dir, tokenizer=tokenizer)
+    initial = {name: p.asnumpy().copy() for name, p in trainer.state.items()}
+    trainer.fit(progress=False)
+    names = {id(p): n for n, p in model.parameters_and_names()}
+    assert {names[id(p)].split(".")[0] for p in trainer.train_step.optimizer.parameters} == {"unet", "text_encoder"}
+    assert {n.split(".")[0] for n in trainer.train_step.ema.names} == {"unet", "text_encoder"}
+    text = [n for n in initial if n.startswith("model.text_encoder.")]
+    vae = [n for n in initial if n.startswith("model.vae.")]
+    after = {n: trainer.state[n].asnumpy() for n in text + vae}
+    assert all(np.array_equal(initial[n], after[n]) for n in vae)
+    # the UNet's zero-initialised output layers pass no gradient upstream in step 1, nor its zero-initialised
+    # attention outputs to the context in step 2; step 3 moves τ
+    previous = read_checkpoint(os.path.join(run_dir, "ckpt_00000002.ckpt"))
+    assert all(np.array_equal(initial[n], previous[n].asnumpy()) for n in text)
+    assert all(not np.array_equal(initial[n], after[n]) for n in text)
+    # the export samples τ's average: θ̄_3 = r θ̄_2 + (1 − r) θ_3 at r = 0.5
+    export = ms.load_checkpoint(os.path.join(run_dir, "ldm_00000003.ckpt"), format="ckpt")
+    for name in text:
+        shadow = previous[ema_prefix(0.5) + name[len("model."):]].asnumpy().astype(np.float64)
+        want = 0.5 * shadow + 0.5 * after[name]
+        np.testing.assert_allclose(export[name[len("model."):]].asnumpy(), want, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
 def test_the_encoders_downsampling_backward_keeps_running():

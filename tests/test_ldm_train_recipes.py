@@ -46,6 +46,8 @@ def test_the_unets_side_is_the_latents():
     assert config.model.channel_mult == [1, 2] and config.model.attention_resolutions == [4]
     with pytest.raises(ConfigError, match="scaled_linear"):
         config_from_dict({"diffusion": {"noise_schedule": "scaled_linear"}})
+    with pytest.raises(ConfigError, match="model.train_text_encoder: trains a latent model's text encoder"):
+        config_from_dict({"model": {"train_text_encoder": True}})
 
 
 def test_the_recipes_load():

@@ -121,8 +121,9 @@ def latent_parts(model_cfg, vocab_size):
 
 
 def build_latent(model_cfg):
-    """(LatentDiffusion, tokenizer) of an ``arch: latent`` recipe: the UNet to train, and the autoencoder and
-    text encoder, frozen, with the weights of ``model.autoencoder_from`` / ``model.text_encoder_from``."""
+    """(LatentDiffusion, tokenizer) of an ``arch: latent`` recipe: the UNet to train, the frozen autoencoder,
+    and the text encoder, frozen unless ``model.train_text_encoder``, with the weights of
+    ``model.autoencoder_from`` / ``model.text_encoder_from``."""
     from models.autoencoder import create_autoencoder
     from models.clip_text import CLIPTextEncoder, encoder_arguments
     from models.latent_diffusion import LatentDiffusion
@@ -141,9 +142,9 @@ def build_latent(model_cfg):
         load_part(vae, "vae", model_cfg.autoencoder_from, model_cfg)
     if model_cfg.text_encoder_from:
         load_part(text, "text_encoder", model_cfg.text_encoder_from, model_cfg)
-    for frozen in (vae, text):
-        frozen.set_train(False)
-    return LatentDiffusion(unet, vae, text, parts), tokenizer
+    for part in (vae, text):  # inference behaviour (no dropout); trainability is LatentDiffusion's
+        part.set_train(False)
+    return LatentDiffusion(unet, vae, text, parts, train_text_encoder=model_cfg.train_text_encoder), tokenizer
 
 
 def load_part(network, part, path, model_cfg):

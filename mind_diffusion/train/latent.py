@@ -11,7 +11,8 @@ The latent objective (Sec. 4.3, Eq. 2, "L_LDM"): for an image x with caption y,
     z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε,    L = ‖target − ε_θ(z_t, t, τ(y))‖² averaged over the latent,
 
 with target ε, or v = √ᾱ_t ε − √(1 − ᾱ_t) z_0 for a v-predicting model (Salimans & Ho 2022): the process's
-own ``training_losses`` computes both (one home per formula). τ is the frozen text encoder; a caption
+own ``training_losses`` computes both (one home per formula). τ is the text encoder, frozen or (with
+``model.train_text_encoder``) trained by the same loss; a caption
 dropped by ``data.caption_dropout`` is the empty prompt's tokens, which trains the unconditional model
 that classifier-free guidance needs.
 
@@ -224,7 +225,8 @@ def write_export(path, state, ema, ldm_config, ema_rate=None):
 
     :param state: the model's name → Parameter (``LatentDiffusion.parameters_and_names()``).
     :param ema: the train step's :class:`~mind_diffusion.train.step.EMA` or None: the UNet's weights are
-        its copy at ``ema_rate`` (default the slowest, the one sampling uses), the frozen parts their own.
+        its copy at ``ema_rate`` (default the slowest, the one sampling uses), and so are a trained text
+        encoder's; the frozen parts' are their own.
     """
     weights = {name: param.asnumpy() for name, param in state.items()}
     if ema is not None:

@@ -313,8 +313,8 @@ class Trainer:
         return path
 
     def export(self, path, ema_rate=None):
-        """Write the latent model as a converted checkpoint (its UNet's EMA copy, the frozen parts), which
-        ``run_infer.sh PROMPT --ckpt PATH --vocab model.vocab`` samples from."""
+        """Write the latent model as a converted checkpoint (the EMA copy of what it trains, the frozen parts'
+        own weights), which ``run_infer.sh PROMPT --ckpt PATH --vocab model.vocab`` samples from."""
         parts = export_config(self.model.parts, self.config)
         return write_export(path, dict(self.model.parameters_and_names()), self.train_step.ema, parts, ema_rate)
 
