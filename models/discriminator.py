@@ -22,6 +22,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, nn, ops
 
+from mind_diffusion.kernels import conv as conv_kernels
+
 __all__ = ["PatchDiscriminator", "LEAKY_SLOPE", "BN_EPS"]
 
 LEAKY_SLOPE = 0.2
@@ -54,6 +56,12 @@ class PatchDiscriminator(nn.Cell):
                 shifts.append(Parameter(ms.Tensor(np.zeros(c_out, np.float32)), name=f"norm{i}.beta"))
             else:
                 biases.append(Parameter(ms.Tensor(np.zeros(c_out, np.float32)), name=f"conv{i}.bias"))
+        # oneDNN's direct convolution on CPU (mind_diffusion/kernels/conv.py) where it builds; None elsewhere
+        # (other backends, no compiler), where ops.conv2d serves
+        geometries = [conv_kernels.geometry_of(4, stride, "pad", 1) for stride in self.strides]
+        self.fast_ops = [conv_kernels.forward_op(geometry) for geometry in geometries]
+        self.fast_geometries = [conv_kernels.geometry_tensor(geometry) for geometry in geometries]
+        self.zero_biases = [ms.Tensor(np.zeros(c_out, np.float32)) for c_out in widths[1:]]
         self.weights = ms.ParameterTuple(weights)
         self.biases = ms.ParameterTuple(biases)
         self.scales = ms.ParameterTuple(scales)
@@ -64,16 +72,24 @@ class PatchDiscriminator(nn.Cell):
         bias_i, norm_i = 0, 0
         last = len(self.strides) - 1
         for i in range(len(self.strides)):
-            h = ops.conv2d(h, _frozen(self.weights[i], frozen), pad_mode="pad", padding=1, stride=self.strides[i])
+            bias = self.zero_biases[i] if self.normed[i] else _frozen(self.biases[bias_i], frozen)
+            h = self.conv(i, h, _frozen(self.weights[i], frozen), bias)
             if self.normed[i]:
                 h = _batch_norm(h, _frozen(self.scales[norm_i], frozen), _frozen(self.shifts[norm_i], frozen))
                 norm_i += 1
             else:
-                h = h + _frozen(self.biases[bias_i], frozen).reshape(1, -1, 1, 1)
                 bias_i += 1
             if i < last:
                 h = ops.leaky_relu(h, LEAKY_SLOPE)
         return h
+
+
+    def conv(self, i, h, weight, bias):
+        """Layer i's 4×4 convolution (padding 1, its stride) plus ``bias`` [O]."""
+        if self.fast_ops[i] is not None and h.dtype == ms.float32:
+            return self.fast_ops[i](h, weight, bias, self.fast_geometries[i])
+        h = ops.conv2d(h, weight, pad_mode="pad", padding=1, stride=self.strides[i])
+        return h + bias.reshape(1, -1, 1, 1)
 
 
 def _frozen(param, frozen):

@@ -13,6 +13,7 @@ from mindspore import nn, ops
 
 from mind_diffusion.cli.factory import build_diffusion, build_discriminator, build_model
 from mind_diffusion.config import ConfigError, config_from_dict, discriminator_grid
+from mind_diffusion.kernels import conv as conv_kernels
 from mind_diffusion.train.latent import AutoencoderLoss
 from mind_diffusion.train.trainer import Trainer
 from models.discriminator import PatchDiscriminator
@@ -52,8 +53,14 @@ def np_discriminator(x, params, layers):
     return h
 
 
-def test_discriminator_matches_numpy_and_the_grid_formula():
+@pytest.mark.parametrize("fast", [pytest.param(True, marks=pytest.mark.kernel(conv_kernels)), False],
+                         ids=["onednn", "ops"])
+def test_discriminator_matches_numpy_and_the_grid_formula(fast, monkeypatch):
+    """Both convolution paths: the C++ kernels (CPU) and ``ops.conv2d`` (other backends, no compiler)."""
+    if not fast:
+        monkeypatch.setenv(conv_kernels.ENV_SWITCH, "0")
     disc = PatchDiscriminator(3, 8, 2, seed=4)
+    assert [op is not None for op in disc.fast_ops] == [fast] * 4
     params = {name.split(".", 1)[1] if name.startswith("discriminator.") else name: p.asnumpy().astype(np.float64)
               for name, p in disc.parameters_and_names()}
     for name in [n for n in params if n.endswith(".beta") or n.endswith(".bias")]:  # non-zero, to be exercised
