@@ -1,5 +1,7 @@
 """Latent diffusion speed on CPU (or a device): the latent UNet's forward at 4×64×64 latents (SD at 512 px),
-the autoencoder's decode of such a latent, and one whole guided text-to-image sample.
+the autoencoder's decode of such a latent, one whole guided text-to-image sample, and the autoencoder's
+patch discriminator (forward + backward, batch 16 at 32×32) on the project's convolution kernels beside
+MindSpore's.
 
 The networks have Stable Diffusion 1.x's layout — UNet multipliers 1,2,4,4 with 2 residual blocks, spatial
 transformers (depth 1, 8 heads, 1×1-conv projections) at downsample rates 1, 2, 4; the 8× KL autoencoder
@@ -89,7 +91,7 @@ def timed(label, call, repeats):
         times.append(time.perf_counter() - start)
     median = statistics.median(times) * 1e3
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(f"{label:<44s} {median:10.1f} ms  (first call {first:6.1f} s; peak RSS so far {peak:,.0f} MiB)", flush=True)
+    print(f"{label:<52s} {median:10.1f} ms  (first call {first:6.1f} s; peak RSS so far {peak:,.0f} MiB)", flush=True)
     return median
 
 
@@ -124,6 +126,39 @@ def main(argv=None):
                                   latent_shape=(4, side, side), seed=0, guided=guided)
         images.asnumpy()
     timed(f"text-to-image, PLMS {args.steps} steps, scale {args.scale:g}", sample, max(1, args.repeats // 3))
+    discriminator_speed(args.repeats)
+
+
+def discriminator_speed(repeats, batch=16, side=32):
+    """The autoencoder's patch discriminator (CompVis's c = 64, L = 3), forward + backward of its weights,
+    on the project's oneDNN convolution kernels and on MindSpore's ``ops.conv2d``, side by side."""
+    import os
+    from mindspore import nn
+    from mind_diffusion.kernels import conv as conv_kernels
+    from models.discriminator import PatchDiscriminator
+
+    class Mean(nn.Cell):
+        def __init__(self, disc):
+            super().__init__()
+            self.disc = disc
+
+        def construct(self, x):
+            return self.disc(x).mean()
+
+    x = ms.Tensor(np.random.default_rng(1).uniform(-1, 1, (batch, 3, side, side)).astype(np.float32))
+    previous = os.environ.get(conv_kernels.ENV_SWITCH)
+    for switch, label in (("1", "oneDNN kernels"), ("0", "ops.conv2d")):
+        os.environ[conv_kernels.ENV_SWITCH] = switch  # read when the discriminator is built
+        disc = PatchDiscriminator(3, 64, 3)
+        if switch == "1" and disc.fast_ops[0] is None:
+            print(f"{'patch discriminator':<52s} oneDNN kernels unavailable: {conv_kernels.status()[1]}")
+            continue
+        step = ms.value_and_grad(Mean(disc), None, disc.trainable_params())
+        timed(f"discriminator fwd+bwd {batch}×3×{side}×{side}, {label}", lambda: step(x)[0].asnumpy(), repeats)
+    if previous is None:
+        os.environ.pop(conv_kernels.ENV_SWITCH)
+    else:
+        os.environ[conv_kernels.ENV_SWITCH] = previous
 
 
 if __name__ == "__main__":
