@@ -132,7 +132,6 @@ def main(argv=None):
 def discriminator_speed(repeats, batch=16, side=32):
     """The autoencoder's patch discriminator (CompVis's c = 64, L = 3), forward + backward of its weights,
     on the project's oneDNN convolution kernels and on MindSpore's ``ops.conv2d``, side by side."""
-    import os
     from mindspore import nn
     from mind_diffusion.kernels import conv as conv_kernels
     from models.discriminator import PatchDiscriminator

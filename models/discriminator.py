@@ -83,7 +83,6 @@ class PatchDiscriminator(nn.Cell):
                 h = ops.leaky_relu(h, LEAKY_SLOPE)
         return h
 
-
     def conv(self, i, h, weight, bias):
         """Layer i's 4×4 convolution (padding 1, its stride) plus ``bias`` [O]."""
         if self.fast_ops[i] is not None and h.dtype == ms.float32:
