@@ -25,7 +25,7 @@ import mindspore as ms
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = os.path.join(ROOT, "configs", "ldm_demo_vocab.txt")  # the tokenizer's file; its size does not matter here
+VOCAB = os.path.join(ROOT, "configs", "demo_vocab.txt")  # the tokenizer's file; its size does not matter here
 
 
 def parse_args(argv=None):
@@ -72,7 +72,7 @@ def build(args):
     ddconfig = dict(double_z=True, z_channels=4, resolution=8 * args.latent, in_channels=3, out_ch=3,
                     ch=args.ae_width, ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
     vae = create_autoencoder(ddconfig, 4)
-    text = CLIPTextEncoder(vocab_size=max(tokenizer.encoder.values()) + 1, context_length=77, width=args.text_width,
+    text = CLIPTextEncoder(vocab_size=tokenizer.n_vocab, context_length=77, width=args.text_width,
                            layers=args.text_layers, heads=8)
     for network in (unet, vae, text):
         network.set_train(False)

@@ -21,7 +21,7 @@ the same tokens, so it cannot change a picture.
 
     python bench/prompt_adherence.py [--ckpt checkpoints/demo.ckpt] [--n 200] [--scales 0,1,3,5]
                                      [--sets templates,heldout]
-    python bench/prompt_adherence.py --ckpt runs/ldm_demo/ldm_00004000.ckpt --vocab configs/ldm_demo_vocab.txt
+    python bench/prompt_adherence.py --ckpt runs/ldm_demo/ldm_00004000.ckpt --vocab configs/demo_vocab.txt
 
 A latent checkpoint (a latent run's ``ldm_<step>.ckpt``) is sampled as run_infer.sh samples it (default
 PLMS-50), in batches of ``--batch``.
@@ -130,7 +130,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA copy")
     parser.add_argument("--vocab", default=None,
-                        help="a latent checkpoint's tokenizer vocabulary (e.g. configs/ldm_demo_vocab.txt)")
+                        help="a latent checkpoint's tokenizer vocabulary (e.g. configs/demo_vocab.txt)")
     parser.add_argument("--grids", default=None, help="folder to write one PNG grid per set and scale")
     parser.add_argument("--no-normalise", action="store_true",
                         help="tokenise prompts exactly as written, as models from before text normalisation were")

@@ -207,9 +207,12 @@ class ModelConfig:
     text_layout: str = option("wukong", "arch latent: the frozen text encoder's layout and tokenizer: wukong "
                               "(BERT-Chinese WordPiece, model.vocab is a vocab_zh.txt), hf_clip (SD 1, CLIP "
                               "BPE) or open_clip (SD 2)", one_of(*TEXT_LAYOUTS))
-    vocab: str = option("", "arch latent: the tokenizer's vocabulary file (vocab_zh.txt for text_layout wukong, "
-                        "bpe_simple_vocab_16e6.txt.gz or vocab.json for CLIP); its size is the text encoder's "
-                        "vocabulary. The text encoder's sizes are text_ctx, xf_width, xf_layers and xf_heads")
+    vocab: str = option("", "the text tokenizer's vocabulary file. arch latent: vocab_zh.txt for text_layout "
+                        "wukong, bpe_simple_vocab_16e6.txt.gz or vocab.json for CLIP; the text encoder's sizes "
+                        "are text_ctx, xf_width, xf_layers and xf_heads. arch glide / glide_upsample: a "
+                        "WordPiece vocabulary (one piece a line with [CLS], [SEP], [UNK], e.g. "
+                        "configs/demo_vocab.txt) read word by word after prompt normalisation; \"\" = UTF-8 "
+                        "bytes. Its size is the text encoder's vocabulary")
     unet_from: str = option("", "arch latent: start the UNet from this SD / Wukong-Huahua checkpoint's "
                             "(original or converted; fine-tuning) instead of random weights. (train.init_from takes "
                             "this project's checkpoints.) \"\" = random")
@@ -308,6 +311,9 @@ class TrainConfig:
                             "has one, e.g. an export; for arch latent the UNet's EMA copy and the frozen "
                             "parts it was trained with) instead of random ones; the step, optimizer "
                             "and data order start fresh. \"\" = random initialisation")
+    init_exclude: List[str] = option([], "parameters that train.init_from does not load and that keep their "
+                                     "fresh initialisation: names or name prefixes, e.g. "
+                                     "[token_embedding] when the vocabulary changes")
     total_steps: int = option(100000, "optimizer steps to train", at_least(1))
     log_every: int = option(100, "steps between log lines", at_least(1))
     sample_every: int = option(0, "steps between sample grids; 0 = never", at_least(0))
@@ -422,8 +428,9 @@ def load_config(path, overrides=()):
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     # Input paths a user writes in a recipe are the current directory's, with the project's shipped
-    # files as a fallback (mind_diffusion/paths.py); the run's saved config.yaml records them absolute.
-    from mind_diffusion.paths import input_path
+    # files as a fallback (mind_diffusion/paths.py); the run's saved config.yaml records them absolute, but a
+    # shipped vocabulary by its project-relative name (paths.portable_path).
+    from mind_diffusion.paths import input_path, portable_path
     if config.train.init_from:
         config.train.init_from = input_path(config.train.init_from)
     if config.data.path:
@@ -431,6 +438,8 @@ def load_config(path, overrides=()):
     for key in ("vocab", "unet_from", "text_encoder_from", "autoencoder_from"):
         if getattr(config.model, key):
             setattr(config.model, key, input_path(getattr(config.model, key)))
+    if config.model.vocab and os.path.isfile(config.model.vocab):  # sampling needs it again, maybe elsewhere
+        config.model.vocab = portable_path(config.model.vocab)
     return config
 
 
@@ -677,6 +686,7 @@ def _check_consistency(config):
     _check_data(config.data, config.model)
     _check_latent(config)
     _check_discriminator(config.train, config.model)
+    _check_init(config.train)
     if config.sample.steps > config.diffusion.steps:
         _fail("sample.steps", f"must be <= diffusion.steps ({config.diffusion.steps})",
               config.sample.steps)
@@ -689,6 +699,12 @@ def discriminator_grid(image_size, layers):
     for _ in range(layers):
         side = (side - 2) // 2 + 1
     return side - 2
+
+
+def _check_init(train):
+    if train.init_exclude and not train.init_from:
+        _fail("train.init_exclude", "names parameters that train.init_from does not load; with no "
+              "train.init_from every parameter is freshly initialised: leave it empty", train.init_exclude)
 
 
 def _check_discriminator(train, model):
@@ -740,6 +756,9 @@ def _check_model(model):
         if res in model.attention_resolutions:
             _check_heads(width, model)
     text_arch = model.arch in ("glide", "glide_upsample", "latent")
+    if model.vocab and not text_arch:
+        _fail("model.vocab", f"is a text tokenizer's vocabulary; arch {model.arch!r} reads no text: leave it "
+              "empty", model.vocab)
     if text_arch and model.xf_width % model.xf_heads:
         _fail("model.xf_heads", f"must divide model.xf_width ({model.xf_width})", model.xf_heads)
     if text_arch and model.class_cond:

@@ -12,6 +12,12 @@ CLIs) and every path-valued recipe key:
   So ``bash /path/to/run_train.sh`` finds ``configs/demo.yaml`` and that
   recipe's ``train.init_from: checkpoints/demo_eps.ckpt`` from any directory,
   while a file of the same name in the user's directory wins.
+
+A recipe's input that a trained model needs again at sampling time (a text
+tokenizer's ``model.vocab``) is recorded in the run's config, and so in its
+checkpoints, as a shipped file's project-relative name when it is one
+(:func:`portable_path`), so that a checkpoint trained on one machine samples on
+another; :func:`recorded_path` reads it back.
 """
 import os
 
@@ -46,3 +52,16 @@ def input_path(path):
     if os.path.isabs(expanded) or os.path.exists(expanded):
         return os.path.abspath(expanded)
     return shipped_path(expanded) or os.path.abspath(expanded)
+
+
+def portable_path(path):
+    """``path`` as recorded in a run's config: a file shipped under configs/ or checkpoints/ by its
+    project-relative name (e.g. ``configs/demo_vocab.txt``), any other path unchanged."""
+    relative = os.path.relpath(os.path.abspath(path), PROJECT_ROOT)
+    return relative if shipped_path(relative) and os.path.samefile(shipped_path(relative), path) else path
+
+
+def recorded_path(path):
+    """The file a recorded path names: a project-relative shipped name is the project's own file, whatever
+    the current directory holds; any other path is the user's, as :func:`input_path` reads it."""
+    return shipped_path(path) or input_path(path)

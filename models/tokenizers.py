@@ -36,6 +36,8 @@ import warnings
 
 import numpy as np
 
+from mind_diffusion.prompts import normalise_prompt
+
 __all__ = [
     "TokenizerFileError",
     "bytes_to_unicode",
@@ -181,14 +183,19 @@ def _merges_beside(vocab):
 
 
 class FramedTokenizer:
-    """What the two latent tokenizers share: ``[start] ids [end]`` framing to a fixed context, the
-    batch call and the unconditional (empty) prompt. A subclass sets ``start_id``, ``end_id``,
-    ``pad_id`` and ``context_length`` and defines ``encode(text) -> ids``."""
+    """What the two vocabulary tokenizers share: ``[start] ids [end]`` framing to a fixed context, the
+    batch call and the unconditional (empty) prompt. A subclass sets ``encoder`` (piece → id),
+    ``start_id``, ``end_id``, ``pad_id`` and ``context_length`` and defines ``encode(text) -> ids``."""
 
     @property
     def text_ctx(self):
         """The context length, under the name the programs use for every tokenizer."""
         return self.context_length
+
+    @property
+    def n_vocab(self):
+        """Token ids the text encoder's embedding must accept: the highest id + 1."""
+        return max(self.encoder.values()) + 1
 
     def frame(self, ids):
         """``[start] ids [end]`` cut to the context (the end token kept) and padded: (tokens, mask)."""
@@ -383,12 +390,16 @@ class WordPieceTokenizer(FramedTokenizer):
     ``vocab`` is BERT-Chinese's ``vocab_zh.txt`` (one piece a line, id = line number from 0; Wukong's
     has 21128 lines with ``[PAD]`` = 0, ``[UNK]`` = 100, ``[CLS]`` = 101, ``[SEP]`` = 102). Padding is
     0 whatever the vocabulary, as Wukong's ``tokenize`` fills with zeros.
+
+    ``normalise`` first passes every text through :func:`mind_diffusion.prompts.normalise_prompt`,
+    as the GLIDE demo's word-level tokenizer does in training and sampling alike; Wukong-Huahua's
+    checkpoints were trained without it, so it is off by default.
     """
 
     max_word_chars = 100
     pad_id = 0
 
-    def __init__(self, vocab, context_length=CONTEXT_LENGTH):
+    def __init__(self, vocab, context_length=CONTEXT_LENGTH, normalise=False):
         _require_file(vocab, "Wukong's tokenizer vocabulary vocab_zh.txt (BERT-Chinese WordPiece)", "--vocab")
         with open(vocab, encoding="utf-8") as f:
             pieces = [line.strip() for line in f.read().split("\n")]
@@ -404,6 +415,7 @@ class WordPieceTokenizer(FramedTokenizer):
                                      "pass Wukong's vocab_zh.txt with --vocab PATH")
         self.start_id, self.end_id, self.unk_id = (self.encoder[s] for s in ("[CLS]", "[SEP]", "[UNK]"))
         self.context_length = context_length
+        self.normalise = normalise
 
     def wordpiece(self, word):
         """Greedy longest-match-first pieces of one word (``##`` marks a continuation), or [``[UNK]``]."""
@@ -424,7 +436,9 @@ class WordPieceTokenizer(FramedTokenizer):
         return pieces
 
     def tokenize(self, text):
-        """The WordPiece pieces of ``text``."""
+        """The WordPiece pieces of ``text`` (normalised first with ``normalise``)."""
+        if self.normalise:
+            text = normalise_prompt(text)
         return [piece for word in basic_tokenize(text) for piece in
                 ([word] if word == "[UNK]" else self.wordpiece(word))]
 

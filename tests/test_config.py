@@ -190,6 +190,34 @@ def test_recipe_input_paths_are_the_users_with_shipped_files_as_fallback(tmp_pat
     assert config.data.path == str(tmp_path / "mine.jsonl")
 
 
+def test_a_shipped_vocabulary_is_recorded_by_its_project_name(tmp_path, monkeypatch):
+    """demo.yaml's model.vocab is saved as configs/demo_vocab.txt, which names the project's file from any
+    directory (a checkpoint trained on one machine samples on another), even one holding a file of that
+    name; a user's own vocabulary is recorded absolute."""
+    import yaml
+    from mind_diffusion.config import config_to_dict, load_config
+    from mind_diffusion.paths import PROJECT_ROOT, recorded_path
+    monkeypatch.chdir(tmp_path)
+    config = load_config(os.path.join(PROJECT_ROOT, "configs", "demo.yaml"))
+    assert config_to_dict(config)["model"]["vocab"] == os.path.join("configs", "demo_vocab.txt")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo_vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nmine\n", encoding="utf-8")
+    assert recorded_path(config.model.vocab) == os.path.join(PROJECT_ROOT, "configs", "demo_vocab.txt")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"model": {"arch": "glide", "vocab": "configs/demo_vocab.txt"}}))
+    mine = load_config(str(tmp_path / "recipe.yaml"))
+    assert mine.model.vocab == str(tmp_path / "configs" / "demo_vocab.txt")
+    assert recorded_path(mine.model.vocab) == mine.model.vocab
+
+
+def test_vocab_and_init_exclude_are_refused_where_they_mean_nothing():
+    with pytest.raises(ConfigError, match="model.vocab.*arch 'unet' reads no text"):
+        config_from_dict({"model": {"arch": "unet", "vocab": "configs/demo_vocab.txt"}})
+    with pytest.raises(ConfigError, match="train.init_exclude.*no train.init_from"):
+        config_from_dict({"train": {"init_exclude": ["token_embedding"]}})
+    config = config_from_dict({"train": {"init_from": "a.ckpt", "init_exclude": "token_embedding,final_ln"}})
+    assert config.train.init_exclude == ["token_embedding", "final_ln"]
+
+
 def test_sample_sampler_names_are_the_schedulers():
     from mind_diffusion.config import SAMPLERS, config_from_dict
     from mind_diffusion.sampling.schedulers import SCHEDULERS

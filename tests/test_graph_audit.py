@@ -42,7 +42,7 @@ PRIMITIVES_FILE = os.path.join(ROOT, "tests", "data", "ascend_primitives.txt")
 CONTROL_FLOW = {"Switch", "SwitchLayer", "ConditionSwitch", "ConditionGather", "While", "If"}
 FLOAT64 = {mind_ir_pb2.TensorProto.DOUBLE, mind_ir_pb2.TensorProto.FLOAT64}
 BATCH, IMAGE, CHANNELS, TEXT_CTX = 1, 16, 32, 8
-LATENT_VOCAB = os.path.join(ROOT, "configs", "ldm_demo_vocab.txt")
+LATENT_VOCAB = os.path.join(ROOT, "configs", "demo_vocab.txt")
 # The chip the recipes are audited for: 910B-class, the superset (FlashAttention for the fp16
 # recipes; 910A graphs differ only in taking the ops path there, whose primitives the fp32 recipes use).
 AUDITED_SOC = "910B"

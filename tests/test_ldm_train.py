@@ -23,7 +23,7 @@ from mind_diffusion.train.trainer import Trainer
 from tests.helpers.infer_main import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = os.path.join(ROOT, "configs", "ldm_demo_vocab.txt")
+VOCAB = os.path.join(ROOT, "configs", "demo_vocab.txt")
 BATCH, C, SIDE, LATENT = 2, 4, 16, 8
 
 

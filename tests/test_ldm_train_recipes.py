@@ -9,7 +9,7 @@ from mind_diffusion.data import demo
 from models.tokenizers import CONTEXT_LENGTH, WordPieceTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = os.path.join(ROOT, "configs", "ldm_demo_vocab.txt")
+VOCAB = os.path.join(ROOT, "configs", "demo_vocab.txt")
 
 
 def test_config_copies_match_their_sources():
@@ -57,7 +57,7 @@ def test_the_recipes_load():
 
 
 def test_demo_captions_tokenize_without_unknown_pieces():
-    from scripts.make_ldm_demo_vocab import demo_vocabulary
+    from scripts.make_demo_vocab import demo_vocabulary
     with open(VOCAB, encoding="utf-8") as f:
         assert f.read().split("\n")[:-1] == demo_vocabulary()  # the file is the script's output
     tokenizer = WordPieceTokenizer(VOCAB)

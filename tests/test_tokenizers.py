@@ -191,6 +191,17 @@ def test_wukong_framing(wordpiece):
     assert wordpiece.decode(wordpiece("A photo of the cat, 一只狗")[0][0]) == "a photo of the cat ,一只狗"  # no space next to a CJK character
 
 
+def test_wordpiece_normalises_prompts_only_when_asked():
+    """The GLIDE demo's word-level tokenizer reads normalised prompts, so layout never changes its tokens;
+    Wukong-Huahua's (the default) reads them as written, as its checkpoints were trained."""
+    words = WordPieceTokenizer(VOCAB_ZH, context_length=16, normalise=True)
+    plain = WordPieceTokenizer(VOCAB_ZH, context_length=16)
+    for variant in ("  A PHOTO of the CAT!!", "a photo of the cat", "Ａ photo\tof the cat。"):
+        np.testing.assert_array_equal(words(variant)[0], words("a photo of the cat")[0], err_msg=variant)
+    assert plain.encode("a photo of the cat!!") == plain.encode("a photo of the cat") + [plain.encoder["!"]] * 2
+    assert words.n_vocab == plain.n_vocab == len(open(VOCAB_ZH, encoding="utf-8").read().splitlines())
+
+
 def test_wordpiece_missing_and_bad_files_are_named(tmp_path):
     with pytest.raises(TokenizerFileError, match=r"vocab_zh.txt.*missing.txt.*--vocab PATH"):
         WordPieceTokenizer(str(tmp_path / "missing.txt"))

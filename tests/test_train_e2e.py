@@ -167,3 +167,34 @@ def test_export_keeps_one_ema_copy_and_debiasing_recovers_the_trained_weights(tm
             np.testing.assert_allclose(value, trained[name], rtol=1e-3, atol=1e-5, err_msg=name)
     result = launch("run_infer.sh", "a red circle", "--ckpt", out, "--n", "1", "--steps", "2", "--out", str(tmp_path))
     assert os.path.exists(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_word_level_glide_starts_from_a_byte_level_run_and_its_export_debiases(tiny_run, tmp_path):
+    """``model.vocab`` gives GLIDE word and character tokens (configs/demo_vocab.txt, recorded by its project
+    name); ``train.init_exclude`` starts its token embedding afresh while every other weight comes from a
+    byte-level run. The export's debiasing must rebuild θ_0 from both sources (the embedding from the
+    seed), so that one step's EMA r θ_0 + (1 − r) θ_1 gives back θ_1; the export samples through
+    run_infer.sh."""
+    run_dir, _ = tiny_run
+    start = os.path.join(run_dir, "ckpt_00000004.ckpt")
+    words = str(tmp_path / "words")
+    result = launch("run_train.sh", "1", TINY, "model.vocab=configs/demo_vocab.txt", f"train.init_from={start}",
+                    "train.init_exclude=[token_embedding]", "train.total_steps=1", "train.save_every=1",
+                    "--run-dir", words, "--no-progress")
+    assert "1 parameters kept at their fresh initialisation" in result.stdout + result.stderr
+    ckpt = os.path.join(words, "ckpt_00000001.ckpt")
+    trained, initial = state_arrays(ckpt), state_arrays(start)
+    vocab_lines = open(os.path.join(ROOT, "configs", "demo_vocab.txt"), encoding="utf-8").read().splitlines()
+    assert trained["model.token_embedding.embedding_table"].shape == (len(vocab_lines), 32)
+    assert initial["model.token_embedding.embedding_table"].shape == (258, 32)  # UTF-8 bytes, PAD, EOT
+    from mind_diffusion.checkpoints import checkpoint_config
+    assert checkpoint_config(read_checkpoint(ckpt))["model"]["vocab"] == os.path.join("configs", "demo_vocab.txt")
+    out = str(tmp_path / "exported.ckpt")
+    subprocess.run([sys.executable, "-m", "mind_diffusion.cli.export", ckpt, out, "--debias-ema"], cwd=ROOT,
+                   env=ENV, check=True, capture_output=True)
+    exported = state_arrays(out)
+    for name, value in exported.items():
+        if name.startswith("model."):
+            np.testing.assert_allclose(value, trained[name], rtol=1e-3, atol=1e-5, err_msg=name)
+    result = launch("run_infer.sh", "一个红色的圆", "--ckpt", out, "--n", "1", "--steps", "2", "--out", str(tmp_path))
+    assert os.path.exists(result.stdout.strip().splitlines()[-1])

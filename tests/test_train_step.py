@@ -197,6 +197,19 @@ def test_init_from_loads_the_ema_copy_and_debiasing_subtracts_it(tmp_path):
         load_initial_weights(model, str(tmp_path / "missing.ckpt"))
     with pytest.raises(ValueError, match="does not fit"):
         load_initial_weights(nn.Dense(2, 4), path)
+    # train.init_exclude: the named parameters keep their fresh values, whatever their shape there
+    other = nn.Dense(2, 4)
+    fresh_weight = other.weight.asnumpy().copy()
+    with pytest.raises(ValueError, match="does not fit"):  # the bias does not fit either
+        load_initial_weights(other, path, exclude=["weight"])
+    model = nn.Dense(2, 3)
+    fresh_bias = model.bias.asnumpy().copy()
+    assert load_initial_weights(model, path, exclude=["bias"]) == ["bias"]
+    np.testing.assert_array_equal(model.weight.asnumpy(), start["weight"])
+    np.testing.assert_array_equal(model.bias.asnumpy(), fresh_bias)
+    with pytest.raises(ValueError, match="'bais' names no parameter"):
+        load_initial_weights(model, path, exclude=["bais"])
+    np.testing.assert_array_equal(other.weight.asnumpy(), fresh_weight)
 
     # θ̄_n = r^n θ_0 + (1 − r^n) θ*  →  debiasing returns θ* exactly (up to float64 rounding).
     rate, steps = 0.9, 7

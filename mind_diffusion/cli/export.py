@@ -89,24 +89,30 @@ def write_latent_export(path, arrays, config_dict, dtype):
 
 def debiased_ema(arrays, checkpoint, config_dict, ema_rate, step):
     """(θ̄_n − r^n θ_0) / (1 − r^n), with θ_0 rebuilt from the recipe's seed (see the module docstring),
-    or read from ``train.init_from`` when the run started from another checkpoint."""
+    or read from ``train.init_from`` when the run started from another checkpoint (but for the parameters
+    ``train.init_exclude`` names, which started from the seed's initialisation there too)."""
     import mindspore as ms
     from mind_diffusion.checkpoints import ema_rates, model_weights, read_checkpoint
     from mind_diffusion.cli.factory import build_model
     from mind_diffusion.config import config_from_dict
+    from mind_diffusion.train.checkpoint import excluded_names
 
     rates = ema_rates(checkpoint)
     if not rates or step < 1:
         raise ValueError("--debias-ema needs a training checkpoint with an EMA copy, after at least one step")
     rate = rates[-1] if ema_rate is None else ema_rate
     config = config_from_dict(config_dict)
+    initial = {}
     if config.train.init_from:  # the run started from another network's weights: those are θ_0
         initial = {name: value.asnumpy().astype(np.float64)
                    for name, value in model_weights(read_checkpoint(config.train.init_from)).items()}
-    else:
+    if not config.train.init_from or config.train.init_exclude:
         ms.set_seed(config.seed)  # the trainer's initialisation: the same seed, the model built first
-        initial, _ = build_model(config.model)
-        initial = {name: param.asnumpy() for name, param in initial.parameters_and_names()}
+        model, _ = build_model(config.model)
+        fresh = {name: param.asnumpy() for name, param in model.parameters_and_names()}
+        # all of them without init_from; else those train.init_exclude left at their initialisation
+        kept = excluded_names(fresh, config.train.init_exclude) if config.train.init_from else fresh
+        initial.update({name: fresh[name] for name in kept})
     weight = rate ** step
     return {name: (value.astype(np.float64) - weight * initial[name]) / (1.0 - weight)
             for name, value in arrays.items()}

@@ -35,7 +35,6 @@ def build_model(model_cfg):
     if model_cfg.arch == "autoencoder":
         return build_autoencoder(model_cfg), None
     from models.glide import SuperResText2ImUNet, Text2ImUNet
-    from models.text import ByteTokenizer
     from models.unet import UNetModel, attention_downsample_rates
 
     common = dict(
@@ -64,9 +63,21 @@ def build_model(model_cfg):
                     xf_heads=model_cfg.xf_heads, xf_final_ln=model_cfg.xf_final_ln,
                     xf_padding=model_cfg.xf_padding, xf_causal=model_cfg.xf_causal)
         model_class = Text2ImUNet if model_cfg.arch == "glide" else SuperResText2ImUNet
-        return model_class(**text, **common), ByteTokenizer(model_cfg.text_ctx)
+        tokenizer = glide_tokenizer(model_cfg)
+        return model_class(vocab_size=tokenizer.n_vocab, **text, **common), tokenizer
     raise ValueError(f"model.arch {model_cfg.arch!r} is not a network this tool builds "
                      "(use unet, glide, glide_upsample, classifier, latent or autoencoder)")
+
+
+def glide_tokenizer(model_cfg):
+    """A GLIDE recipe's tokenizer: UTF-8 bytes, or words and CJK characters of ``model.vocab`` (WordPiece),
+    both reading normalised prompts in a context of ``model.text_ctx`` tokens."""
+    if not model_cfg.vocab:
+        from models.text import ByteTokenizer
+        return ByteTokenizer(model_cfg.text_ctx)
+    from mind_diffusion.paths import recorded_path
+    from models.tokenizers import WordPieceTokenizer
+    return WordPieceTokenizer(recorded_path(model_cfg.vocab), context_length=model_cfg.text_ctx, normalise=True)
 
 
 def build_classifier(model_cfg, common):
@@ -126,12 +137,13 @@ def build_latent(model_cfg):
     ``model.autoencoder_from`` / ``model.text_encoder_from``."""
     from models.autoencoder import create_autoencoder
     from models.clip_text import CLIPTextEncoder, encoder_arguments
+    from mind_diffusion.paths import recorded_path
     from models.latent_diffusion import LatentDiffusion
     from models.latent_unet import create_latent_unet
     from models.tokenizers import tokenizer_for_layout
 
-    tokenizer = tokenizer_for_layout(model_cfg.text_layout, model_cfg.vocab)
-    parts = latent_parts(model_cfg, max(tokenizer.encoder.values()) + 1)
+    tokenizer = tokenizer_for_layout(model_cfg.text_layout, recorded_path(model_cfg.vocab))
+    parts = latent_parts(model_cfg, tokenizer.n_vocab)
     unet = create_latent_unet(**parts["unet"], dtype=COMPUTE_DTYPES[model_cfg.dtype])
     vae = create_autoencoder(parts["vae"]["ddconfig"], parts["vae"]["embed_dim"], parts["scale_factor"])
     text = CLIPTextEncoder(**encoder_arguments(parts["text_encoder"]))

@@ -99,12 +99,35 @@ class CheckpointWriter:
             os.remove(old)
 
 
-def load_initial_weights(model, path):
-    """Start a run from another run's network (``train.init_from``): its EMA copy, else its raw weights.
+def excluded_names(names, exclude):
+    """The names among ``names`` that ``train.init_exclude`` keeps at their fresh initialisation: each entry
+    is a parameter name or a prefix ending at a ``.``.
 
+    :raises ValueError: an entry that names no parameter (a typo would otherwise load everything).
+    """
+    names = list(names)
+    chosen = set()
+    for entry in exclude:
+        hits = [name for name in names if name == entry or name.startswith(entry.rstrip(".") + ".")]
+        if not hits:
+            raise ValueError(f"train.init_exclude: {entry!r} names no parameter of this model; give a name or "
+                             f"prefix such as {names[0].split('.')[0]!r}")
+        chosen.update(hits)
+    return chosen
+
+
+def load_initial_weights(model, path, exclude=()):
+    """Start a run from another run's network (``train.init_from``): its EMA copy, else its raw weights;
+    the parameters ``exclude`` names (``train.init_exclude``) keep their fresh initialisation.
+
+    :return: the names of the parameters left fresh, sorted.
     :raises FileNotFoundError: no such file; ValueError: the weights do not fit ``model``.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"train.init_from: {path!r} is not a file; give a checkpoint "
                                 "(a training checkpoint or an export such as checkpoints/demo.ckpt)")
-    restore_state(dict(model.parameters_and_names()), model_weights(read_checkpoint(path)), path)
+    params = dict(model.parameters_and_names())
+    fresh = excluded_names(params, exclude)
+    restore_state({name: p for name, p in params.items() if name not in fresh},
+                  model_weights(read_checkpoint(path)), path)
+    return sorted(fresh)

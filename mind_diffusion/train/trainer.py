@@ -133,7 +133,10 @@ class Trainer:
                                                               diffusion.num_timesteps)
         if train.init_from:
             # before the EMA copies are made, so that they start from these weights too
-            load_initial_weights(model, train.init_from)
+            fresh = load_initial_weights(model, train.init_from, train.init_exclude)
+            if fresh and rank == 0:
+                print(f"train.init_from: {len(fresh)} parameters kept at their fresh initialisation "
+                      f"(train.init_exclude): {', '.join(fresh)}", flush=True)
         loss_net = self._loss(model, diffusion)
         named = [(name, p) for name, p in model.parameters_and_names() if p.requires_grad]
         # a loss's own networks (the autoencoder's discriminator) train with the same AdamW, without EMA

@@ -1,11 +1,11 @@
-"""Write configs/ldm_demo_vocab.txt: a BERT-style WordPiece vocabulary (Wukong-Huahua's tokenizer format) of
-the built-in demo set's captions, for the latent demo recipes (configs/ldm_demo.yaml).
+"""Write configs/demo_vocab.txt: a BERT-style WordPiece vocabulary (Wukong-Huahua's tokenizer format) of
+the built-in demo set's captions, for the demo recipes (configs/demo.yaml, configs/ldm_demo.yaml).
 
 Its pieces: BERT's special tokens, then every word and CJK character of the demo captions' grammar, templates
 and attribute names, then a–z, 0–9 and their ``##`` continuations (so an unseen English word still splits
 into known pieces). tests/test_ldm_train_recipes.py checks that the demo captions tokenize without [UNK].
 
-    python scripts/make_ldm_demo_vocab.py [--out configs/ldm_demo_vocab.txt]
+    python scripts/make_demo_vocab.py [--out configs/demo_vocab.txt]
 """
 import argparse
 import os
@@ -47,7 +47,7 @@ def demo_vocabulary():
 def main(argv=None):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.path.join(root, "configs", "ldm_demo_vocab.txt"))
+    parser.add_argument("--out", default=os.path.join(root, "configs", "demo_vocab.txt"))
     args = parser.parse_args(argv)
     pieces = demo_vocabulary()
     with open(args.out, "w", encoding="utf-8") as f:
