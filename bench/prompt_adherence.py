@@ -6,7 +6,9 @@ Two prompt sets, each drawn from a seed the model was not trained on:
 - ``templates``: the ten caption templates of the first demo model
   (``demo.TEMPLATES``, Chinese and English), every one of them in training;
 - ``heldout``: wordings never used in training (mind_diffusion/evaluation/heldout.py),
-  16 per language, with the demo vocabulary's synonyms.
+  16 per language, with the demo vocabulary's synonyms;
+- ``wordings``, with ``--wordings FILE``: your own, one a line with the slots ``{a}``, ``{color}``,
+  ``{shape}`` and ``{background}`` (e.g. ``paint {a} {shape} in {color}``, ``请给我一个{color}的{shape}``).
 
 Each sample is read by ``mind_diffusion.evaluation.judge``: "both" counts shape
 and colour right (chance 1/40 = 2.5%); "background" is the share of the
@@ -21,6 +23,7 @@ the same tokens, so it cannot change a picture.
 
     python bench/prompt_adherence.py [--ckpt checkpoints/demo.ckpt] [--n 200] [--scales 0,1,3,5]
                                      [--sets templates,heldout]
+    python bench/prompt_adherence.py --wordings my_wordings.txt --scales 3
     python bench/prompt_adherence.py --ckpt runs/ldm_demo/ldm_00004000.ckpt --vocab configs/demo_vocab.txt
 
 A latent checkpoint (a latent run's ``ldm_<step>.ckpt``) is sampled as run_infer.sh samples it (default
@@ -39,10 +42,13 @@ SETS = ("templates", "heldout")
 TEMPLATE_STREAM = 10  # the templates set's random stream (demo_bench.template_prompts)
 
 
-def prompt_set(name, count, seed):
-    """(prompts, wanted attributes) of one named set."""
+def prompt_set(name, count, seed, wordings=None):
+    """(prompts, wanted attributes) of one named set; ``wordings``: the set read by ``--wordings``."""
     from mind_diffusion.evaluation.heldout import held_out_prompts
-    pairs = template_prompts(count, seed, TEMPLATE_STREAM) if name == "templates" else held_out_prompts(count, seed)
+    if name == "templates":
+        pairs = template_prompts(count, seed, TEMPLATE_STREAM)
+    else:
+        pairs = held_out_prompts(count, seed, wordings if name == "wordings" else None)
     return [p for p, _ in pairs], [w for _, w in pairs]
 
 
@@ -120,8 +126,11 @@ def main():
     parser.add_argument("--ckpt", default=None, help="checkpoint (default: as run_infer.sh picks it)")
     parser.add_argument("--n", type=int, default=200, help="prompts per set and scale (default: %(default)s)")
     parser.add_argument("--scales", default="0,1,3,5", help="guidance scales (default: %(default)s)")
-    parser.add_argument("--sets", default=",".join(SETS), help="prompt sets, of " + ", ".join(SETS)
-                        + " (default: %(default)s)")
+    parser.add_argument("--sets", default=None, help="prompt sets, of " + ", ".join(SETS + ("wordings",))
+                        + " (default: " + ",".join(SETS) + ", and wordings with --wordings)")
+    parser.add_argument("--wordings", default=None, metavar="FILE",
+                        help="your own wordings, one a line with {a} {color} {shape} {background} slots: the set "
+                             "'wordings'")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the recipe's)")
     parser.add_argument("--sampler", choices=["ddpm", "ddim", "plms", "dpm++2m", "dpm++3m", "euler_a"], default=None,
                         help="default: the recipe's (pixel models take ddpm or ddim; latent ones any, default plms)")
@@ -135,10 +144,19 @@ def main():
     parser.add_argument("--no-normalise", action="store_true",
                         help="tokenise prompts exactly as written, as models from before text normalisation were")
     args = parser.parse_args()
-    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
-    unknown = [s for s in sets if s not in SETS]
+    known = SETS + (("wordings",) if args.wordings else ())
+    sets = [s.strip() for s in (args.sets or ",".join(known)).split(",") if s.strip()]
+    unknown = [s for s in sets if s not in known]
     if unknown or not sets:
-        parser.error(f"--sets: unknown {unknown or sets}; choose from {', '.join(SETS)}")
+        parser.error(f"--sets: unknown {unknown or sets}; choose from {', '.join(known)}"
+                     + ("" if args.wordings else " (wordings needs --wordings FILE)"))
+    wordings = None
+    if args.wordings:
+        from mind_diffusion.evaluation.heldout import read_wordings
+        try:
+            wordings = read_wordings(args.wordings)
+        except (OSError, ValueError) as err:
+            parser.error(f"--wordings: {err}")
     if args.n < 1 or args.batch < 1:
         parser.error("--n and --batch must be at least 1")
 
@@ -167,7 +185,7 @@ def main():
           f"{sampler}-{steps}, judged by mind_diffusion.evaluation.judge; chance = 2.5% for both; "
           f"prompts {'as written' if args.no_normalise else 'normalised'}")
     for name in sets:
-        prompts, _ = prompt_set(name, args.n, args.prompt_seed)
+        prompts, _ = prompt_set(name, args.n, args.prompt_seed, wordings)
         if tokenizer is not None:
             print(f"{name}: {layout_mismatches(tokenizer, prompts, args.prompt_seed)} of {len(prompts)} prompts "
                   f"tokenise differently once their layout is scrambled")
@@ -175,7 +193,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|")
     for scale in (float(s) for s in args.scales.split(",")):
         for name in sets:
-            prompts, wanted = prompt_set(name, args.n, args.prompt_seed)
+            prompts, wanted = prompt_set(name, args.n, args.prompt_seed, wordings)
             chinese = np.array([any("\u4e00" <= ch <= "\u9fff" for ch in p) for p in prompts])
             started = time.perf_counter()
             images = draw(prompts, scale)

@@ -192,6 +192,32 @@ def test_held_out_prompts_alternate_languages_and_name_what_they_ask():
     assert len({w for w in wordings if any(_matches(w, text) for text, _ in prompts)}) == len(wordings)
 
 
+def test_a_users_wordings_file_is_read_and_checked(tmp_path):
+    """bench/prompt_adherence.py --wordings FILE: one wording a line, language by its characters, every
+    prompt filled from one of them and naming what it asks for; a line without the colour or shape slot,
+    or with an unknown one, is refused with its line number."""
+    from mind_diffusion.data.demo import COLOR_BY_NAME, SHAPE_BY_NAME
+    from mind_diffusion.evaluation.heldout import read_wordings
+    path = tmp_path / "mine.txt"
+    path.write_text("# my wordings\n\npaint {a} {shape} in {color}\n请给我一个{color}的{shape}，底色{background}\n",
+                    encoding="utf-8")
+    wordings = read_wordings(str(path))
+    assert wordings == {"en": ["paint {a} {shape} in {color}"], "zh": ["请给我一个{color}的{shape}，底色{background}"]}
+    prompts = held_out_prompts(8, seed=1, wordings=wordings)
+    for index, (text, wanted) in enumerate(prompts):
+        assert _matches(wordings[("en", "zh")[index % 2]][0], text), text
+        lang = "zh" if index % 2 else "en"
+        assert any(word in text for word in getattr(COLOR_BY_NAME[wanted["color"]], lang)), text
+        assert any(word in text for word in getattr(SHAPE_BY_NAME[wanted["shape"]], lang)), text
+        assert (wanted["background"] is None) == (index % 2 == 0)
+    only_english = held_out_prompts(4, seed=1, wordings={"en": wordings["en"], "zh": []})
+    assert all(_matches(wordings["en"][0], text) for text, _ in only_english)
+    for bad, problem in (("draw a {shape}", "no {color} or no {shape}"), ("{color} {shape} {size}", "unknown")):
+        path.write_text("# fine\n" + bad + "\n", encoding="utf-8")
+        with pytest.raises(ValueError, match=f"mine.txt:2: .*{re.escape(problem)}"):
+            read_wordings(str(path))
+
+
 def _matches(wording, text):
     """Whether ``text`` is ``wording`` with its slots filled (any words)."""
     pattern = re.escape(wording).replace(r"\{a\}", "an?")

@@ -11,6 +11,8 @@ sentences.
 Slots: ``{a}`` (the article of the next word), ``{color}``, ``{shape}``,
 ``{background}``.
 """
+import re
+
 import numpy as np
 
 from mind_diffusion.data import demo
@@ -55,22 +57,29 @@ HELD_OUT = {
 }
 
 
-def held_out_prompts(count, seed):
+SLOTS = ("a", "color", "shape", "background")
+
+
+def held_out_prompts(count, seed, wordings=None):
     """``count`` held-out prompts with what each asks for.
 
-    Languages alternate (English first); within a language the wordings are
-    taken in turn, so every wording is used about equally. Shape, colour and a
-    contrasting background are drawn like the demo set's, and the words for
-    them from all their synonyms, by a generator keyed by ``seed``.
+    Languages alternate (English first; a language without wordings is left
+    out); within a language the wordings are taken in turn, so every wording is
+    used about equally. Shape, colour and a contrasting background are drawn
+    like the demo set's, and the words for them from all their synonyms, by a
+    generator keyed by ``seed``.
+    :param wordings: ``{"en": [...], "zh": [...]}``; default :data:`HELD_OUT`
+        (or a user's file, :func:`read_wordings`).
     :return: list of ``(prompt, {"shape", "color", "background"})``;
         background is None when the wording does not name it.
     """
+    wordings = HELD_OUT if wordings is None else wordings
+    languages = [lang for lang in ("en", "zh") if wordings.get(lang)]
     rng = np.random.default_rng([seed, 17])
     prompts = []
     for index in range(count):
-        lang = ("en", "zh")[index % 2]
-        wordings = HELD_OUT[lang]
-        template = wordings[(index // 2) % len(wordings)]
+        lang = languages[index % len(languages)]
+        template = wordings[lang][(index // len(languages)) % len(wordings[lang])]
         shape = demo.SHAPES[rng.integers(len(demo.SHAPES))]
         colour = demo.COLORS[rng.integers(len(demo.COLORS))]
         backgrounds = demo.ALLOWED_BACKGROUNDS[colour.name]
@@ -82,3 +91,28 @@ def held_out_prompts(count, seed):
         prompts.append((text, {"shape": shape.name, "color": colour.name,
                                "background": background.name if named else None}))
     return prompts
+
+
+def read_wordings(path):
+    """Wordings from a user's text file, for :func:`held_out_prompts`: one a line, blank lines and lines
+    starting with ``#`` skipped. Each names ``{color}`` and ``{shape}`` and may use ``{a}`` (the next word's
+    article) and ``{background}``; a line with a Chinese character is Chinese, any other English.
+
+    :raises ValueError: naming the line that lacks a slot or has an unknown one.
+    """
+    wordings = {"en": [], "zh": []}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            slots = set(re.findall(r"\{(\w*)\}", line))
+            problem = ("has no {color} or no {shape} slot" if not {"color", "shape"} <= slots else
+                       f"has unknown slots {sorted(slots - set(SLOTS))}" if slots - set(SLOTS) else None)
+            if problem:
+                raise ValueError(f"{path}:{number}: {line!r} {problem}; a wording names {{color}} and {{shape}} "
+                                 "and may use {a} and {background}")
+            wordings["zh" if re.search("[\u4e00-\u9fff]", line) else "en"].append(line)
+    if not any(wordings.values()):
+        raise ValueError(f"{path}: no wordings (one a line, e.g. 'draw {{a}} {{color}} {{shape}}')")
+    return wordings
