@@ -191,14 +191,14 @@ def test_recipe_input_paths_are_the_users_with_shipped_files_as_fallback(tmp_pat
 
 
 def test_a_shipped_vocabulary_is_recorded_by_its_project_name(tmp_path, monkeypatch):
-    """demo.yaml's model.vocab is saved as configs/demo_vocab.txt, which names the project's file from any
+    """A model.vocab of configs/demo_vocab.txt is saved as that name, which names the project's file from any
     directory (a checkpoint trained on one machine samples on another), even one holding a file of that
     name; a user's own vocabulary is recorded absolute."""
     import yaml
     from mind_diffusion.config import config_to_dict, load_config
     from mind_diffusion.paths import PROJECT_ROOT, recorded_path
     monkeypatch.chdir(tmp_path)
-    config = load_config(os.path.join(PROJECT_ROOT, "configs", "demo.yaml"))
+    config = load_config(os.path.join(PROJECT_ROOT, "configs", "demo.yaml"), ["model.vocab=configs/demo_vocab.txt"])
     assert config_to_dict(config)["model"]["vocab"] == os.path.join("configs", "demo_vocab.txt")
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "demo_vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nmine\n", encoding="utf-8")
