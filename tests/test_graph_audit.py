@@ -73,10 +73,12 @@ def shrunk(path):
         overrides.append(f"model.low_res_size={IMAGE // 2}")
     if model.arch in ("latent", "autoencoder"):
         # a factor-2 autoencoder (8×8 latents, attention at 8 as above), random weights instead of the recipe's
-        # files, the demo's vocabulary; the text context stays 77 (the tokenizers')
+        # files, the demo's vocabulary (a latent model's); the text context stays 77 (the tokenizers')
         overrides += ["model.ae_channels=32", "model.ae_channel_mult=[1, 2]", "model.ae_num_res_blocks=1",
                       "model.unet_from=''", "model.text_encoder_from=''", "model.autoencoder_from=''",
-                      f"model.vocab={LATENT_VOCAB}", "model.xf_width=32", "model.xf_layers=1", "model.xf_heads=2"]
+                      "model.xf_width=32", "model.xf_layers=1", "model.xf_heads=2"]
+    if model.arch == "latent":
+        overrides.append(f"model.vocab={LATENT_VOCAB}")
     return load_config(path, overrides)
 
 
