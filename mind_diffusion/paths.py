@@ -58,7 +58,8 @@ def portable_path(path):
     """``path`` as recorded in a run's config: a file shipped under configs/ or checkpoints/ by its
     project-relative name (e.g. ``configs/demo_vocab.txt``), any other path unchanged."""
     relative = os.path.relpath(os.path.abspath(path), PROJECT_ROOT)
-    return relative if shipped_path(relative) and os.path.samefile(shipped_path(relative), path) else path
+    shipped = shipped_path(relative)
+    return relative if shipped and os.path.samefile(shipped, path) else path
 
 
 def recorded_path(path):

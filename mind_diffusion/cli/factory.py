@@ -135,9 +135,9 @@ def build_latent(model_cfg):
     """(LatentDiffusion, tokenizer) of an ``arch: latent`` recipe: the UNet to train, the frozen autoencoder,
     and the text encoder, frozen unless ``model.train_text_encoder``, with the weights of
     ``model.autoencoder_from`` / ``model.text_encoder_from``."""
+    from mind_diffusion.paths import recorded_path
     from models.autoencoder import create_autoencoder
     from models.clip_text import CLIPTextEncoder, encoder_arguments
-    from mind_diffusion.paths import recorded_path
     from models.latent_diffusion import LatentDiffusion
     from models.latent_unet import create_latent_unet
     from models.tokenizers import tokenizer_for_layout
