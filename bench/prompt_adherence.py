@@ -17,7 +17,10 @@ share that shows instead another background drawn at random from those the
 prompt's colour allows (what ignoring the background words scores, about 1/7).
 The same sampling seed is used for every set and scale.
 
-Layout (spaces, case, punctuation, full-width forms) is normalised by the
+A model trained on the demo set reads each prompt as run_infer.sh does, in its own caption form
+(``mind_diffusion.cli.factory.prompt_reader``: "draw a red circle please" → "a red circle");
+``--verbatim`` gives it the words as written instead, which measures what the network itself
+makes of new wordings. Layout (spaces, case, punctuation, full-width forms) is normalised by the
 tokenizer; the bench checks that a scrambled-layout copy of every prompt gives
 the same tokens, so it cannot change a picture.
 
@@ -141,6 +144,9 @@ def main():
     parser.add_argument("--vocab", default=None,
                         help="a latent checkpoint's tokenizer vocabulary (e.g. configs/demo_vocab.txt)")
     parser.add_argument("--grids", default=None, help="folder to write one PNG grid per set and scale")
+    parser.add_argument("--verbatim", action="store_true",
+                        help="give the model the prompts as written, not in the demo's caption form (run_infer.sh's "
+                             "--verbatim)")
     parser.add_argument("--no-normalise", action="store_true",
                         help="tokenise prompts exactly as written, as models from before text normalisation were")
     args = parser.parse_args()
@@ -160,7 +166,7 @@ def main():
     if args.n < 1 or args.batch < 1:
         parser.error("--n and --batch must be at least 1")
 
-    from mind_diffusion.cli.factory import build_diffusion
+    from mind_diffusion.cli.factory import build_diffusion, prompt_reader
     from mind_diffusion.evaluation.judge import adherence
     from mind_diffusion.generate import ImageGenerator
     from mind_diffusion.imaging import save_grid, to_uint8
@@ -168,24 +174,32 @@ def main():
     from mind_diffusion.cli.latent import is_latent_checkpoint
     if args.ckpt and is_latent_checkpoint(args.ckpt):
         path, size, draw, sampler, steps = latent_drawer(args)
-        tokenizer = None
+        tokenizer = reader = None
     else:
         path, config, model, tokenizer = load_text2im(args.ckpt, raw=args.raw)
         tokenizer.normalise = not args.no_normalise
         size = config.model.image_size
         generator = ImageGenerator(model, build_diffusion(config.diffusion, config.model), (3, size, size), tokenizer)
         sampler, steps = args.sampler or config.sample.sampler, args.steps or config.sample.steps
+        reader = None if args.verbatim else prompt_reader(config)
 
         def draw(prompts, scale):
+            if reader is not None:
+                prompts = [reader(prompt) or prompt for prompt in prompts]
             return generator.sample(len(prompts), prompts=prompts, sampler=sampler, steps=steps,
                                     eta=config.sample.eta, guidance_scale=scale, batch_size=args.batch,
                                     seed=args.seed, clip_denoised=config.sample.clip_denoised)
 
     print(f"checkpoint {path}: {args.n} prompts per set and scale (alternately English and Chinese), "
           f"{sampler}-{steps}, judged by mind_diffusion.evaluation.judge; chance = 2.5% for both; "
-          f"prompts {'as written' if args.no_normalise else 'normalised'}")
+          f"prompts {'as written' if args.no_normalise else 'normalised'}, "
+          f"{'in the demo caption form' if reader else 'given verbatim'}")
     for name in sets:
         prompts, _ = prompt_set(name, args.n, args.prompt_seed, wordings)
+        if reader is not None:
+            unread = sum(reader(prompt) is None for prompt in prompts)
+            print(f"{name}: {unread} of {len(prompts)} prompts name no shape and colour the reader knows "
+                  "(given as written)")
         if tokenizer is not None:
             print(f"{name}: {layout_mismatches(tokenizer, prompts, args.prompt_seed)} of {len(prompts)} prompts "
                   f"tokenise differently once their layout is scrambled")

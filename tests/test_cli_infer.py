@@ -187,6 +187,38 @@ def test_grid_names_differ_whenever_the_picture_could(tiny, tmp_path):
     assert all(name.startswith("samples_") for name in emoji)
 
 
+def test_a_demo_model_reads_a_free_prompt_in_its_caption_form(tiny, tmp_path, capsys, sampling):
+    """A model trained on the demo set gets "a red circle" for "Draw me a RED circle, please!" and the console
+    says so; --verbatim gives the words as written; a prompt naming no demo shape and colour goes as written,
+    with a note. The grid name keeps the user's words, and the hash the words the model was given."""
+    path, _ = tiny  # configs/tiny.yaml: data.kind demo
+    base = ["--ckpt", path, "--out", str(tmp_path), "--n", "1"]
+    status, stdout, _ = run_main(["Draw me a RED circle, please!", *base], capsys)
+    assert status == 0 and sampling[-1]["prompts"] == ["a red circle"]
+    assert "prompt read as 'a red circle': the demo model's own caption form (--verbatim" in stdout
+    read = os.path.basename(stdout.strip().splitlines()[-1])
+    assert read.startswith("Draw_me_a_RED_circle_please_")
+    status, stdout, _ = run_main(["Draw me a RED circle, please!", "--verbatim", *base], capsys)
+    assert status == 0 and sampling[-1]["prompts"] == ["Draw me a RED circle, please!"]
+    assert "read as" not in stdout and os.path.basename(stdout.strip().splitlines()[-1]) != read
+    status, stdout, _ = run_main(["请画一个红色的圆，背景是蓝色", *base], capsys)
+    assert status == 0 and sampling[-1]["prompts"] == ["蓝色背景上的红色圆形"]
+    status, stdout, _ = run_main(["一只猫", *base], capsys)
+    assert status == 0 and sampling[-1]["prompts"] == ["一只猫"]
+    assert "names no shape with a colour that the demo model knows" in stdout
+    status, stdout, _ = run_main(["a red circle", *base], capsys)  # already the caption form: nothing to say
+    assert status == 0 and sampling[-1]["prompts"] == ["a red circle"] and "read as" not in stdout
+
+
+def test_only_a_demo_trained_text_model_has_a_prompt_reader():
+    from mind_diffusion.cli.factory import prompt_reader
+    from mind_diffusion.data.demo import caption_form
+    assert prompt_reader(load_config(os.path.join(ROOT, "configs", "demo.yaml"))) is caption_form
+    assert prompt_reader(load_config(os.path.join(ROOT, "configs", "tiny.yaml"))) is caption_form
+    for recipe in ("emoji.yaml", "mnist.yaml", "demo_classifier.yaml"):
+        assert prompt_reader(load_config(os.path.join(ROOT, "configs", recipe))) is None, recipe
+
+
 def test_a_long_prompt_gives_a_short_name(tiny):
     path, _ = tiny
     name = name_for("红" * 20000, path)

@@ -8,8 +8,8 @@ import pytest
 
 from mind_diffusion.config import load_config
 from mind_diffusion.data.demo import (ALLOWED_BACKGROUNDS, COLORS, CORE_TEMPLATE_SHARE, FREE_SHARE, GRAMMAR,
-                                      MAX_CAPTION_BYTES, SHAPES,
-                                      TEMPLATES, DemoSet, free_caption, grammar_caption, grammar_templates, make_caption,
+                                      MAX_CAPTION_BYTES, SHAPES, TEMPLATES, DemoSet, caption_form, free_caption,
+                                      grammar_caption, grammar_templates, make_caption,
                                       prompt_to_attributes, render, sample_attributes)
 from mind_diffusion.evaluation.heldout import HELD_OUT, held_out_prompts
 from mind_diffusion.evaluation.judge import adherence, judge
@@ -272,3 +272,58 @@ def test_judge_accepts_model_outputs_and_adherence_scores_them():
     assert (wrong["shape"], wrong["color"], wrong["both"]) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="names no demo shape"):
         adherence(images[:1], ["a dog"])
+
+
+# ---------------------------------------------------------------------------
+# The prompt reader: prompts worded freely, read as the demo's own captions.
+# ---------------------------------------------------------------------------
+
+READER_WORDINGS = os.path.join(ROOT, "tests", "fixtures", "reader_wordings.txt")
+
+
+def _reader_sets():
+    from mind_diffusion.evaluation.heldout import read_wordings
+    return {"bench held-out": HELD_OUT, "reader fixture": read_wordings(READER_WORDINGS)}
+
+
+@pytest.mark.parametrize("name", ["bench held-out", "reader fixture"])
+def test_the_reader_reads_wordings_never_in_training(name):
+    """Every prompt of the bench's held-out wordings and of a second set written for this test
+    (tests/fixtures/reader_wordings.txt, none of them training captions) is read as what it asks for,
+    in any layout, and its caption form is a core-template caption of the prompt's language that
+    asks for the same."""
+    wordings = _reader_sets()[name]
+    training = {lang: _training_templates(lang) for lang in ("en", "zh")}
+    core = {make_caption(s.name, c.name, b, lang, k) for s, c in itertools.product(SHAPES, COLORS)
+            for b in ALLOWED_BACKGROUNDS[c.name] for lang, templates in TEMPLATES.items() for k in range(len(templates))}
+    assert all(len(wordings[lang]) >= 12 for lang in ("en", "zh"))
+    for lang in ("en", "zh"):
+        assert not {normalise_prompt(w) for w in wordings[lang]} & training[lang]
+    rng = np.random.default_rng(4)
+    for text, wanted in held_out_prompts(1200, seed=8, wordings=wordings):
+        assert prompt_to_attributes(text) == wanted, text
+        form = caption_form(text)
+        assert form in core and prompt_to_attributes(form) == wanted, (text, form)
+        chinese = [re.search("[\u4e00-\u9fff]", t) is not None for t in (form, text)]
+        assert chinese[0] == chinese[1], (text, form)
+        layout = "".join(ch.upper() if rng.random() < 0.5 else ch for ch in text).replace(" ", "  ") + " !!"
+        assert caption_form(layout) == form, layout
+
+
+def test_the_reader_takes_position_negation_plurals_and_traditional_characters():
+    assert prompt_to_attributes("a blue backdrop with a red circle") == {
+        "shape": "circle", "color": "red", "background": "blue"}        # the colour nearest before the shape
+    assert prompt_to_attributes("a circle, red, against blue") == {
+        "shape": "circle", "color": "red", "background": "blue"}        # else the first after it
+    assert prompt_to_attributes("红底蓝圆") == {"shape": "circle", "color": "blue", "background": "red"}
+    assert prompt_to_attributes("蓝绿色的星星") == {"shape": "star", "color": "cyan", "background": None}  # not blue, green
+    assert prompt_to_attributes("not blue: a red star") == {"shape": "star", "color": "red", "background": None}
+    assert prompt_to_attributes("不要蓝色,要红色的星") == {"shape": "star", "color": "red", "background": None}
+    assert prompt_to_attributes("three yellow boxes") == {"shape": "square", "color": "yellow", "background": None}
+    assert prompt_to_attributes("畫一個紅色的圓,藍色背景") == {"shape": "circle", "color": "red", "background": "blue"}
+    assert prompt_to_attributes("a crimson pentagram on navy") == {"shape": "star", "color": "red", "background": "blue"}
+    assert caption_form("Draw a red circle, please!") == "a red circle"
+    assert caption_form("请画一个红色的圆,背景是蓝色") == "蓝色背景上的红色圆形"
+    assert caption_form("an orange cross") == "an orange cross"
+    for unreadable in ("a dog", "一只猫", "a circle", "something red", ""):
+        assert caption_form(unreadable) is None, unreadable

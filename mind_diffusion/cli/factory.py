@@ -80,6 +80,20 @@ def glide_tokenizer(model_cfg):
     return WordPieceTokenizer(recorded_path(model_cfg.vocab), context_length=model_cfg.text_ctx, normalise=True)
 
 
+def prompt_reader(config):
+    """How a text model of this recipe reads a prompt before tokenising it: ``read(prompt) -> caption or None``.
+
+    A model trained on the demo set (``data.kind: demo``) follows its own caption forms best, so its
+    reader is :func:`mind_diffusion.data.demo.caption_form` (a prompt worded freely becomes the demo
+    caption naming the same shape, colour and background; None when it names no shape and colour).
+    Any other recipe's reader is None: its prompts go to the tokenizer as written.
+    """
+    if config.data.kind != "demo" or config.model.arch != "glide":
+        return None
+    from mind_diffusion.data.demo import caption_form
+    return caption_form
+
+
 def build_classifier(model_cfg, common):
     """ADM's noisy classifier p_φ(y | x_t, t): the UNet's encoder half and a pooling head, num_classes logits."""
     from models.classifier import EncoderUNetModel

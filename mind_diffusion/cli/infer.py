@@ -163,6 +163,9 @@ def build_parser(defaults=None):
     parser.add_argument("--ema-rate", type=float, default=None,
                         help="which EMA copy to use (default: the slowest, i.e. largest rate)")
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of an EMA copy")
+    parser.add_argument("--verbatim", action="store_true",
+                        help="give the prompt to the model as written; by default a model trained on the demo set "
+                             "reads it in its own caption form (\"draw a red circle please\" → \"a red circle\")")
     parser.add_argument("--out", default="outputs", help="folder for the PNG grid (default: ./%(default)s)")
     parser.add_argument("--device", type=_device_target, default=None,
                         help="CPU, Ascend or GPU (default: Ascend when available, else CPU)")
@@ -347,6 +350,8 @@ def grid_name(args, checkpoint, settings):
                 "steps": settings["steps"], "eta": settings["eta"], "scale": settings["guidance_scale"],
                 "classifier": file_identity(getattr(args, "classifier_path", None)),
                 "classifier_scale": args.classifier_scale if getattr(args, "classifier", None) else None}
+    if getattr(args, "read_as", None) is not None:
+        identity["read_as"] = args.read_as  # the demo's caption form: the words the model was given
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
     return (f"{subject}_s{settings['guidance_scale']:g}_{settings['sampler']}{settings['steps']}"
             f"_seed{args.seed}_{digest[:10]}.png")
@@ -410,6 +415,9 @@ def main(argv=None):
     if classifier is not None and tokenizer is not None and not (prompt or "").strip():
         prompt, settings["guidance_scale"] = "", 0.0  # classifier guidance of the unconditional model
         print("note: no prompt: the text model samples unconditionally (--scale 0), steered by the classifier")
+    elif tokenizer is not None:
+        prompt = read_prompt(config, prompt, args.verbatim)
+        args.read_as = prompt if prompt != args.prompt else None
 
     image_shape = (config.model.in_channels, config.model.image_size, config.model.image_size)
     generator = ImageGenerator(model, build_diffusion(config.diffusion, config.model, respaced=False),
@@ -444,6 +452,25 @@ def main(argv=None):
           f"scale {settings['guidance_scale']:g}{guided})")
     print(out)
     return 0
+
+
+def read_prompt(config, prompt, verbatim):
+    """The text the model is given for ``prompt``: the recipe's caption form
+    (:func:`mind_diffusion.cli.factory.prompt_reader`) unless ``verbatim``; says on the console when that
+    changes the words, or when the prompt names nothing the model knows."""
+    from mind_diffusion.cli.factory import prompt_reader
+    from mind_diffusion.prompts import normalise_prompt
+    reader = None if verbatim else prompt_reader(config)
+    if reader is None:
+        return prompt
+    form = reader(prompt)
+    if form is None:
+        print(f"note: {shorten(prompt)!r} names no shape with a colour that the demo model knows "
+              "(see README: the demo set); sampling it as written")
+        return prompt
+    if form != normalise_prompt(prompt):
+        print(f"prompt read as {form!r}: the demo model's own caption form (--verbatim gives it the words as written)")
+    return form
 
 
 def set_device(args):

@@ -366,15 +366,42 @@ def free_caption(rng, shape, color, background, lang):
 # Reading a prompt back.
 # ---------------------------------------------------------------------------
 
-def _find_words(text, words_by_name, english):
-    """(position, -length, name, start, end) for every vocabulary word in ``text``."""
+# Words the prompt reader also understands, each read as the demo word it stands for. They are
+# never in training captions (the model has not seen them); only the reader maps them.
+READ_AS = {
+    "en": {"red": ("scarlet", "crimson"), "yellow": ("golden", "gold"), "blue": ("navy", "azure"),
+           "cyan": ("teal",), "purple": ("lilac", "lavender", "magenta"), "gray": ("silver",),
+           "star": ("pentagram",)},
+    "zh": {},
+}
+# Traditional forms of the demo's Chinese words' characters, read as the simplified ones.
+_TRADITIONAL = str.maketrans("紅藍綠黃圓號顏", "红蓝绿黄圆号颜")
+_NEGATION = {"en": re.compile(r"\b(?:not|no|without|never) (?:an? |the )?$"),
+             "zh": re.compile(r"(?:不要|不是|不用|没有|非|不)$")}
+
+
+def _words(item, lang):
+    """Every word of a shape or colour in ``lang``: its caption words, then the reader's extras."""
+    return tuple(getattr(item, lang)) + READ_AS[lang].get(item.name, ())
+
+
+def _find_words(text, items, english):
+    """[(start, end, name)] of the vocabulary words of ``items`` in ``text``, left to right and not
+    overlapping: at each place the longest word wins (蓝绿色 over 蓝 and 绿色; "plus sign" over
+    "plus"). English words match whole, also in the plural ("circles", "boxes")."""
+    lang = "en" if english else "zh"
     found = []
-    for name, words in words_by_name.items():
-        for word in words:
-            pattern = rf"\b{re.escape(word)}\b" if english else re.escape(word)
+    for item in items:
+        for word in _words(item, lang):
+            pattern = rf"\b{re.escape(word)}(?:s|es)?\b" if english else re.escape(word)
             for match in re.finditer(pattern, text):
-                found.append((match.start(), -len(word), name, match.start(), match.end()))
-    return sorted(found)
+                found.append((match.start(), -len(word), match.end(), item.name))
+    chosen, reached = [], 0
+    for start, _, end, name in sorted(found):
+        if start >= reached:
+            chosen.append((start, end, name))
+            reached = end
+    return chosen
 
 
 # Background phrases, "{w}" standing for a colour word: the grammar's and a few more.
@@ -396,7 +423,7 @@ def _background_in(text):
     for patterns, english in ((EN_BACKGROUND_PATTERNS, True), (ZH_BACKGROUND_PATTERNS, False)):
         # longest word first, so 蓝绿色 wins over 绿色 and 红色 over 红, and nothing of it is left behind
         words = sorted(((word, colour.name) for colour in BACKGROUNDS
-                        for word in (colour.en if english else colour.zh)), key=lambda pair: -len(pair[0]))
+                        for word in _words(colour, "en" if english else "zh")), key=lambda pair: -len(pair[0]))
         for pattern in patterns:
             for word, name in words:
                 match = re.search(pattern.replace("{w}", re.escape(word)), text)
@@ -408,22 +435,56 @@ def _background_in(text):
 def prompt_to_attributes(text):
     """Parse a demo caption or prompt into ``{"shape", "color", "background"}``.
 
-    Works for both languages and the caption grammar's wordings ("a red circle on a
+    Works for both languages, the caption grammar's wordings ("a red circle on a
     blue background", "蓝色背景上的红色圆形", "红色的圆", "a box in violet, the
-    background is grey"); the text is normalised first, as the tokenizer does.
-    Anything not named is None; when several colours or shapes appear, the first
-    one wins.
+    background is grey") and free ones ("sketch a red circle against blue", "红底蓝圆");
+    the text is normalised first, as the tokenizer does, and traditional characters
+    are read as simplified. The rule is the free captions' (:func:`free_caption`):
+
+    - the shape is the first shape word;
+    - a background phrase ("on a blue background", "背景是蓝色") names the background;
+    - the shape's colour is the colour word nearest before the shape word, else the
+      first after it (with no shape word, the first colour word);
+    - without a background phrase, the next other colour word is the background.
+
+    Colour words after a negation ("not red", "不要红色") are not read. Anything not
+    named is None.
     """
-    text = normalise_prompt(text)
+    text = normalise_prompt(text).translate(_TRADITIONAL)
     background, rest = _background_in(text)
-    attributes = {"shape": None, "color": None, "background": background}
-    for key, vocabulary in (("shape", SHAPES), ("color", BACKGROUNDS)):
-        for english in (True, False):
-            words = {item.name: item.en if english else item.zh for item in vocabulary}
-            found = _find_words(rest, words, english)
-            if found and attributes[key] is None:
-                attributes[key] = found[0][2]
-    return attributes
+    shapes = _find_words(rest, SHAPES, True) + _find_words(rest, SHAPES, False)
+    colours = [(start, name) for english in (True, False)
+               for start, _, name in _find_words(rest, BACKGROUNDS, english)
+               if not _NEGATION["en" if english else "zh"].search(rest[:start])]
+    colours.sort()
+    shape_at, shape = min(shapes)[0::2] if shapes else (None, None)
+    before = [c for c in colours if shape_at is not None and c[0] < shape_at]
+    after = [c for c in colours if shape_at is None or c[0] > shape_at]
+    colour = before[-1] if before else after[0] if after else None
+    if background is None:
+        others = [entry[1] for entry in colours if entry != colour and (colour is None or entry[1] != colour[1])]
+        background = others[0] if others and colour is not None else None
+    return {"shape": shape, "color": colour and colour[1], "background": background}
+
+
+def caption_form(text):
+    """The demo model's own caption for a prompt worded freely, or None when it names no shape and colour.
+
+    The demo model reads the captions of its training set best; this rewrites a prompt into
+    the first core template of its language (:data:`TEMPLATES`: "a red circle", "一个红色圆形",
+    and with a background "a red circle on a blue background", "蓝色背景上的红色圆形"), from
+    what :func:`prompt_to_attributes` reads in it. A prompt with a CJK character is Chinese.
+    """
+    attributes = prompt_to_attributes(text)
+    if attributes["shape"] is None or attributes["color"] is None:
+        return None
+    lang = "zh" if re.search(f"[{_CJK_CHARACTERS}]", text) else "en"
+    template = {("en", False): 0, ("en", True): 1, ("zh", False): 2, ("zh", True): 1}[
+        lang, attributes["background"] is not None]
+    return make_caption(attributes["shape"], attributes["color"], attributes["background"], lang, template)
+
+
+_CJK_CHARACTERS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 
 
 # ---------------------------------------------------------------------------
