@@ -144,6 +144,7 @@ ARCHS = ("unet", "glide", "glide_upsample", "classifier", "latent", "autoencoder
 TEXT_LAYOUTS = ("wukong", "hf_clip", "open_clip")
 LATENT_TEXT_CTX = 77  # models.tokenizers.CONTEXT_LENGTH
 DEMO_NUM_CLASSES = 40
+DEMO_BACKGROUND_SHARE = 0.5  # mind_diffusion.data.demo.BACKGROUND_SHARE
 
 
 @dataclass
@@ -291,6 +292,9 @@ class DataConfig:
                                           "(threads are the dependable choice on CPU)")
     demo_size: int = option(10000, "number of images in the demo set", at_least(1))
     demo_seed: int = option(0, "seed that generates the demo set", at_least(0))
+    demo_background_share: float = option(DEMO_BACKGROUND_SHARE, "share of the demo set's grammar and free "
+                                          "captions that name the background colour (the core templates keep "
+                                          "theirs); more teaches background words faster", in_range(0.0, 1.0))
     class_cond: Optional[bool] = option(None, "mirror of model.class_cond: leave unset")
 
 

@@ -228,10 +228,10 @@ def test_sample_sampler_names_are_the_schedulers():
 
 def test_copied_constants_equal_their_sources():
     """config imports neither models/ nor the data package; its copies of their constants stay equal."""
-    from mind_diffusion.config import CLASSIFIER_POOLS, DEMO_NUM_CLASSES
-    from mind_diffusion.data.demo import NUM_CLASSES
+    from mind_diffusion.config import CLASSIFIER_POOLS, DEMO_BACKGROUND_SHARE, DEMO_NUM_CLASSES
+    from mind_diffusion.data.demo import BACKGROUND_SHARE, NUM_CLASSES
     from models.classifier import POOLS
-    assert DEMO_NUM_CLASSES == NUM_CLASSES
+    assert DEMO_NUM_CLASSES == NUM_CLASSES and DEMO_BACKGROUND_SHARE == BACKGROUND_SHARE
     assert set(CLASSIFIER_POOLS) == set(POOLS)
 
 
@@ -258,3 +258,9 @@ def test_classifier_recipe_errors_name_the_key(overrides, key):
     import copy
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config_from_dict(copy.deepcopy(CLASSIFIER), overrides)
+
+
+def test_demo_background_share_is_a_probability():
+    assert config_from_dict({}, ["data.demo_background_share=1"]).data.demo_background_share == 1.0
+    for bad in ("-0.1", "1.5"):
+        assert "data.demo_background_share" in error_of(overrides=[f"data.demo_background_share={bad}"])

@@ -327,3 +327,18 @@ def test_the_reader_takes_position_negation_plurals_and_traditional_characters()
     assert caption_form("an orange cross") == "an orange cross"
     for unreadable in ("a dog", "一只猫", "a circle", "something red", ""):
         assert caption_form(unreadable) is None, unreadable
+
+
+def test_background_share_sets_how_many_grammar_and_free_captions_name_the_background():
+    """data.demo_background_share: 1 names the background in every grammar and free caption, 0 in none;
+    the core templates keep theirs; the default draws the set as before (the same captions)."""
+    for share in (0.0, 1.0):
+        items = [sample_attributes(5, i, 16, share) for i in range(400)]
+        for item in items:
+            if item["wording"] != "core":
+                assert item["names_background"] == bool(share), item["caption"]
+                named = prompt_to_attributes(item["caption"])["background"] if item["wording"] == "grammar" else None
+                assert named == (item["background"] if share and item["wording"] == "grammar" else None)
+    default = DemoSet(50, 16, seed=5)
+    assert [default[i][1] for i in range(50)] == [sample_attributes(5, i, 16)["caption"] for i in range(50)]
+    assert [default[i][1] for i in range(50)] == [DemoSet(50, 16, 5, 0.5)[i][1] for i in range(50)]

@@ -274,18 +274,18 @@ def _pick(rng, options):
     return options[int(rng.integers(len(options)))]
 
 
-def grammar_caption(rng, shape, color, background, lang):
+def grammar_caption(rng, shape, color, background, lang, background_share=BACKGROUND_SHARE):
     """A random caption from the grammar: (text, whether it names the background).
 
-    Draws lead, noun phrase, background phrase (with probability
-    :data:`BACKGROUND_SHARE`), tail and synonyms from ``rng``; a caption longer than
-    :data:`MAX_CAPTION_BYTES` is drawn again, so every one fits the demo text context.
+    Draws lead, noun phrase, background phrase (with probability ``background_share``), tail and
+    synonyms from ``rng``; a caption longer than :data:`MAX_CAPTION_BYTES` is drawn again, so every
+    one fits the demo text context.
     """
     grammar = GRAMMAR[lang]
     words = "en" if lang == "en" else "zh"
     while True:
         noun = _pick(rng, grammar["nouns"])
-        names_background = rng.random() < BACKGROUND_SHARE
+        names_background = rng.random() < background_share
         if names_background and rng.random() < 0.25:
             body = _pick(rng, grammar["backgrounds_before"]) + noun
         else:
@@ -332,12 +332,12 @@ def _fillers(rng, lang):
     return [filler_word(rng, lang) for _ in range(int(rng.integers(low, high + 1)))]
 
 
-def free_caption(rng, shape, color, background, lang):
+def free_caption(rng, shape, color, background, lang, background_share=BACKGROUND_SHARE):
     """A caption in free wording: (text, whether it names the background).
 
     The parts, each with a run of filler around it: the shape's colour and shape word
     (colour first, or shape first and colour after it), and with probability
-    :data:`BACKGROUND_SHARE` the background colour, after the shape's colour, or
+    ``background_share`` the background colour, after the shape's colour, or
     before a colour-first phrase. Drawn again while longer than :data:`MAX_CAPTION_BYTES`.
     """
     words = lambda name, table: _pick(rng, getattr(table[name], lang))  # noqa: E731
@@ -349,7 +349,7 @@ def free_caption(rng, shape, color, background, lang):
             parts = [colour_word, *gap, shape_word]
         else:
             parts = [shape_word, *_fillers(rng, lang), colour_word]
-        names_background = rng.random() < BACKGROUND_SHARE
+        names_background = rng.random() < background_share
         if names_background:
             background_word = words(background, COLOR_BY_NAME)
             if colour_first and rng.random() < 0.5:
@@ -491,7 +491,7 @@ _CJK_CHARACTERS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 # The data set.
 # ---------------------------------------------------------------------------
 
-def sample_attributes(seed, index, image_size):
+def sample_attributes(seed, index, image_size, background_share=BACKGROUND_SHARE):
     """The attributes of item ``index`` of the demo set ``seed``: a dict with shape,
     color, background, size, center (pixels), lang, caption, names_background
     (whether the caption names the background colour) and wording (where the caption
@@ -512,9 +512,11 @@ def sample_attributes(seed, index, image_size):
         caption = make_caption(shape, colour, background, lang, TEMPLATES[lang].index(template))
         names_background, wording = "{background}" in template, "core"
     elif source < CORE_TEMPLATE_SHARE + FREE_SHARE:
-        (caption, names_background), wording = free_caption(rng, shape, colour, background, lang), "free"
+        (caption, names_background), wording = free_caption(rng, shape, colour, background, lang,
+                                                            background_share), "free"
     else:
-        (caption, names_background), wording = grammar_caption(rng, shape, colour, background, lang), "grammar"
+        (caption, names_background), wording = grammar_caption(rng, shape, colour, background, lang,
+                                                               background_share), "grammar"
     return {"shape": shape, "color": colour, "background": background, "size": float(size),
             "center": center, "lang": lang, "caption": caption, "names_background": names_background,
             "wording": wording}
@@ -533,10 +535,11 @@ NUM_CLASSES = len(SHAPES) * len(COLORS)
 class DemoSet:
     """Random-access view of the demo set: ``demo[i]`` → (uint8 HWC image, caption, attributes)."""
 
-    def __init__(self, size, image_size, seed=0):
+    def __init__(self, size, image_size, seed=0, background_share=BACKGROUND_SHARE):
         if size < 1:
             raise ValueError(f"demo set size must be >= 1, got {size}")
         self.size, self.image_size, self.seed = size, image_size, seed
+        self.background_share = background_share
 
     def __len__(self):
         return self.size
@@ -544,7 +547,7 @@ class DemoSet:
     def __getitem__(self, index):
         if not 0 <= index < self.size:
             raise IndexError(f"demo item {index} outside [0, {self.size})")
-        attributes = sample_attributes(self.seed, index, self.image_size)
+        attributes = sample_attributes(self.seed, index, self.image_size, self.background_share)
         image = render(attributes["shape"], attributes["color"], attributes["background"],
                        attributes["size"], attributes["center"], self.image_size)
         return image, attributes["caption"], attributes

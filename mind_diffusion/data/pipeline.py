@@ -75,8 +75,8 @@ class _ImageItems:
 class _DemoItems:
     """Items of the procedural demo set; they never fail to load."""
 
-    def __init__(self, size, image_size, seed):
-        self.demo = demo.DemoSet(size, image_size, seed)
+    def __init__(self, size, image_size, seed, background_share):
+        self.demo = demo.DemoSet(size, image_size, seed, background_share)
         self.paths = [f"<demo item {i}>" for i in range(size)]
 
     def __len__(self):
@@ -92,7 +92,7 @@ def _items_for(data_cfg, channels=3):
     if data_cfg.kind == "demo":
         if channels != 3:
             raise ValueError(f"data.kind 'demo' draws RGB images; it cannot feed model.in_channels={channels}")
-        return _DemoItems(data_cfg.demo_size, data_cfg.image_size, data_cfg.demo_seed)
+        return _DemoItems(data_cfg.demo_size, data_cfg.image_size, data_cfg.demo_seed, data_cfg.demo_background_share)
     if data_cfg.kind == "mnist":
         grayscale28.check_model_shape(data_cfg.kind, channels, data_cfg.image_size)
         return grayscale28.ArrayItems(*mnist.load_mnist("train", data_cfg.path), "mnist train")
