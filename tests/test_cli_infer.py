@@ -397,8 +397,10 @@ def test_a_huge_prompt_is_not_echoed_whole(tiny, tmp_path):
     path, config = tiny
     prompt = "a red circle " * 1600  # 20,800 characters
     env = dict(os.environ, PY=sys.executable, GLOG_v="3")
+    # --verbatim: the demo model's reader would give it "a red circle", which fits its text context
     result = subprocess.run(["bash", os.path.join(ROOT, "run_infer.sh"), prompt, "--ckpt", path, "--n", "1",
-                             "--steps", "2", "--out", "grids"], cwd=tmp_path, env=env, capture_output=True,
+                             "--steps", "2", "--out", "grids", "--verbatim"], cwd=tmp_path, env=env,
+                            capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     console = result.stdout + result.stderr
