@@ -1,12 +1,14 @@
 """Does the demo model draw what the prompt asks? Shape, colour and background judged on samples,
 per prompt set and guidance scale.
 
-Two prompt sets, each drawn from a seed the model was not trained on:
+Prompt sets, each drawn from a seed the model was not trained on:
 
 - ``templates``: the ten caption templates of the first demo model
   (``demo.TEMPLATES``, Chinese and English), every one of them in training;
 - ``heldout``: wordings never used in training (mind_diffusion/evaluation/heldout.py),
   16 per language, with the demo vocabulary's synonyms;
+- ``backgrounds`` (on request, ``--sets backgrounds``): every prompt names a background, in the
+  templates of ``demo.TEMPLATES`` that name one, colours and their allowed backgrounds in turn;
 - ``wordings``, with ``--wordings FILE``: your own, one a line with the slots ``{a}``, ``{color}``,
   ``{shape}`` and ``{background}`` (e.g. ``paint {a} {shape} in {color}``, ``请给我一个{color}的{shape}``).
 
@@ -42,7 +44,27 @@ import numpy as np
 from demo_bench import load_text2im, template_prompts  # bench/ is on the path when run as a script
 
 SETS = ("templates", "heldout")
+EXTRA_SETS = ("backgrounds",)
 TEMPLATE_STREAM = 10  # the templates set's random stream (demo_bench.template_prompts)
+BACKGROUND_STREAM = 11
+
+
+def background_prompts(count, seed):
+    """``count`` (prompt, wanted) pairs that all name a background: (colour, allowed background) pairs
+    in turn, a random shape, languages alternating, the background-naming templates in turn."""
+    from mind_diffusion.data import demo
+    rng = np.random.default_rng([seed, BACKGROUND_STREAM])
+    pairs = [(colour.name, background) for colour in demo.COLORS for background in demo.ALLOWED_BACKGROUNDS[colour.name]]
+    named = {lang: [i for i, text in enumerate(demo.TEMPLATES[lang]) if "{background}" in text] for lang in ("en", "zh")}
+    prompts = []
+    for index in range(count):
+        lang = ("en", "zh")[index % 2]
+        colour, background = pairs[index % len(pairs)]
+        template = named[lang][(index // 2) % len(named[lang])]
+        shape = demo.SHAPES[rng.integers(len(demo.SHAPES))].name
+        prompts.append((demo.make_caption(shape, colour, background, lang, template),
+                        {"shape": shape, "color": colour, "background": background}))
+    return prompts
 
 
 def prompt_set(name, count, seed, wordings=None):
@@ -50,6 +72,8 @@ def prompt_set(name, count, seed, wordings=None):
     from mind_diffusion.evaluation.heldout import held_out_prompts
     if name == "templates":
         pairs = template_prompts(count, seed, TEMPLATE_STREAM)
+    elif name == "backgrounds":
+        pairs = background_prompts(count, seed)
     else:
         pairs = held_out_prompts(count, seed, wordings if name == "wordings" else None)
     return [p for p, _ in pairs], [w for _, w in pairs]
@@ -129,7 +153,7 @@ def main():
     parser.add_argument("--ckpt", default=None, help="checkpoint (default: as run_infer.sh picks it)")
     parser.add_argument("--n", type=int, default=200, help="prompts per set and scale (default: %(default)s)")
     parser.add_argument("--scales", default="0,1,3,5", help="guidance scales (default: %(default)s)")
-    parser.add_argument("--sets", default=None, help="prompt sets, of " + ", ".join(SETS + ("wordings",))
+    parser.add_argument("--sets", default=None, help="prompt sets, of " + ", ".join(SETS + EXTRA_SETS + ("wordings",))
                         + " (default: " + ",".join(SETS) + ", and wordings with --wordings)")
     parser.add_argument("--wordings", default=None, metavar="FILE",
                         help="your own wordings, one a line with {a} {color} {shape} {background} slots: the set "
@@ -150,7 +174,7 @@ def main():
     parser.add_argument("--no-normalise", action="store_true",
                         help="tokenise prompts exactly as written, as models from before text normalisation were")
     args = parser.parse_args()
-    known = SETS + (("wordings",) if args.wordings else ())
+    known = SETS + EXTRA_SETS + (("wordings",) if args.wordings else ())
     sets = [s.strip() for s in (args.sets or ",".join(known)).split(",") if s.strip()]
     unknown = [s for s in sets if s not in known]
     if unknown or not sets:

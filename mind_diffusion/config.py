@@ -261,6 +261,13 @@ class DiffusionConfig:
     schedule_sampler: str = option("uniform", "timestep sampler: uniform or loss-second-moment "
                                    "(importance sampling, improved DDPM)",
                                    one_of("uniform", "loss-second-moment"))
+    high_noise_share: float = option(0.0, "with schedule_sampler uniform: share of the draws taken from the "
+                                     "last high_noise_steps timesteps, the loss unweighted (a reweighted "
+                                     "objective): teaches what only the caption can tell, such as a "
+                                     "background's colour (resample.HighNoiseSampler); 0 = plain uniform",
+                                     in_range(0.0, 1.0, high_inclusive=False))
+    high_noise_steps: int = option(50, "the noisiest timesteps that high_noise_share draws from (at most the "
+                                   "steps trained on)", at_least(1))
 
 
 @dataclass
@@ -862,6 +869,10 @@ def _check_diffusion(diffusion):
     if diffusion.predict_xstart and diffusion.predict_v:
         _fail("diffusion.predict_v", "cannot be combined with diffusion.predict_xstart (the network "
               "predicts one of x_0 and v); set one of them to false", diffusion.predict_v)
+    if diffusion.high_noise_share > 0 and diffusion.schedule_sampler != "uniform":
+        _fail("diffusion.high_noise_share", f"reweights uniform draws; schedule_sampler "
+              f"{diffusion.schedule_sampler!r} draws its own: set one of them back (0 or 'uniform')",
+              diffusion.high_noise_share)
     if diffusion.timestep_respacing:
         try:
             space_timesteps(diffusion.steps, diffusion.timestep_respacing)

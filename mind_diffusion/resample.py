@@ -1,10 +1,12 @@
-"""Timestep samplers for training: uniform, and importance sampling of L_vlb (improved DDPM, Sec. 3.3).
+"""Timestep samplers for training: uniform, importance sampling of L_vlb (improved DDPM, Sec. 3.3),
+and a uniform draw with extra weight on the noisiest steps.
 
 A sampler is a Cell used inside the compiled train step. It turns uniform
 draws u ∈ [0, 1) (fed from the host's seeded generator, so a resumed run
 draws the same timesteps) into timesteps t ~ p_t and importance weights
 w_t = 1 / (T p_t), so that E_{t∼p}[w_t L_t] = (1/T) Σ_t L_t: the weighted loss
-stays an unbiased estimate of the uniform-t objective.
+stays an unbiased estimate of the uniform-t objective. :class:`HighNoiseSampler`
+is the exception: it changes the objective's weighting on purpose (unit weights).
 """
 import numpy as np
 import mindspore as ms
@@ -51,6 +53,39 @@ class UniformSampler(ScheduleSampler):
 
     def construct(self, u):
         t = ops.minimum(ops.floor(u * self.num_timesteps).astype(ms.int32), self.num_timesteps - 1)
+        return t, ops.ones(u.shape, ms.float32)
+
+
+class HighNoiseSampler(ScheduleSampler):
+    """t uniform, with a share ``share`` of the draws from the last ``steps`` timesteps, and unit weights.
+
+    Unlike importance sampling this reweights the objective, to Σ_t p_t L_t: the last ``steps``
+    timesteps weigh ``share·T/steps + 1 − share`` times as much as under uniform draws. It is
+    for what only the condition can tell: an image's mean colour (a background filling most of
+    it) is read off x_t itself at all but the highest noise levels (its mean over H·W pixels
+    carries √ᾱ_t·√(HW) of signal per unit of noise), so under uniform draws only the few
+    noisiest steps teach the model that the caption names it, and it learns to ignore it.
+    """
+
+    def __init__(self, num_timesteps, share, steps):
+        super().__init__(num_timesteps)
+        if not 0.0 < share < 1.0:
+            raise ValueError(f"high-noise share must lie in (0, 1), got {share}")
+        if not 1 <= steps <= num_timesteps:
+            raise ValueError(f"high-noise steps must lie in [1, {num_timesteps}], got {steps}")
+        self.share, self.steps = float(share), int(steps)
+
+    def probabilities(self):
+        probs = np.full(self.num_timesteps, (1.0 - self.share) / self.num_timesteps)
+        probs[-self.steps:] += self.share / self.steps
+        return ms.Tensor(probs, ms.float32)
+
+    def construct(self, u):
+        # u < share: the last `steps` timesteps, u rescaled to [0, 1); else all T, likewise
+        tail = (self.num_timesteps - self.steps) + ops.floor(u / self.share * self.steps)
+        whole = ops.floor((u - self.share) / (1.0 - self.share) * self.num_timesteps)
+        t = ops.select(u < self.share, tail, whole).astype(ms.int32)
+        t = ops.clip_by_value(t, 0, self.num_timesteps - 1)
         return t, ops.ones(u.shape, ms.float32)
 
 
@@ -128,9 +163,15 @@ class LossSecondMomentResampler(ScheduleSampler):
         return t
 
 
-def create_named_schedule_sampler(name, num_timesteps):
-    """A timestep sampler by name: ``uniform`` or ``loss-second-moment``."""
+def create_named_schedule_sampler(name, num_timesteps, high_noise_share=0.0, high_noise_steps=50):
+    """A timestep sampler by name: ``uniform`` or ``loss-second-moment``.
+
+    ``uniform`` with ``high_noise_share`` > 0 is a :class:`HighNoiseSampler` over the last
+    ``high_noise_steps`` timesteps (at most T).
+    """
     if name == "uniform":
+        if high_noise_share > 0:
+            return HighNoiseSampler(num_timesteps, high_noise_share, min(high_noise_steps, num_timesteps))
         return UniformSampler(num_timesteps)
     if name == "loss-second-moment":
         return LossSecondMomentResampler(num_timesteps)

@@ -93,6 +93,10 @@ def test_cross_field_errors():
     assert "sample.steps" in error_of({"diffusion": {"steps": 10, "noise_schedule": "cosine"}})
     message = error_of({"diffusion": {"predict_xstart": True, "predict_v": True}})
     assert "diffusion.predict_v" in message and "diffusion.predict_xstart" in message
+    message = error_of({"diffusion": {"high_noise_share": 0.25, "schedule_sampler": "loss-second-moment"}})
+    assert "diffusion.high_noise_share" in message and "schedule_sampler" in message
+    assert "diffusion.high_noise_share" in error_of({"diffusion": {"high_noise_share": 1.0}})
+    assert "diffusion.high_noise_steps" in error_of({"diffusion": {"high_noise_steps": 0}})
 
 
 def test_overrides_parse_as_yaml_and_validate_like_file_values():

@@ -342,3 +342,20 @@ def test_background_share_sets_how_many_grammar_and_free_captions_name_the_backg
     default = DemoSet(50, 16, seed=5)
     assert [default[i][1] for i in range(50)] == [sample_attributes(5, i, 16)["caption"] for i in range(50)]
     assert [default[i][1] for i in range(50)] == [DemoSet(50, 16, 5, 0.5)[i][1] for i in range(50)]
+
+
+def test_the_bench_backgrounds_set_names_every_allowed_background(monkeypatch):
+    """bench/prompt_adherence.py --sets backgrounds: each prompt names the background it asks for, in a
+    template of its language, read back as asked; the first len(pairs) prompts cover every
+    (colour, allowed background) pair once."""
+    import importlib
+    from mind_diffusion.data.demo import ALLOWED_BACKGROUNDS, COLORS, prompt_to_attributes
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    bench = importlib.import_module("prompt_adherence")
+    pairs = [(c.name, b) for c in COLORS for b in ALLOWED_BACKGROUNDS[c.name]]
+    prompts = bench.background_prompts(len(pairs), seed=0)
+    assert [(w["color"], w["background"]) for _, w in prompts] == pairs
+    for index, (text, wanted) in enumerate(prompts):
+        assert prompt_to_attributes(text) == wanted, text
+        assert any("\u4e00" <= ch <= "\u9fff" for ch in text) == (index % 2 == 1), text
+    assert bench.prompt_set("backgrounds", 4, 0)[0] == [text for text, _ in prompts[:4]]

@@ -6,7 +6,7 @@ import pytest
 import mindspore as ms
 from mindspore import nn
 
-from mind_diffusion.resample import (LossSecondMomentResampler, UniformSampler,
+from mind_diffusion.resample import (HighNoiseSampler, LossSecondMomentResampler, UniformSampler,
                                      create_named_schedule_sampler)
 
 
@@ -61,6 +61,22 @@ def test_uniform_sampler():
     t, w = sampler(ms.Tensor(u))
     np.testing.assert_array_equal(t.asnumpy(), [0, 0, 1, 5, 9])
     np.testing.assert_array_equal(w.asnumpy(), 1.0)
+
+
+def test_high_noise_sampler_draws_its_tail_share_with_unit_weights():
+    sampler = HighNoiseSampler(10, share=0.4, steps=2)
+    # u below the share maps onto the last 2 steps, the rest onto all 10, each linearly
+    u = np.array([0.0, 0.1999, 0.21, 0.3999, 0.41, 0.45, 0.47, 0.9999999], np.float32)
+    t, w = sampler(ms.Tensor(u))
+    np.testing.assert_array_equal(t.asnumpy(), [8, 8, 9, 9, 0, 0, 1, 9])
+    np.testing.assert_array_equal(w.asnumpy(), 1.0)
+    # p_t: 0.6/10 everywhere plus 0.4/2 on the tail, and the draws on a fine grid of u follow it
+    expected = np.full(10, 0.06)
+    expected[-2:] += 0.2
+    np.testing.assert_allclose(Probabilities(sampler)().asnumpy(), expected, rtol=1e-6)
+    grid = ((np.arange(100_000) + 0.5) / 100_000).astype(np.float32)
+    draws = sampler(ms.Tensor(grid))[0].asnumpy()
+    np.testing.assert_allclose(np.bincount(draws, minlength=10) / len(grid), expected, atol=2e-5)
 
 
 def test_loss_second_moment_history_and_weights():
@@ -156,3 +172,9 @@ def test_named_samplers_and_errors():
         create_named_schedule_sampler("lossaware", 5)
     with pytest.raises(ValueError, match="uniform_prob"):
         LossSecondMomentResampler(5, uniform_prob=2.0)
+    high = create_named_schedule_sampler("uniform", 5, high_noise_share=0.25, high_noise_steps=50)
+    assert isinstance(high, HighNoiseSampler) and high.steps == 5  # the tail is at most T
+    assert isinstance(create_named_schedule_sampler("uniform", 5, high_noise_share=0.0), UniformSampler)
+    for share, steps, match in ((1.0, 2, "share"), (0.5, 0, "steps")):
+        with pytest.raises(ValueError, match=match):
+            HighNoiseSampler(5, share, steps)

@@ -129,8 +129,9 @@ class Trainer:
         self.target = graph_target()
         train = config.train
         self.cond_names = self._condition_names()
-        self.schedule_sampler = create_named_schedule_sampler(config.diffusion.schedule_sampler,
-                                                              diffusion.num_timesteps)
+        self.schedule_sampler = create_named_schedule_sampler(
+            config.diffusion.schedule_sampler, diffusion.num_timesteps,
+            config.diffusion.high_noise_share, config.diffusion.high_noise_steps)
         if train.init_from:
             # before the EMA copies are made, so that they start from these weights too
             fresh = load_initial_weights(model, train.init_from, train.init_exclude)
