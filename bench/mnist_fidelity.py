@@ -3,7 +3,7 @@
     python bench/mnist_fidelity.py --steps 3000 [--out bench_out/mnist_fidelity]
 
 1. trains ``--steps`` steps with ``python -m mind_diffusion.cli.train`` (the recipe unchanged but
-   for its length), recording train images/s;
+   for its length), recording train images/s; ``--ckpt`` measures a checkpoint already trained instead;
 2. test bits/dim of the EMA model on the first ``--bpd-images`` (128) MNIST test images, over all
    1000 steps of the bound, with its std over images;
 3. draws ``--fid-samples`` (1000) samples with the recipe's sampler on ``--sample-steps`` (100)
@@ -35,6 +35,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--steps", type=int, default=3000, help="training steps")
+    parser.add_argument("--ckpt", help="measure this checkpoint of the recipe (e.g. runs/mnist/ckpt_00003000.ckpt "
+                                       "from run_train.sh) instead of training one; train images/s is then not "
+                                       "measured")
     parser.add_argument("--out", default="bench_out/mnist_fidelity", help="output folder (must not hold a run)")
     parser.add_argument("--bpd-images", type=int, default=128, help="test images whose bits/dim is measured")
     parser.add_argument("--score-samples", type=int, default=256, help="samples scored by the classifier")
@@ -84,7 +87,12 @@ def main(argv=None):
         sys.exit(f"error: {out} already holds a result; choose another --out")
     os.makedirs(out, exist_ok=True)
     started = time.perf_counter()
-    checkpoint, images_per_s = train(args.steps, os.path.join(out, "run"))
+    if args.ckpt:
+        if not os.path.isfile(args.ckpt):
+            sys.exit(f"error: --ckpt {args.ckpt}: no such file")
+        checkpoint, images_per_s = os.path.abspath(args.ckpt), None
+    else:
+        checkpoint, images_per_s = train(args.steps, os.path.join(out, "run"))
 
     import mindspore as ms
     from mind_diffusion import evaluate as ev
@@ -92,7 +100,9 @@ def main(argv=None):
 
     ms.set_context(mode=ms.GRAPH_MODE)
     config, generator = ev.load_model(checkpoint)
-    result = {"recipe": "configs/mnist.yaml", "steps": args.steps, "checkpoint": checkpoint,
+    from mind_diffusion.checkpoints import checkpoint_step, read_checkpoint
+    result = {"recipe": "configs/mnist.yaml", "steps": checkpoint_step(read_checkpoint(checkpoint)),
+              "checkpoint": checkpoint,
               "train_images_per_s": images_per_s}
 
     test = ev.load_reference("mnist", config, args.bpd_images)

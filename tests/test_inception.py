@@ -8,11 +8,13 @@ evaluation command does; $MIND_DIFFUSION_INCEPTION may name the file instead).
 import os
 import zipfile
 
+import mindspore as ms
 import numpy as np
 import pytest
 
 from mind_diffusion.evaluation import inception
-from mind_diffusion.evaluation.torchscript import read_script_module, script_tensors
+from mind_diffusion.kernels import conv as conv_kernels
+from mind_diffusion.evaluation.torchscript import ScriptObject, read_script_module, script_tensors
 from mind_diffusion.torch_pickle import CheckpointFormatError, save_state_dict
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "evaluation_reference.npz")
@@ -23,9 +25,12 @@ def inception_path():
     return os.environ.get("MIND_DIFFUSION_INCEPTION") or inception.default_inception_path()
 
 
+@pytest.mark.kernel(conv_kernels)
 def test_features_match_the_torchscript_model(inception_path):
     ref = np.load(FIXTURE)
     extractor = inception.FeatureExtractor(inception_path, batch_size=2)
+    convs = [cell for _, cell in extractor.network.cells_and_names() if isinstance(cell, inception.ConvBN)]
+    assert len(convs) == 94 and all(cell.fast for cell in convs)  # the CPU runs them on oneDNN's kernels
     assert extractor.sha1 == str(ref["inception_sha1"]) == inception.INCEPTION_SHA1
     features = extractor(ref["inception_images"])
     assert features.shape == (2, inception.FEATURE_DIM)
@@ -34,6 +39,40 @@ def test_features_match_the_torchscript_model(inception_path):
     # The grey image given as one channel is replicated to RGB: the same features.
     grey = extractor(ref["inception_images"][1:2, :1])
     assert np.abs(grey[0] - features[1]).max() == 0.0
+
+
+@pytest.mark.kernel(conv_kernels)
+def test_every_convolution_geometry_matches_ops_conv2d(inception_path, monkeypatch):
+    """The fallback (``ops.conv2d``: other backends, no compiler) computes what the checked kernels do, for
+    each of Inception's kernel / stride / padding combinations (on small maps: the whole network on
+    MindSpore's CPU convolution takes a minute)."""
+    root = read_script_module(inception_path)
+    nodes = {}
+    for node in _conv_nodes(root):
+        a = node.attributes
+        nodes.setdefault((tuple(np.shape(a["weight"])[2:]), a["stride"], str(a["padding"])), node)
+    assert len(nodes) == 9
+    rng = np.random.default_rng(0)
+    for key, node in nodes.items():
+        fast = inception.ConvBN(node)
+        monkeypatch.setenv(conv_kernels.ENV_SWITCH, "0")
+        slow = inception.ConvBN(node)
+        monkeypatch.delenv(conv_kernels.ENV_SWITCH)
+        assert fast.fast and not slow.fast
+        x = ms.Tensor(rng.normal(0, 1, (2, fast.weight.shape[1], 13, 11)).astype(np.float32))
+        got, want = fast(x).asnumpy(), slow(x).asnumpy()
+        assert got.shape == want.shape, key
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=str(key))
+
+
+def _conv_nodes(node):
+    """Every scripted ``Conv2dLayer`` under ``node``."""
+    for child in node.attributes.values():
+        if isinstance(child, ScriptObject):
+            if child.type_name.endswith("Conv2dLayer"):
+                yield child
+            else:
+                yield from _conv_nodes(child)
 
 
 def test_archive_is_read_completely(inception_path):

@@ -29,6 +29,8 @@ LAYER_OF = [
     ("mind_diffusion.evaluation.bpd", "process"), ("mind_diffusion.generate", "process"),
     ("mind_diffusion.convert", "process"),
     ("mind_diffusion.convert_ldm", "process"),     # SD / Wukong checkpoint names and config inference
+    ("mind_diffusion.evaluation.torchscript", "foundation"),  # torch-free TorchScript archive reader
+    ("mind_diffusion.evaluation.inception", "networks"),      # the FID Inception-v3
     ("mind_diffusion.data", "data"), ("mind_diffusion.evaluation", "data"),  # judge, heldout: the demo set's
     ("mind_diffusion.config", "config"),
     ("mind_diffusion.train", "training"),
