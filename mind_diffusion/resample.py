@@ -17,8 +17,12 @@ class ScheduleSampler(nn.Cell):
     """Base class: ``construct(u) -> (t, weights)`` for u of shape [B].
 
     Subclasses define :meth:`probabilities` (p_t, shape [T]) and may learn from
-    the losses through :meth:`update`.
+    the losses through :meth:`update`; those set ``learns_from_losses``, and the
+    train step calls ``update`` (gathering t and the losses from every rank for
+    it) only for them.
     """
+
+    learns_from_losses = False
 
     def __init__(self, num_timesteps):
         super().__init__()
@@ -36,13 +40,6 @@ class ScheduleSampler(nn.Cell):
         t = ops.minimum(t, self.num_timesteps - 1)
         weights = 1.0 / (self.num_timesteps * ops.gather(probs, t, 0))
         return t, weights
-
-    def update(self, t, losses, apply=None):
-        """Record per-example losses at their timesteps (no-op for non-adaptive samplers).
-
-        A false ``apply`` tensor (a skipped train step) records nothing.
-        """
-        return t
 
 
 class UniformSampler(ScheduleSampler):
@@ -98,6 +95,8 @@ class LossSecondMomentResampler(ScheduleSampler):
     The history lives in non-trainable Parameters, so it is saved and restored
     with the checkpoint of the cell that holds the sampler.
     """
+
+    learns_from_losses = True
 
     def __init__(self, num_timesteps, history_per_term=10, uniform_prob=0.001):
         super().__init__(num_timesteps)

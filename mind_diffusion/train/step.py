@@ -384,6 +384,9 @@ class TrainStep(nn.Cell):
                                                           scale_window=1000)
         self.overflow = overflow if overflow is not None else OverflowCheck(VALUES, world_size)
         self.metrics = StepMetrics(loss_net.num_timesteps, loss_net.metric_names)
+        # A Python constant: a sampler that learns nothing (uniform, high-noise) leaves no update and no
+        # all-gathers in the graph (MindSpore used to prune its no-op update with a warning).
+        self.sampler_learns = loss_net.schedule_sampler.learns_from_losses
         if self.world_size > 1:
             self.grad_reducer = nn.DistributedGradReducer(self.weights, mean=True, degree=self.world_size)
             self.all_gather = ops.AllGather(GlobalComm.WORLD_COMM_GROUP)
@@ -407,7 +410,8 @@ class TrainStep(nn.Cell):
         self.optimizer(grads, finite)
         if self.ema is not None:
             self.ema(finite)
-        self.loss_net.schedule_sampler.update(self.all_gather(t), self.all_gather(losses), finite)
+        if self.sampler_learns:
+            self.loss_net.schedule_sampler.update(self.all_gather(t), self.all_gather(losses), finite)
         self.metrics(finite, loss, t, losses, *metrics)
         return (loss, t, losses) + metrics + (finite,)
 
