@@ -6,7 +6,10 @@ A latent model draws latents, and its pictures are their decodings. Whatever the
 images, no latent model of that autoencoder can draw: the reconstructions' shape / colour scores bound
 the latent demo's adherence from above (bench/prompt_adherence.py). This bench judges
 Dec(μ(x)) of demo images against the attributes that drew them, with L1 per pixel and PSNR, for each
-autoencoder checkpoint given, beside the originals (which the judge reads at 100%).
+autoencoder checkpoint given, beside the originals (which the judge reads at 100%). It also judges
+Dec(μ + σ·n), one posterior draw per image: a latent recipe with ``model.sample_posterior`` (the
+default) trains on such draws, so a σ large beside μ lowers the ceiling of what it learns. The RMS of
+μ and of σ over all latent elements is printed per checkpoint.
 
     python bench/autoencoder_ceiling.py                       # the recipe's model.autoencoder_from
     python bench/autoencoder_ceiling.py --ckpt runs/ldm_demo_autoencoder/ckpt_00001000.ckpt \\
@@ -55,16 +58,25 @@ def judged_shares(images, attributes):
     return hits / len(images)
 
 
-def reconstructions(vae, images, batch):
-    """Dec(μ(x)) of images [N, 3, H, W] in [-1, 1], float32, in batches (the last one padded: one graph)."""
+def reconstructions(vae, images, batch, seed=0):
+    """(Dec(μ(x)), Dec(μ + σ·n), RMS of μ, RMS of σ) of images [N, 3, H, W] in [-1, 1], float32, in
+    batches (the last one padded: one graph); n ~ N(0, I) from NumPy's ``seed``."""
     import mindspore as ms
-    out = []
+    rng = np.random.default_rng(seed)
+    means, draws, mean_sq, sigma_sq, count = [], [], 0.0, 0.0, 0
     for start in range(0, len(images), batch):
         chunk = images[start:start + batch]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
-        mean, _ = vae.posterior(ms.Tensor(padded))
-        out.append(vae.decode(mean).asnumpy()[:len(chunk)])
-    return np.concatenate(out)
+        mean, logvar = vae.posterior(ms.Tensor(padded))
+        mu, sigma = mean.asnumpy(), np.exp(0.5 * logvar.asnumpy())
+        kept = slice(0, len(chunk))
+        mean_sq += np.square(mu[kept]).sum()
+        sigma_sq += np.square(sigma[kept]).sum()
+        count += mu[kept].size
+        z = (mu + sigma * rng.standard_normal(mu.shape)).astype(np.float32)
+        means.append(vae.decode(mean).asnumpy()[kept])
+        draws.append(vae.decode(ms.Tensor(z)).asnumpy()[kept])
+    return np.concatenate(means), np.concatenate(draws), np.sqrt(mean_sq / count), np.sqrt(sigma_sq / count)
 
 
 def main(argv=None):
@@ -97,12 +109,15 @@ def main(argv=None):
     for path in paths:
         load_part(vae, "vae", path, config.model)
         started = time.perf_counter()
-        decoded = np.clip(reconstructions(vae, images, args.batch), -1.0, 1.0)
-        l1 = float(np.abs(decoded - images).mean())
-        mse = float(np.square((decoded - images) / 2.0).mean())  # on the [0, 1] scale
-        shares = judged_shares(decoded, attributes)
-        print(f"| {path} | {l1:.4f} | {10 * np.log10(1.0 / mse):.2f} | "
-              + " | ".join(f"{100 * s:.1f}%" for s in shares) + f" | {time.perf_counter() - started:.1f} |")
+        from_mean, from_draw, mean_rms, sigma_rms = reconstructions(vae, images, args.batch)
+        for label, decoded in ((f"{path}: Dec(μ)", from_mean), (f"{path}: Dec(μ + σ·n)", from_draw)):
+            decoded = np.clip(decoded, -1.0, 1.0)
+            l1 = float(np.abs(decoded - images).mean())
+            mse = float(np.square((decoded - images) / 2.0).mean())  # on the [0, 1] scale
+            shares = judged_shares(decoded, attributes)
+            print(f"| {label} | {l1:.4f} | {10 * np.log10(1.0 / mse):.2f} | "
+                  + " | ".join(f"{100 * s:.1f}%" for s in shares) + f" | {time.perf_counter() - started:.1f} |")
+        print(f"  posterior of {path}: RMS of μ {mean_rms:.3f}, RMS of σ {sigma_rms:.3f}")
 
 
 if __name__ == "__main__":
