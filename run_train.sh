@@ -56,8 +56,14 @@ if [[ $# -eq $dry_run ]]; then
   extra=(--set train.total_steps=200 --set train.batch_size=32 --set train.log_every=25
          --set train.save_every=200 --set train.sample_every=0 --run-dir "$quick")
 fi
+previous=""
 for a in "${args[@]+"${args[@]}"}"; do
-  if [[ "$a" == *=* && "$a" != -* ]]; then extra+=(--set "$a"); else extra+=("$a"); fi
+  # A bare key=value is an override; the value of an option (--set key=value, --run-dir a=b) is kept as given.
+  case "$previous" in
+    --set|--config|--run-dir|--resume|--device) extra+=("$a") ;;
+    *) if [[ "$a" == *=* && "$a" != -* ]]; then extra+=(--set "$a"); else extra+=("$a"); fi ;;
+  esac
+  previous="$a"
 done
 
 # Collective timeouts: the user's values win. Rank 0 alone writes checkpoints and sample grids while

@@ -54,6 +54,15 @@ def test_arguments_pass_through_and_user_timeouts_win(tmp_path):
     assert "HCCL_CONNECT_TIMEOUT=300 HCCL_EXEC_TIMEOUT=7000" in env_line
 
 
+def test_set_as_its_help_writes_it_is_passed_once(tmp_path):
+    """``--set key=value`` (the trainer's --help form) beside bare overrides: each becomes one --set."""
+    status, (_, command), err = dry_run("1", "my.yaml", "--set", "data.kind=latents", "train.lr=1e-4",
+                                        "--run-dir", "out/a=b", cwd=tmp_path)
+    assert status == 0, err
+    assert command == [sys.executable, TRAIN, "--config", "my.yaml", "--set", "data.kind=latents",
+                       "--set", "train.lr=1e-4", "--run-dir", "out/a=b"]
+
+
 def msrun_options(command):
     assert command[:3] == [sys.executable, "-m", "mindspore.parallel.cluster.run"]
     script = command.index(TRAIN)
