@@ -207,10 +207,25 @@ def sampling_settings(args, config):
             "guidance_scale": sample.guidance_scale if args.guidance_scale is None else args.guidance_scale}
 
 
-def draw_samples(generator, count, settings, batch_size, seed, reference=None, progress=True, first=0):
+def sample_captions(captions, first, count, seed):
+    """Captions of samples ``first`` … ``first + count − 1`` of a set: the reference captions in an
+    order shuffled by ``seed``, cycled.
+
+    A reference set is often ordered (the emoji set goes through its code points, each picture twice
+    in a row), and its first captions alone would draw a narrower set of pictures than the reference
+    holds, which FID would count as a difference; a shuffled order spreads any number of samples over
+    all of it. The order depends only on ``seed`` and the captions, so every worker and every resumed
+    block gives sample k the same caption.
+    """
+    order = np.random.RandomState(seed).permutation(len(captions))
+    return [captions[order[(first + i) % len(captions)]] for i in range(count)]
+
+
+def draw_samples(generator, count, settings, batch_size, seed, reference=None, progress=True, first=0,
+                 seed_of_set=0):
     """uint8 samples [count, C, H, W]: balanced labels for class-conditional models, the reference's
-    captions (cycled) for text models; ``first`` is the index of the first sample in the whole set
-    (its label or caption)."""
+    captions in a seeded random order (:func:`sample_captions`) for text models; ``first`` is the
+    index of the first sample in the whole set (its label or caption)."""
     from mind_diffusion.imaging import to_uint8
     labels = prompts = None
     if generator.num_classes:
@@ -218,7 +233,7 @@ def draw_samples(generator, count, settings, batch_size, seed, reference=None, p
     if generator.tokenizer is not None:
         if reference is None or not reference.captions:
             raise EvaluationError("a text-to-image model needs captions: use --data recipe (or a caption data set)")
-        prompts = [reference.captions[(first + i) % len(reference.captions)] for i in range(count)]
+        prompts = sample_captions(reference.captions, first, count, seed_of_set)
     images = generator.sample(count, prompts=prompts, labels=labels, batch_size=batch_size, seed=seed,
                               progress=progress, **settings)
     return np.ascontiguousarray(to_uint8(images).transpose(0, 3, 1, 2))
@@ -271,7 +286,7 @@ def sample_blocks(generator, count, settings, batch_size, seed, shard_dir, manif
             continue
         first = block * batch_size
         images = draw_samples(generator, min(batch_size, count - first), settings, batch_size,
-                              seed * 1_000_003 + block, reference, progress, first=first)
+                              seed * 1_000_003 + block, reference, progress, first=first, seed_of_set=seed)
         tmp = f"{path}.{os.getpid()}.tmp.npz"
         np.savez(tmp, images=images)
         os.replace(tmp, path)
@@ -434,7 +449,8 @@ def evaluate(args):
                 samples = merge_blocks(args.shard_dir, args.num_samples, args.batch_size)
                 result["shard_dir"] = args.shard_dir
             else:
-                samples = draw_samples(generator, args.num_samples, settings, args.batch_size, args.seed, reference)
+                samples = draw_samples(generator, args.num_samples, settings, args.batch_size, args.seed, reference,
+                                       seed_of_set=args.seed)
             result.update(settings, seed=args.seed)
             if args.save_samples:
                 _save_new(args.save_samples, lambda f: np.savez(f, images=samples))

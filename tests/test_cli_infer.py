@@ -431,3 +431,21 @@ def test_a_classifier_run_is_never_the_default_checkpoint(tiny, tmp_path, monkey
     shutil.copy(os.path.join(ROOT, "checkpoints", "demo_classifier.ckpt"), classifier)
     assert infer.is_classifier_checkpoint(str(classifier))
     assert infer.choose_checkpoint(shipped=shipped).path == shipped
+
+
+def test_an_autoencoder_run_is_never_sampled(tiny, tmp_path, monkeypatch, capsys):
+    """Stage 1 of a latent recipe (configs/ldm_demo_autoencoder.yaml) trains under ./runs/ like a diffusion
+    model: it is never the default checkpoint, and --ckpt to it says what to sample instead (it once went
+    into the sampler and died in graph compilation, leaving rank_0/ in the user's folder)."""
+    shipped, _ = tiny
+    monkeypatch.chdir(tmp_path)
+    config = load_config(os.path.join(ROOT, "configs", "ldm_demo_autoencoder.yaml"))
+    stage1 = tmp_path / "runs" / "ldm_demo_autoencoder" / f"ckpt_{TINY_STEPS + 100:08d}.ckpt"
+    stage1.parent.mkdir(parents=True)
+    ms.save_checkpoint([{"name": "model.weight", "data": ms.Tensor(np.zeros(1, np.float32))}], str(stage1),
+                       append_dict={"step": TINY_STEPS + 100, "config": json.dumps(config_to_dict(config))})
+    assert infer.is_auxiliary_checkpoint(str(stage1)) and not infer.is_classifier_checkpoint(str(stage1))
+    assert infer.choose_checkpoint(shipped=shipped).path == shipped
+    status, _, err = run_main(["--ckpt", str(stage1), "--n", "1", "--out", str(tmp_path / "grids")], capsys)
+    assert status != 0 and "is not a diffusion model to sample (model.arch 'autoencoder'" in err
+    assert "ldm_<step>.ckpt" in err and not os.path.exists(tmp_path / "rank_0")

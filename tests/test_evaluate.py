@@ -184,3 +184,19 @@ def test_sample_blocks_shard_resume_and_merge(tiny_mnist, tmp_path, capsys):
     assert result["shard_dir"] == str(tmp_path / "cmd_shards") and sum(result["class_histogram"]) == 3
     status, _, err = run(["bpd", "--ckpt", path, "--workers", "2", "--shard-dir", shards], capsys)
     assert status == 2 and "not bpd" in err
+
+
+def test_text_samples_take_the_reference_captions_in_a_seeded_order():
+    # An ordered reference (the emoji set goes through its code points, each picture once per
+    # language): the first 10 samples of 40 captions must not all come from its first 10.
+    captions = [f"emoji {k // 2} {'en' if k % 2 == 0 else 'zh'}" for k in range(40)]
+    drawn = evaluate.sample_captions(captions, 0, 10, seed=0)
+    assert set(drawn) <= set(captions) and len(set(drawn)) == 10
+    assert max(captions.index(c) for c in drawn) >= 10
+    # The whole set, block by block (as workers draw it), is one permutation, then cycles.
+    whole = evaluate.sample_captions(captions, 0, 80, seed=0)
+    blocks = [c for first in range(0, 80, 16) for c in evaluate.sample_captions(captions, first, 16, seed=0)]
+    assert blocks == whole and sorted(whole[:40]) == sorted(captions) and whole[40:] == whole[:40]
+    # Another seed, another order; the same seed, the same order.
+    assert evaluate.sample_captions(captions, 0, 40, seed=1) != whole[:40]
+    assert evaluate.sample_captions(captions, 5, 3, seed=0) == whole[5:8]

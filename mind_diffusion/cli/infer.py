@@ -37,6 +37,9 @@ from mind_diffusion.paths import PROJECT_ROOT, input_path, output_path
 
 SHIPPED_CHECKPOINT = os.path.join(PROJECT_ROOT, "checkpoints", "demo.ckpt")
 RUNS_DIR = "runs"  # train.out_dir's default, under the user's current directory
+# Recipes whose checkpoints are parts of another model, never sampled: what each one is.
+NOT_SAMPLED = {"autoencoder": ("a latent recipe's first-stage autoencoder",
+                               "sample the latent model trained on it, e.g. runs/ldm_demo/ldm_<step>.ckpt")}
 ECHO_LIMIT = 80  # characters of a user's text repeated in a message
 
 CheckpointChoice = namedtuple("CheckpointChoice", "path reason")
@@ -241,7 +244,8 @@ def choose_checkpoint(explicit=None, runs_dir=RUNS_DIR, shipped=SHIPPED_CHECKPOI
     shipped demo model, unless a run under ``runs_dir`` has a checkpoint with at
     least as many training steps as the shipped model; then the most recently
     written such checkpoint. Without a shipped model, the newest run checkpoint.
-    Classifier runs (for ``--classifier``) are never chosen.
+    Classifier runs (for ``--classifier``) and autoencoder runs (stage 1 of a latent recipe) are never
+    chosen.
 
     :raises FileNotFoundError: naming what is missing and what to do.
     """
@@ -256,7 +260,7 @@ def choose_checkpoint(explicit=None, runs_dir=RUNS_DIR, shipped=SHIPPED_CHECKPOI
             raise FileNotFoundError(f"--ckpt {explicit}: no such file ({path})")
         return CheckpointChoice(path, "given with --ckpt")
 
-    runs = [item for item in run_checkpoints(runs_dir) if not is_classifier_checkpoint(item[1])]
+    runs = [item for item in run_checkpoints(runs_dir) if not is_auxiliary_checkpoint(item[1])]
     newest = max(runs, key=lambda item: os.path.getmtime(item[1]), default=None)
     if not os.path.exists(shipped):
         if newest is None:
@@ -279,13 +283,24 @@ def choose_checkpoint(explicit=None, runs_dir=RUNS_DIR, shipped=SHIPPED_CHECKPOI
                                      f"pass --ckpt {display_path(path)} to sample from it")
 
 
-def is_classifier_checkpoint(path):
-    """Whether a run's checkpoint holds a noisy classifier (not a model to sample from); False if unreadable."""
+def checkpoint_arch(path):
+    """model.arch of a run's checkpoint (None if unreadable or without a recipe)."""
     try:
         _, recipe = checkpoint_header(path)
     except ValueError:
-        return False
-    return (recipe or {}).get("model", {}).get("arch") == "classifier"
+        return None
+    return (recipe or {}).get("model", {}).get("arch")
+
+
+def is_classifier_checkpoint(path):
+    """Whether a run's checkpoint holds a noisy classifier (for --classifier, not to sample from)."""
+    return checkpoint_arch(path) == "classifier"
+
+
+def is_auxiliary_checkpoint(path):
+    """Whether a run's checkpoint serves another model (a noisy classifier, a latent recipe's autoencoder)
+    rather than being one to sample from."""
+    return checkpoint_arch(path) in ("classifier", *NOT_SAMPLED)
 
 
 def find_checkpoint(explicit=None):
@@ -511,6 +526,10 @@ def load_network(path, recipe=None, ema_rate=None, raw=False, option="--ckpt"):
         raise ValueError(f"{option} {display_path(path)} carries no recipe (a network converted with "
                          f"mind_diffusion.convert?): describe it with {flag} RECIPE.yaml, e.g. "
                          f"{'configs/adm_imagenet64.yaml' if option == '--ckpt' else 'configs/adm_classifier64.yaml'}")
+    if config.model.arch in NOT_SAMPLED:
+        what, instead = NOT_SAMPLED[config.model.arch]
+        raise ValueError(f"{option} {display_path(path)} is not a diffusion model to sample (model.arch "
+                         f"{config.model.arch!r}: {what}); {instead}")
     is_classifier = config.model.arch == "classifier"
     if is_classifier != (option == "--classifier"):
         raise ValueError(f"{option} {display_path(path)} is {'a classifier' if is_classifier else 'a diffusion model'}"
