@@ -10,7 +10,7 @@ dark fringe appears.
 Captions. PyPI ``emoji``'s data (``emoji/unicode_codes/emoji.json`` for the English names,
 ``emoji_zh.json`` for the Chinese ones), read as JSON without importing the package; it is
 installed with ``--no-deps`` on first use (:mod:`mind_diffusion.packages`). ``:grinning_face:``
-becomes "grinning face", ``:笑嘻嘻:`` "笑嘻嘻".
+becomes "grinning face", ``:嘿嘿:`` "嘿嘿".
 
 The set: every fully-qualified emoji that has both names and that the font draws as one glyph
 (sequences the shaper does not join into one picture are left out), in code-point order; item
