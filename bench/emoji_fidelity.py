@@ -83,7 +83,7 @@ def main(argv=None):
     import mindspore as ms
     from mind_diffusion import evaluate as ev
     from mind_diffusion.checkpoints import checkpoint_step, read_checkpoint
-    from mind_diffusion.imaging import save_grid
+    from mind_diffusion.imaging import save_grid, to_uint8
 
     ms.set_context(mode=ms.GRAPH_MODE)
     config, generator = ev.load_model(args.ckpt)
@@ -113,15 +113,14 @@ def main(argv=None):
                                       "zh": sum(index[c] % 2 == 1 for c in captions)}
 
     prompts = [caption for _, en, zh in rows for caption in (en, zh)]
-    drawn = ev.draw_samples(generator, len(prompts), settings, args.batch_size, args.seed,
-                            ev.Reference(items.images[:1], prompts), seed_of_set=args.seed)
-    # draw_samples takes the prompts in sample_captions' shuffled order: find each one's image back
-    drawn = dict(zip(ev.sample_captions(prompts, 0, len(prompts), args.seed), drawn))
+    drawn = to_uint8(generator.sample(len(prompts), prompts=prompts, batch_size=args.batch_size, seed=args.seed,
+                                      progress=True, **settings))  # [N, H, W, C], one per prompt, in order
+    real = items.images[[item for item, _, _ in rows]].transpose(0, 2, 3, 1)
     tiles, labels = [], []
-    for item, en, zh in rows:
-        tiles += [items.images[item], drawn[en], drawn[zh]]
+    for k, (_, en, _) in enumerate(rows):
+        tiles += [real[k], drawn[2 * k], drawn[2 * k + 1]]
         labels += [f"real: {en}", f"{en} (English)", f"{en} (Chinese)"]
-    grid = np.stack(tiles).transpose(0, 2, 3, 1)
+    grid = np.stack(tiles)
     result["grid"] = save_grid(grid, os.path.join(out, "grid.png"), columns=3, scale=3, overwrite=False,
                                captions=labels)
     result["grid_prompts"] = [[en, zh] for _, en, zh in rows]

@@ -429,7 +429,7 @@ def test_a_classifier_run_is_never_the_default_checkpoint(tiny, tmp_path, monkey
     classifier = tmp_path / "runs" / "demo_classifier" / f"ckpt_{TINY_STEPS + 100:08d}.ckpt"
     classifier.parent.mkdir(parents=True)
     shutil.copy(os.path.join(ROOT, "checkpoints", "demo_classifier.ckpt"), classifier)
-    assert infer.is_classifier_checkpoint(str(classifier))
+    assert infer.checkpoint_arch(str(classifier)) == "classifier" and infer.is_auxiliary_checkpoint(str(classifier))
     assert infer.choose_checkpoint(shipped=shipped).path == shipped
 
 
@@ -444,7 +444,7 @@ def test_an_autoencoder_run_is_never_sampled(tiny, tmp_path, monkeypatch, capsys
     stage1.parent.mkdir(parents=True)
     ms.save_checkpoint([{"name": "model.weight", "data": ms.Tensor(np.zeros(1, np.float32))}], str(stage1),
                        append_dict={"step": TINY_STEPS + 100, "config": json.dumps(config_to_dict(config))})
-    assert infer.is_auxiliary_checkpoint(str(stage1)) and not infer.is_classifier_checkpoint(str(stage1))
+    assert infer.checkpoint_arch(str(stage1)) == "autoencoder" and infer.is_auxiliary_checkpoint(str(stage1))
     assert infer.choose_checkpoint(shipped=shipped).path == shipped
     status, _, err = run_main(["--ckpt", str(stage1), "--n", "1", "--out", str(tmp_path / "grids")], capsys)
     assert status != 0 and "is not a diffusion model to sample (model.arch 'autoencoder'" in err

@@ -292,11 +292,6 @@ def checkpoint_arch(path):
     return (recipe or {}).get("model", {}).get("arch")
 
 
-def is_classifier_checkpoint(path):
-    """Whether a run's checkpoint holds a noisy classifier (for --classifier, not to sample from)."""
-    return checkpoint_arch(path) == "classifier"
-
-
 def is_auxiliary_checkpoint(path):
     """Whether a run's checkpoint serves another model (a noisy classifier, a latent recipe's autoencoder)
     rather than being one to sample from."""
