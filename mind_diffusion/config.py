@@ -225,6 +225,10 @@ class ModelConfig:
                                       "text-to-image model trains its transformer; CompVis cond_stage_trainable) "
                                       "instead of keeping it frozen. For encoders without pretrained weights, "
                                       "such as the CPU demo's")
+    pooled_text: bool = option(False, "arch latent: the caption also conditions every residual block, as in "
+                               "GLIDE: the mean of the text states, projected, is added to the timestep "
+                               "embedding, and the blocks scale and shift their activations by it (AdaGN). Not "
+                               "Stable Diffusion's layout (cross-attention only)")
     autoencoder_from: str = option("", "arch latent: take the frozen autoencoder's weights from this checkpoint "
                                    "(SD / Wukong-Huahua original or converted, or an arch autoencoder run's "
                                    "checkpoint: its EMA copy); \"\" = random weights (tests only)")
@@ -268,6 +272,9 @@ class DiffusionConfig:
                                      in_range(0.0, 1.0, high_inclusive=False))
     high_noise_steps: int = option(50, "the noisiest timesteps that high_noise_share draws from (at most the "
                                    "steps trained on)", at_least(1))
+    high_noise_end: int = option(0, "where high_noise_share's band ends: it draws from the high_noise_steps "
+                                 "timesteps before this one; 0 = T (the noisiest). E.g. 700 with "
+                                 "high_noise_steps 500: t in [200, 700), middle noise", at_least(0))
 
 
 @dataclass
@@ -808,6 +815,9 @@ def _check_latent(config):
     if model.train_text_encoder and not is_latent:
         _fail("model.train_text_encoder", f"trains a latent model's text encoder; arch {model.arch!r} trains its "
               "own text transformer always: set it to false", model.train_text_encoder)
+    if model.pooled_text and not is_latent:
+        _fail("model.pooled_text", f"conditions a latent UNet's residual blocks on the caption; arch "
+              f"{model.arch!r} has no such option (glide always does it): set it to false", model.pooled_text)
     if diffusion.noise_schedule == "scaled_linear" and not is_latent:
         _fail("diffusion.noise_schedule", "'scaled_linear' is latent diffusion's schedule: use it with "
               "model.arch 'latent', or choose linear or cosine", diffusion.noise_schedule)

@@ -189,11 +189,18 @@ def infer_unet_config(shapes, num_heads=None, num_head_channels=None):
             raise LDMConfigError(f"UNet attention width {width} does not split into {split} "
                                  f"({'heads' if heads['num_heads'] != -1 else 'channels per head'}, {heads_from}): "
                                  "pass the model's num_heads or num_head_channels")
-    return dict(image_size=64, in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
-                attention_resolutions=[2 ** level for level in attention_levels], num_res_blocks=num_res_blocks,
-                channel_mult=channel_mult, transformer_depth=depth, context_dim=context_dim,
-                use_linear_in_transformer=use_linear, gelu_approximate=False, float32_frequencies=False,
-                **heads), heads_from
+    config = dict(image_size=64, in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
+                  attention_resolutions=[2 ** level for level in attention_levels], num_res_blocks=num_res_blocks,
+                  channel_mult=channel_mult, transformer_depth=depth, context_dim=context_dim,
+                  use_linear_in_transformer=use_linear, gelu_approximate=False, float32_frequencies=False, **heads)
+    # this project's pooled-text option (models/latent_unet.py), not SD's: its projection, and AdaGN's
+    # embedding layers giving a scale and a shift (twice the block's width)
+    if p + "context_proj.weight" in shapes:
+        config["pooled_context"] = True
+    emb_out = shapes.get(p + "input_blocks.1.0.emb_layers.1.weight")
+    if emb_out is not None and emb_out[0] == 2 * levels[0][0][0]:
+        config["use_scale_shift_norm"] = True
+    return config, heads_from
 
 
 def infer_vae_config(shapes, resolution=256):

@@ -54,34 +54,39 @@ class UniformSampler(ScheduleSampler):
 
 
 class HighNoiseSampler(ScheduleSampler):
-    """t uniform, with a share ``share`` of the draws from the last ``steps`` timesteps, and unit weights.
+    """t uniform, with a share ``share`` of the draws from a band of ``steps`` timesteps, and unit weights.
 
-    Unlike importance sampling this reweights the objective, to Σ_t p_t L_t: the last ``steps``
-    timesteps weigh ``share·T/steps + 1 − share`` times as much as under uniform draws. It is
-    for what only the condition can tell: an image's mean colour (a background filling most of
-    it) is read off x_t itself at all but the highest noise levels (its mean over H·W pixels
-    carries √ᾱ_t·√(HW) of signal per unit of noise), so under uniform draws only the few
-    noisiest steps teach the model that the caption names it, and it learns to ignore it.
+    The band is [end − steps, end), by default (``end`` None) the last ``steps`` timesteps. Unlike
+    importance sampling this reweights the objective, to Σ_t p_t L_t: the band weighs
+    ``share·T/steps + 1 − share`` times as much as under uniform draws. It is for what only the
+    condition can tell: an image's mean colour (a background filling most of it) is read off x_t
+    itself at all but the highest noise levels (its mean over H·W pixels carries √ᾱ_t·√(HW) of
+    signal per unit of noise), so under uniform draws only the few noisiest steps teach the model
+    that the caption names it, and it learns to ignore it. A middle band is for what x_t loses at
+    middle noise levels while the caption could still place it, such as a small shape's outline.
     """
 
-    def __init__(self, num_timesteps, share, steps):
+    def __init__(self, num_timesteps, share, steps, end=None):
         super().__init__(num_timesteps)
+        end = num_timesteps if end is None else int(end)
         if not 0.0 < share < 1.0:
             raise ValueError(f"high-noise share must lie in (0, 1), got {share}")
-        if not 1 <= steps <= num_timesteps:
-            raise ValueError(f"high-noise steps must lie in [1, {num_timesteps}], got {steps}")
-        self.share, self.steps = float(share), int(steps)
+        if not 1 <= end <= num_timesteps:
+            raise ValueError(f"the band's end must lie in [1, {num_timesteps}], got {end}")
+        if not 1 <= steps <= end:
+            raise ValueError(f"high-noise steps must lie in [1, {end}] (the band ends at {end}), got {steps}")
+        self.share, self.steps, self.end = float(share), int(steps), end
 
     def probabilities(self):
         probs = np.full(self.num_timesteps, (1.0 - self.share) / self.num_timesteps)
-        probs[-self.steps:] += self.share / self.steps
+        probs[self.end - self.steps:self.end] += self.share / self.steps
         return ms.Tensor(probs, ms.float32)
 
     def construct(self, u):
-        # u < share: the last `steps` timesteps, u rescaled to [0, 1); else all T, likewise
-        tail = (self.num_timesteps - self.steps) + ops.floor(u / self.share * self.steps)
+        # u < share: the band's `steps` timesteps, u rescaled to [0, 1); else all T, likewise
+        band = (self.end - self.steps) + ops.floor(u / self.share * self.steps)
         whole = ops.floor((u - self.share) / (1.0 - self.share) * self.num_timesteps)
-        t = ops.select(u < self.share, tail, whole).astype(ms.int32)
+        t = ops.select(u < self.share, ops.minimum(band, self.end - 1), whole).astype(ms.int32)
         t = ops.clip_by_value(t, 0, self.num_timesteps - 1)
         return t, ops.ones(u.shape, ms.float32)
 
@@ -162,15 +167,17 @@ class LossSecondMomentResampler(ScheduleSampler):
         return t
 
 
-def create_named_schedule_sampler(name, num_timesteps, high_noise_share=0.0, high_noise_steps=50):
+def create_named_schedule_sampler(name, num_timesteps, high_noise_share=0.0, high_noise_steps=50,
+                                  high_noise_end=0):
     """A timestep sampler by name: ``uniform`` or ``loss-second-moment``.
 
-    ``uniform`` with ``high_noise_share`` > 0 is a :class:`HighNoiseSampler` over the last
-    ``high_noise_steps`` timesteps (at most T).
+    ``uniform`` with ``high_noise_share`` > 0 is a :class:`HighNoiseSampler` over the ``high_noise_steps``
+    timesteps (at most T) before ``high_noise_end`` (0: T, the noisiest).
     """
     if name == "uniform":
         if high_noise_share > 0:
-            return HighNoiseSampler(num_timesteps, high_noise_share, min(high_noise_steps, num_timesteps))
+            end = min(high_noise_end, num_timesteps) if high_noise_end > 0 else num_timesteps
+            return HighNoiseSampler(num_timesteps, high_noise_share, min(high_noise_steps, end), end)
         return UniformSampler(num_timesteps)
     if name == "loss-second-moment":
         return LossSecondMomentResampler(num_timesteps)

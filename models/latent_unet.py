@@ -16,7 +16,14 @@ The options CompVis's config files use, and what they mean here:
   v prediction for the 768-px models (a property of the process, not of the network);
 - Wukong-Huahua: SD 1.x's shapes with its MindSpore numerics: ``gelu_approximate=True``
   (tanh-GELU in GEGLU) and ``float32_frequencies=True`` (float32 exp in the timestep sinusoids).
+
+One option is not SD's: ``pooled_context=True`` adds ``context_proj`` (the mean of the context over its
+tokens) to the timestep embedding, GLIDE's ``transformer_proj`` path (SDXL adds pooled text the same way);
+with ``use_scale_shift_norm=True`` every residual block then scales and shifts its activations by the
+caption (AdaGN), not only the cross-attention blocks at the low resolutions.
 """
+from mindspore import nn
+
 from models.unet import UNetModel
 
 __all__ = ["LatentUNet", "create_latent_unet", "SD_UNET_KEYS"]
@@ -25,21 +32,33 @@ __all__ = ["LatentUNet", "create_latent_unet", "SD_UNET_KEYS"]
 SD_UNET_KEYS = ("image_size", "in_channels", "out_channels", "model_channels", "attention_resolutions",
                 "num_res_blocks", "channel_mult", "num_heads", "num_head_channels", "transformer_depth",
                 "context_dim", "use_linear_in_transformer", "gelu_approximate", "float32_frequencies", "dropout", "conv_resample",
-                "use_checkpoint", "use_fp16", "dtype", "num_heads_upsample", "legacy", "use_spatial_transformer")
+                "use_checkpoint", "use_fp16", "dtype", "num_heads_upsample", "legacy", "use_spatial_transformer",
+                "use_scale_shift_norm", "pooled_context")
 
 
 class LatentUNet(UNetModel):
     """ε (or v) from a noisy latent z_t [N, C, h, w], timesteps [N] and a context [N, L, context_dim].
 
     Takes :class:`~models.unet.UNetModel`'s arguments; ``use_spatial_transformer`` is always on.
+
+    :param pooled_context: condition the timestep embedding on the caption too: add
+        ``context_proj(mean_L context)`` [N, 4·model_channels] (GLIDE's pooled-text path). The mean over
+        all L positions, padding included: a causal text encoder's padding states have seen the whole
+        caption, and the mean is the same function of the context for every encoder.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, pooled_context=False, **kwargs):
         kwargs["use_spatial_transformer"] = True
         super().__init__(*args, **kwargs)
+        self.pooled_context = bool(pooled_context)
+        if self.pooled_context:
+            self.context_proj = nn.Dense(kwargs["context_dim"], 4 * self.model_channels)
 
     def construct(self, x, timesteps, context):
-        return self.forward_with_emb(x, self.embed(timesteps), context)
+        emb = self.embed(timesteps)
+        if self.pooled_context:
+            emb = emb + self.context_proj(context.mean(1))
+        return self.forward_with_emb(x, emb, context)
 
 
 def create_latent_unet(**config):

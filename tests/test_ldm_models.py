@@ -9,6 +9,7 @@ import mindspore as ms
 from mind_diffusion.convert import load_into
 from models.autoencoder import LatentDecoder, LatentEncoder
 from models.cross_attention import GEGLU, SpatialTransformer
+from models.latent_unet import create_latent_unet
 from tests.ldm_util import SD_CKPT, WUKONG_CKPT, fixture_arrays, load_networks
 
 
@@ -108,6 +109,39 @@ def test_linear_and_conv_projections_compute_the_same_transformer():
     out_conv, out_linear = conv(x, context).asnumpy(), linear(x, context).asnumpy()
     assert max_abs(out_conv, x.asnumpy()) > 1e-2  # the blocks do something
     np.testing.assert_allclose(out_linear, out_conv, rtol=1e-5, atol=1e-5)
+
+
+def test_the_pooled_context_joins_the_timestep_embedding():
+    """``pooled_context=True`` (GLIDE's pooled-text path, not SD's): emb = time_embed(t) + W·mean_L(context) + b
+    reaches every residual block (AdaGN here). Checked against the same weights without the path, fed that emb
+    computed in NumPy; and with every cross-attention silenced (proj_out = 0) the caption still acts."""
+    arguments = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=1,
+                     attention_resolutions=(2,), channel_mult=(1, 2), num_heads=-1, num_head_channels=16,
+                     context_dim=12, use_scale_shift_norm=True)
+    pooled, plain = create_latent_unet(pooled_context=True, **arguments), create_latent_unet(**arguments)
+    rng = np.random.default_rng(4)
+    values = {p.name: rng.normal(0, 0.2, p.shape).astype(np.float32) for p in pooled.get_parameters()}
+    load_into(pooled, values)
+    load_into(plain, {k: v for k, v in values.items() if not k.startswith("context_proj.")})
+    x = ms.Tensor(rng.normal(size=(2, 4, 8, 8)).astype(np.float32))
+    t = ms.Tensor(np.array([3, 870], np.int32))
+    context = rng.normal(size=(2, 7, 12)).astype(np.float32)
+    projected = context.astype(np.float64).mean(1) @ values["context_proj.weight"].T.astype(np.float64) \
+        + values["context_proj.bias"]
+    want = plain.forward_with_emb(x, plain.embed(t) + ms.Tensor(projected.astype(np.float32)), ms.Tensor(context))
+    got = pooled(x, t, ms.Tensor(context)).asnumpy()
+    assert max_abs(got, plain(x, t, ms.Tensor(context)).asnumpy()) > 1e-2  # the path does something
+    np.testing.assert_allclose(got, want.asnumpy(), rtol=1e-5, atol=1e-5)
+
+    silenced = {k: (np.zeros_like(v) if ".proj_out." in k else v) for k, v in values.items()}
+    assert sum(".proj_out." in k for k in silenced) >= 2
+    other = ms.Tensor(rng.normal(size=(2, 7, 12)).astype(np.float32))
+    outputs = {}
+    for name, network in (("pooled", pooled), ("plain", plain)):
+        load_into(network, {k: v for k, v in silenced.items() if name == "pooled" or not k.startswith("context_proj.")})
+        outputs[name] = [network(x, t, c).asnumpy() for c in (ms.Tensor(context), other)]
+    np.testing.assert_array_equal(outputs["plain"][0], outputs["plain"][1])  # cross-attention was its only way in
+    assert max_abs(*outputs["pooled"]) > 1e-2
 
 
 def test_float16_torso_stays_close_and_returns_float32():

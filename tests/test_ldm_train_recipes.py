@@ -48,6 +48,8 @@ def test_the_unets_side_is_the_latents():
         config_from_dict({"diffusion": {"noise_schedule": "scaled_linear"}})
     with pytest.raises(ConfigError, match="model.train_text_encoder: trains a latent model's text encoder"):
         config_from_dict({"model": {"train_text_encoder": True}})
+    with pytest.raises(ConfigError, match="model.pooled_text: conditions a latent UNet's residual blocks"):
+        config_from_dict({"model": {"arch": "glide", "pooled_text": True}})
 
 
 def test_the_recipes_load():

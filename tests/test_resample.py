@@ -79,6 +79,25 @@ def test_high_noise_sampler_draws_its_tail_share_with_unit_weights():
     np.testing.assert_allclose(np.bincount(draws, minlength=10) / len(grid), expected, atol=2e-5)
 
 
+def test_a_middle_band_takes_its_share_before_its_end():
+    """``end`` < T: the share goes to [end − steps, end), here t = 4, 5, 6 of 10."""
+    sampler = HighNoiseSampler(10, share=0.3, steps=3, end=7)
+    t, w = sampler(ms.Tensor(np.array([0.0, 0.0999, 0.11, 0.2999999, 0.3, 0.9999999], np.float32)))
+    np.testing.assert_array_equal(t.asnumpy(), [4, 4, 5, 6, 0, 9])
+    np.testing.assert_array_equal(w.asnumpy(), 1.0)
+    expected = np.full(10, 0.07)
+    expected[4:7] += 0.1
+    np.testing.assert_allclose(Probabilities(sampler)().asnumpy(), expected, rtol=1e-6)
+    grid = ((np.arange(100_000) + 0.5) / 100_000).astype(np.float32)
+    draws = sampler(ms.Tensor(grid))[0].asnumpy()
+    np.testing.assert_allclose(np.bincount(draws, minlength=10) / len(grid), expected, atol=2e-5)
+    named = create_named_schedule_sampler("uniform", 10, high_noise_share=0.3, high_noise_steps=50, high_noise_end=7)
+    assert (named.steps, named.end) == (7, 7)  # the band is at most its end: [0, 7)
+    for end, steps in ((11, 2), (0, 1), (3, 4)):
+        with pytest.raises(ValueError, match="end|steps"):
+            HighNoiseSampler(10, 0.3, steps, end)
+
+
 def test_loss_second_moment_history_and_weights():
     steps, history = 6, 3
     sampler = LossSecondMomentResampler(steps, history_per_term=history, uniform_prob=0.05)

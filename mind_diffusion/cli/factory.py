@@ -136,6 +136,8 @@ def latent_parts(model_cfg, vocab_size):
                 context_dim=model_cfg.xf_width, use_linear_in_transformer=model_cfg.use_linear_in_transformer,
                 gelu_approximate=wukong,
                 float32_frequencies=wukong, dropout=model_cfg.dropout, **heads)
+    if model_cfg.pooled_text:  # GLIDE's path; absent from SD-layout configs, which stay CompVis's arguments
+        unet.update(pooled_context=True, use_scale_shift_norm=True)
     traits = layout_traits(model_cfg.text_layout)
     text = dict(layout=model_cfg.text_layout, prefix="", vocab_size=int(vocab_size),
                 context_length=model_cfg.text_ctx, width=model_cfg.xf_width, layers=model_cfg.xf_layers,

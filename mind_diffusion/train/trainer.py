@@ -131,7 +131,7 @@ class Trainer:
         self.cond_names = self._condition_names()
         self.schedule_sampler = create_named_schedule_sampler(
             config.diffusion.schedule_sampler, diffusion.num_timesteps,
-            config.diffusion.high_noise_share, config.diffusion.high_noise_steps)
+            config.diffusion.high_noise_share, config.diffusion.high_noise_steps, config.diffusion.high_noise_end)
         if train.init_from:
             # before the EMA copies are made, so that they start from these weights too
             fresh = load_initial_weights(model, train.init_from, train.init_exclude)
