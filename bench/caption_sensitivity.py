@@ -38,8 +38,9 @@ def parse_args(argv=None):
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a latent run's ckpt_<step>.ckpt, or a latent export")
-    parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
-                        help="a run checkpoint's raw weights or its slowest EMA copy (default %(default)s)")
+    parser.add_argument("--weights", choices=("raw", "ema"), default=None,
+                        help="a run checkpoint's raw weights (the default) or its slowest EMA copy; an export "
+                             "holds one set of weights")
     parser.add_argument("--vocab", default=os.path.join(ROOT, "configs", "demo_vocab.txt"),
                         help="the tokenizer's vocabulary, for an export (default %(default)s)")
     parser.add_argument("--n", type=int, default=64, help="demo items, one batch (default %(default)s)")
@@ -79,6 +80,9 @@ def load(args):
     from mind_diffusion.cli.latent import is_latent_checkpoint, load_latent_model
     from mind_diffusion.sampling.schedulers.ldm import create_ldm_diffusion
     if is_latent_checkpoint(args.ckpt):
+        if args.weights is not None:
+            raise SystemExit(f"--weights: {args.ckpt} is an export, which holds one set of weights; "
+                             "pass a run's ckpt_<step>.ckpt to choose raw or EMA weights")
         options = argparse.Namespace(num_heads=None, num_head_channels=None, text_heads=None, merges=None,
                                      prediction=None, vocab=args.vocab)
         config, unet, vae, text, tokenizer = load_latent_model(args.ckpt, options)
@@ -97,12 +101,12 @@ def load(args):
     if config.model.arch != "latent":
         raise SystemExit(f"--ckpt {args.ckpt}: its run is arch {config.model.arch!r}, not a latent model")
     model, tokenizer = build_latent(config.model)
-    weights = model_weights(read_checkpoint(args.ckpt), raw=args.weights == "raw")
+    weights = model_weights(read_checkpoint(args.ckpt), raw=args.weights != "ema")
     load_into(model, {name: value.asnumpy() for name, value in weights.items()})
     model.set_train(False)
     diffusion = build_diffusion(config.diffusion, config.model)
     return (model.unet, model.vae, model.text_encoder, tokenizer, diffusion, config.model.image_size,
-            f"{args.weights} weights of {args.ckpt}")
+            f"{args.weights or 'raw'} weights of {args.ckpt}")
 
 
 def one_call(unet, diffusion):
@@ -145,6 +149,9 @@ def main(argv=None):
     ms.set_context(mode=ms.GRAPH_MODE)
     started = time.perf_counter()
     unet, vae, text, tokenizer, diffusion, side, label = load(args)
+    if diffusion.num_timesteps <= max(LOSS_STEPS + X0_STEPS):
+        raise SystemExit(f"{args.ckpt}: a process of {diffusion.num_timesteps} steps; the tables probe t up to "
+                         f"{max(LOSS_STEPS + X0_STEPS)} of latent diffusion's 1000")
     demo = DemoSet(args.n, side, seed=args.demo_seed)
     items = [demo[index] for index in range(args.n)]
     images = np.stack([image for image, _, _ in items]).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0

@@ -225,10 +225,11 @@ class ModelConfig:
                                       "text-to-image model trains its transformer; CompVis cond_stage_trainable) "
                                       "instead of keeping it frozen. For encoders without pretrained weights, "
                                       "such as the CPU demo's")
-    pooled_text: bool = option(False, "arch latent: the caption also conditions every residual block, as in "
-                               "GLIDE: the mean of the text states, projected, is added to the timestep "
-                               "embedding, and the blocks scale and shift their activations by it (AdaGN). Not "
-                               "Stable Diffusion's layout (cross-attention only)")
+    pooled_text: bool = option(False, "arch latent: the caption also conditions every residual block, as "
+                               "GLIDE's pooled text does: the mean of the text states, projected, is added to "
+                               "the timestep embedding, and the blocks scale and shift their activations by it "
+                               "(AdaGN; use_scale_shift_norm is on with it). Not Stable Diffusion's layout "
+                               "(cross-attention only), so no SD / Wukong UNet loads into it (model.unet_from)")
     autoencoder_from: str = option("", "arch latent: take the frozen autoencoder's weights from this checkpoint "
                                    "(SD / Wukong-Huahua original or converted, or an arch autoencoder run's "
                                    "checkpoint: its EMA copy); \"\" = random weights (tests only)")
@@ -265,16 +266,18 @@ class DiffusionConfig:
     schedule_sampler: str = option("uniform", "timestep sampler: uniform or loss-second-moment "
                                    "(importance sampling, improved DDPM)",
                                    one_of("uniform", "loss-second-moment"))
-    high_noise_share: float = option(0.0, "with schedule_sampler uniform: share of the draws taken from the "
-                                     "last high_noise_steps timesteps, the loss unweighted (a reweighted "
-                                     "objective): teaches what only the caption can tell, such as a "
-                                     "background's colour (resample.HighNoiseSampler); 0 = plain uniform",
+    high_noise_share: float = option(0.0, "with schedule_sampler uniform: share of the draws taken from a "
+                                     "band of high_noise_steps timesteps ending at high_noise_end (by default "
+                                     "the noisiest), the loss unweighted (a reweighted objective): teaches what "
+                                     "only the caption can tell, such as a background's colour "
+                                     "(resample.HighNoiseSampler); 0 = plain uniform",
                                      in_range(0.0, 1.0, high_inclusive=False))
-    high_noise_steps: int = option(50, "the noisiest timesteps that high_noise_share draws from (at most the "
-                                   "steps trained on)", at_least(1))
+    high_noise_steps: int = option(50, "the width of high_noise_share's band in timesteps (at most the steps "
+                                   "trained on, and at most high_noise_end when that is set)", at_least(1))
     high_noise_end: int = option(0, "where high_noise_share's band ends: it draws from the high_noise_steps "
                                  "timesteps before this one; 0 = T (the noisiest). E.g. 700 with "
-                                 "high_noise_steps 500: t in [200, 700), middle noise", at_least(0))
+                                 "high_noise_steps 500: t in [200, 700), middle noise. In the steps trained "
+                                 "on (respaced ones with timestep_respacing)", at_least(0))
 
 
 @dataclass
@@ -817,7 +820,11 @@ def _check_latent(config):
               "own text transformer always: set it to false", model.train_text_encoder)
     if model.pooled_text and not is_latent:
         _fail("model.pooled_text", f"conditions a latent UNet's residual blocks on the caption; arch "
-              f"{model.arch!r} has no such option (glide always does it): set it to false", model.pooled_text)
+              f"{model.arch!r} has no such option: set it to false", model.pooled_text)
+    if model.pooled_text and model.unet_from:
+        _fail("model.pooled_text", "adds layers that Stable Diffusion / Wukong-Huahua UNets lack (context_proj, "
+              f"AdaGN's scale and shift), so model.unet_from {model.unet_from!r} cannot load into it: set one "
+              "of them back", model.pooled_text)
     if diffusion.noise_schedule == "scaled_linear" and not is_latent:
         _fail("diffusion.noise_schedule", "'scaled_linear' is latent diffusion's schedule: use it with "
               "model.arch 'latent', or choose linear or cosine", diffusion.noise_schedule)
@@ -883,6 +890,17 @@ def _check_diffusion(diffusion):
         _fail("diffusion.high_noise_share", f"reweights uniform draws; schedule_sampler "
               f"{diffusion.schedule_sampler!r} draws its own: set one of them back (0 or 'uniform')",
               diffusion.high_noise_share)
+    if diffusion.high_noise_end > 0:
+        if diffusion.high_noise_share == 0:
+            _fail("diffusion.high_noise_end", "places high_noise_share's band, which is 0 (plain uniform draws): "
+                  "set diffusion.high_noise_share too, or high_noise_end back to 0", diffusion.high_noise_end)
+        if diffusion.high_noise_end > diffusion.steps:
+            _fail("diffusion.high_noise_end", f"must be at most diffusion.steps ({diffusion.steps}): the band "
+                  "ends inside the steps trained on", diffusion.high_noise_end)
+        if diffusion.high_noise_steps > diffusion.high_noise_end:
+            _fail("diffusion.high_noise_steps", f"must be at most diffusion.high_noise_end "
+                  f"({diffusion.high_noise_end}): the band [end - steps, end) starts at t = 0 at the earliest",
+                  diffusion.high_noise_steps)
     if diffusion.timestep_respacing:
         try:
             space_timesteps(diffusion.steps, diffusion.timestep_respacing)

@@ -18,7 +18,8 @@ The options CompVis's config files use, and what they mean here:
   (tanh-GELU in GEGLU) and ``float32_frequencies=True`` (float32 exp in the timestep sinusoids).
 
 One option is not SD's: ``pooled_context=True`` adds ``context_proj`` (the mean of the context over its
-tokens) to the timestep embedding, GLIDE's ``transformer_proj`` path (SDXL adds pooled text the same way);
+tokens) to the timestep embedding, as GLIDE adds ``transformer_proj`` of its pooled text (the last token's
+state there; the mean here, a function of any encoder's states);
 with ``use_scale_shift_norm=True`` every residual block then scales and shifts its activations by the
 caption (AdaGN), not only the cross-attention blocks at the low resolutions.
 """

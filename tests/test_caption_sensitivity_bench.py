@@ -68,3 +68,5 @@ def test_it_runs_on_a_latent_export(bench, tmp_path, capsys):
     for t in bench.LOSS_STEPS + bench.X0_STEPS:
         assert f"\n| {t} | " in out
     assert out.count("\n| ") == 2 + len(bench.LOSS_STEPS) + len(bench.X0_STEPS)  # two headers, the rows
+    with pytest.raises(SystemExit, match="holds one set of weights"):
+        bench.main(["--ckpt", path, "--n", "4", "--vocab", vocab, "--weights", "ema"])

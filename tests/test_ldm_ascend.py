@@ -18,13 +18,16 @@ TINY_VAE = dict(double_z=True, z_channels=4, resolution=32, in_channels=3, out_c
                 num_res_blocks=1, attn_resolutions=[16], dropout=0.0)
 
 
-@pytest.mark.parametrize("dtype", [ms.float16, ms.bfloat16], ids=["float16", "bfloat16"])
-def test_latent_sampling_step_is_ascend_clean(dtype):
+@pytest.mark.parametrize("dtype,pooled", [(ms.float16, False), (ms.bfloat16, False), (ms.float16, True)],
+                         ids=["float16", "bfloat16", "float16-pooled-text"])
+def test_latent_sampling_step_is_ascend_clean(dtype, pooled):
+    """``pooled``: the UNet of ``model.pooled_text`` (the mean text state into AdaGN)."""
+    layout = dict(pooled_context=True, use_scale_shift_norm=True) if pooled else {}
     with building_for("Ascend", AUDITED_SOC):
         unet = create_latent_unet(image_size=8, in_channels=4, out_channels=4, model_channels=32,
                                   attention_resolutions=[1, 2], num_res_blocks=1, channel_mult=[1, 2],
                                   num_head_channels=16, transformer_depth=2, context_dim=16,
-                                  use_linear_in_transformer=True, dtype=dtype)
+                                  use_linear_in_transformer=True, dtype=dtype, **layout)
         scheduler = create_scheduler("plms", create_ldm_diffusion(prediction="v"), clip_denoised=False)
         scheduler.set_timesteps(4, "ldm")
         graph = SamplingGraph(ContextGuidance(unet, 7.5), scheduler.make_step(), ("context", "uncond"))

@@ -266,6 +266,17 @@ def test_a_pooled_text_recipe_builds_exports_and_loads_its_pooled_path(tmp_path)
     assert "pooled_context" not in inferred and "use_scale_shift_norm" not in inferred
 
 
+def test_the_trainer_draws_from_the_recipes_band(model_and_tokenizer, tmp_path):
+    """``diffusion.high_noise_end`` reaches the trainer's timestep sampler: its band is [200, 700)."""
+    from mind_diffusion.resample import HighNoiseSampler
+    model, tokenizer = model_and_tokenizer
+    config = config_from_dict(tiny_recipe(high_noise_share=0.5, high_noise_steps=500, high_noise_end=700))
+    trainer = Trainer(config, model, build_diffusion(config.diffusion, config.model), str(tmp_path / "run"),
+                      tokenizer=tokenizer)
+    sampler = trainer.schedule_sampler
+    assert isinstance(sampler, HighNoiseSampler) and (sampler.share, sampler.steps, sampler.end) == (0.5, 500, 700)
+
+
 def text_trained_model(seed):
     """The tiny recipe with ``model.train_text_encoder`` and the model it builds from ``seed``."""
     recipe = tiny_recipe(predict_v=True)

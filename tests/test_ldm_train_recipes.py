@@ -50,6 +50,22 @@ def test_the_unets_side_is_the_latents():
         config_from_dict({"model": {"train_text_encoder": True}})
     with pytest.raises(ConfigError, match="model.pooled_text: conditions a latent UNet's residual blocks"):
         config_from_dict({"model": {"arch": "glide", "pooled_text": True}})
+    with pytest.raises(ConfigError, match="model.pooled_text: adds layers that Stable Diffusion"):
+        config_from_dict({**LATENT, "model": {**LATENT["model"], "pooled_text": True, "unet_from": "sd.ckpt"}})
+
+
+@pytest.mark.parametrize("band, message", [
+    ({"high_noise_end": 700}, "diffusion.high_noise_end: places high_noise_share's band, which is 0"),
+    ({"high_noise_share": 0.5, "high_noise_end": 1001}, "diffusion.high_noise_end: must be at most diffusion.steps"),
+    ({"high_noise_share": 0.5, "high_noise_steps": 800, "high_noise_end": 700},
+     "diffusion.high_noise_steps: must be at most diffusion.high_noise_end"),
+])
+def test_a_band_that_cannot_be_drawn_is_refused(band, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"diffusion": {"steps": 1000, **band}})
+    config = config_from_dict({"diffusion": {"steps": 1000, "high_noise_share": 0.5, "high_noise_steps": 500,
+                                             "high_noise_end": 700}})
+    assert config.diffusion.high_noise_end == 700
 
 
 def test_the_recipes_load():

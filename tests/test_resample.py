@@ -93,8 +93,9 @@ def test_a_middle_band_takes_its_share_before_its_end():
     np.testing.assert_allclose(np.bincount(draws, minlength=10) / len(grid), expected, atol=2e-5)
     named = create_named_schedule_sampler("uniform", 10, high_noise_share=0.3, high_noise_steps=50, high_noise_end=7)
     assert (named.steps, named.end) == (7, 7)  # the band is at most its end: [0, 7)
-    for end, steps in ((11, 2), (0, 1), (3, 4)):
-        with pytest.raises(ValueError, match="end|steps"):
+    for end, steps, match in ((11, 2, "the band's end must lie in"), (0, 1, "the band's end must lie in"),
+                              (3, 4, r"high-noise steps must lie in \[1, 3\]")):
+        with pytest.raises(ValueError, match=match):
             HighNoiseSampler(10, 0.3, steps, end)
 
 
