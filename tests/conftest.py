@@ -104,3 +104,12 @@ def ref():
     """improved-diffusion reference outputs (see tests/fixtures/README.md)."""
     with np.load(os.path.join(FIXTURES, "improved_diffusion_reference.npz")) as data:
         return {k: data[k] for k in data.files}
+
+
+@pytest.fixture
+def bench_script(monkeypatch):
+    """``bench_script(name)``: the module of ``bench/<name>.py``, imported as the bench scripts import their
+    siblings (by name, with ``bench/`` on the path for this test only)."""
+    import importlib
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    return importlib.import_module

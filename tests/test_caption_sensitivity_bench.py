@@ -1,6 +1,5 @@
 """bench/caption_sensitivity.py: its swapped captions change exactly one attribute, and a run of it on a tiny
 latent export prints both tables."""
-import importlib
 import os
 
 import numpy as np
@@ -12,9 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
-    return importlib.import_module("caption_sensitivity")
+def bench(bench_script):
+    return bench_script("caption_sensitivity")
 
 
 def test_a_swap_changes_one_attribute_in_the_items_language(bench):

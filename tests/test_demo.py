@@ -344,14 +344,12 @@ def test_background_share_sets_how_many_grammar_and_free_captions_name_the_backg
     assert [default[i][1] for i in range(50)] == [DemoSet(50, 16, 5, 0.5)[i][1] for i in range(50)]
 
 
-def test_the_bench_backgrounds_set_names_every_allowed_background(monkeypatch):
+def test_the_bench_backgrounds_set_names_every_allowed_background(bench_script):
     """bench/prompt_adherence.py --sets backgrounds: each prompt names the background it asks for, in a
     template of its language, read back as asked; the first len(pairs) prompts cover every
     (colour, allowed background) pair once."""
-    import importlib
     from mind_diffusion.data.demo import ALLOWED_BACKGROUNDS, COLORS, prompt_to_attributes
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
-    bench = importlib.import_module("prompt_adherence")
+    bench = bench_script("prompt_adherence")
     pairs = [(c.name, b) for c in COLORS for b in ALLOWED_BACKGROUNDS[c.name]]
     prompts = bench.background_prompts(len(pairs), seed=0)
     assert [(w["color"], w["background"]) for _, w in prompts] == pairs

@@ -1,19 +1,14 @@
 """bench/emoji_fidelity.py's bookkeeping: the reference without duplicate pictures, and the grid's rows."""
-import importlib
-import os
 
 import numpy as np
 import pytest
 
 from mind_diffusion.evaluate import Reference
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
-    return importlib.import_module("emoji_fidelity")
+def bench(bench_script):
+    return bench_script("emoji_fidelity")
 
 
 def emoji_like(pictures):
