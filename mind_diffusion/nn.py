@@ -159,9 +159,10 @@ class Conv1x1(nn.Cell):
 
     In training graphs on CPU in float32 it is the fast convolution's 1×1 operator on
     [N, in, L, 1] (:mod:`mind_diffusion.kernels.conv`: oneDNN's 1×1 convolution with the
-    bias fused, and its backward), where the matmul path costs transposes and reductions
-    backward (train step 1.03-1.08x faster, ``bench/kernel_ab.py``). Inference graphs (the
-    Cell's mode) keep the matmul, which was as fast at batch 1.
+    bias fused, and its backward), where the matmul path costs a broadcast forward and
+    transposes and reductions backward: 4 kernels fewer per projection. Its effect on the
+    train step is within the noise (``bench/kernel_ab.py``: 1.08x and 1.00x in two paired
+    runs). Inference graphs (the Cell's mode) keep the matmul, which was as fast at batch 1.
     """
 
     def __init__(self, in_channels, out_channels):

@@ -91,8 +91,9 @@ def test_adamw_and_ema_match_numpy(monkeypatch):
 
 @needs_kernel
 def test_same_as_the_ops_path_and_a_skipped_step_changes_nothing(monkeypatch):
-    """Against AdamWeightDecay + the ops EMA: the EMA is bit for bit, AdamW to float32 rounding; apply = False
-    in the middle leaves every tensor and the step count exactly as they were."""
+    """Against AdamWeightDecay + the ops EMA: equal to float32 rounding (AdamW rounds differently, and the
+    EMA averages its θ); apply = False in the middle leaves every tensor and the step count exactly as they
+    were."""
     applies = [True, False, True]
     fast = run(build(monkeypatch, fast=True), applies)
     slow = run(build(monkeypatch, fast=False), applies)
@@ -100,7 +101,6 @@ def test_same_as_the_ops_path_and_a_skipped_step_changes_nothing(monkeypatch):
     for i in range(len(SHAPES)):
         for key in ("theta", "m", "v"):
             np.testing.assert_allclose(fast[key][i], slow[key][i], rtol=1e-6, atol=1e-8)
-    # The EMA of the same θ rounds the same way: check it on the ops path's θ.
     for shadow_fast, shadow_slow in zip(fast["ema"], slow["ema"]):
         for a, b in zip(shadow_fast, shadow_slow):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
@@ -119,17 +119,23 @@ def test_same_as_the_ops_path_and_a_skipped_step_changes_nothing(monkeypatch):
 
 
 @needs_kernel
-def test_ema_rounds_as_the_ops_path(monkeypatch):
-    """θ̄ · r + θ · (1 − r) in float32, unfused: the same bits as the Mul, Mul, Add of the ops path."""
+@pytest.mark.parametrize("with_apply", [True, False])
+def test_ema_rounds_as_the_ops_path(monkeypatch, with_apply):
+    """θ̄ · r + θ · (1 − r) in float32, unfused, with 1 − r rounded as the ops path rounds it (in float32
+    with an apply tensor, in Python without): the same bits as its Mul, Mul, Add."""
     outs = []
     for fast in (True, False):
         monkeypatch.setenv(multi_tensor.ENV_SWITCH, "1" if fast else "0")
         named = parameters()
         ema = EMA(named, (0.9999, 0.5))
+        assert (ema.multi_tensor is not None) == fast
         for _, p in named:  # move θ away from θ̄
             p.set_data(ms.Tensor(p.asnumpy() * 1.37 + 0.25))
         for _ in range(2):
-            ema(ms.Tensor(True))
+            if with_apply:
+                ema(ms.Tensor(True))
+            else:
+                ema()
         outs.append([[p.asnumpy() for p in shadow] for shadow in ema.shadows])
     for a, b in zip(*outs):
         for x, y in zip(a, b):
@@ -147,3 +153,42 @@ def test_the_switch_takes_the_ops_path(monkeypatch):
 def test_a_float16_parameter_takes_the_ops_path():
     assert AdamW(parameters(), WarmupLR(1e-3, 0)).multi_tensor is not None
     assert EMA(parameters(dtype=np.float16), (0.9,)).multi_tensor is None
+
+
+@needs_kernel
+def test_train_step_on_both_paths(monkeypatch):
+    """TrainStep with clipping and a loss scale, three steps: the one-call update (ordered by its tokens)
+    gives the ops path's parameters, moments and EMA to float32 rounding."""
+    from mind_diffusion.gaussian_diffusion import create_diffusion
+    from mind_diffusion.resample import UniformSampler
+    from mind_diffusion.train.step import DiffusionLoss, TrainStep
+
+    class Toy(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.w = Parameter(ms.Tensor(np.linspace(0.2, 0.9, 3, dtype=np.float32).reshape(1, 3, 1, 1)), name="w")
+            self.b = Parameter(ms.Tensor(np.zeros((1, 3, 1, 1), np.float32)), name="b")
+
+        def construct(self, x, t):
+            return self.w * x + self.b
+
+    results = []
+    for fast in (True, False):
+        monkeypatch.setenv(multi_tensor.ENV_SWITCH, "1" if fast else "0")
+        model = Toy()
+        named = list(model.parameters_and_names())
+        step = TrainStep(DiffusionLoss(model, create_diffusion(30, "cosine"), UniformSampler(30)),
+                         AdamW(named, WarmupLR(0.05, 2), weight_decay=0.01), EMA(named, (0.9,)),
+                         grad_clip=0.5, loss_scale=256.0)
+        assert (step.optimizer.multi_tensor is not None) == fast
+        rng = np.random.default_rng(3)
+        for _ in range(3):
+            x = ms.Tensor(rng.uniform(-1, 1, (4, 3, 4, 4)).astype(np.float32))
+            u = ms.Tensor(rng.uniform(0, 1, (4,)).astype(np.float32))
+            noise = ms.Tensor(rng.standard_normal((4, 3, 4, 4)).astype(np.float32))
+            assert bool(step(x, u, noise)[-1].asnumpy())
+        opt = step.optimizer
+        results.append([p.asnumpy() for group in (opt.parameters, opt.moments1, opt.moments2, step.ema.shadows[0])
+                        for p in group] + [opt.global_step.asnumpy()])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)

@@ -18,7 +18,13 @@ exist:
 - ``MIND_DIFFUSION_FAST_UPDATE=0`` (or ``false``/``off``/``no``) disables it;
 - no g++, a failed build, or an ``MS_CUSTOM_AOT_WHITE_LIST`` that excludes the
   kernel cache falls back, with one RuntimeWarning saying why (none for the env var
-  or the device).
+  or the device);
+- ``MIND_DIFFUSION_UPDATE_THREADS`` sets the kernels' threads (default: the CPUs this
+  process may use, at most 16).
+
+The EMA rounds bit for bit as the ops path; AdamW agrees with ``AdamWeightDecay`` to
+float32 rounding (see ``csrc/multi_tensor.cc``), so a run resumed with the other path
+continues within rounding, not bit for bit.
 """
 import os
 import threading

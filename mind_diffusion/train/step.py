@@ -51,9 +51,11 @@ class AdamW(nn.Cell):
 
     m ← β1 m + (1 − β1) g,  v ← β2 v + (1 − β2) g²,  θ ← θ − η_s (m / (√v + ε) + λ θ),
     with η_s from a :class:`WarmupLR` at the count s of applied steps (MindSpore's
-    ``AdamWeightDecay`` kernel, on CPU and Ascend alike). ``apply = False`` runs the
-    same kernel with β1 = β2 = 1, η = 0 and g = 0, which leaves θ, m, v and s
-    bit-for-bit unchanged: a skipped step costs no branch.
+    ``AdamWeightDecay`` kernel per tensor). ``apply = False`` runs the same kernel with
+    β1 = β2 = 1, η = 0 and g = 0, which leaves θ, m, v and s bit-for-bit unchanged: a
+    skipped step costs no branch. On CPU with float32 parameters the same update is one
+    C++ call over all tensors (:mod:`mind_diffusion.kernels.multi_tensor`), which skips
+    the update when ``apply`` is False; it agrees with the kernel to float32 rounding.
 
     :param named_params: (name, Parameter) pairs of the trainable parameters.
     :param lr: a :class:`LearningRateSchedule` of the applied-step count.
@@ -128,7 +130,10 @@ class EMA(nn.Cell):
             flag = ops.ones((), ms.float32) if apply is None else apply.astype(ms.float32)
             done = flag
             for rate, shadow in zip(self.rates, self.shadows):
-                hyper = ops.stack([ops.depend(flag, done), ops.fill(ms.float32, (), rate)])
+                # 1 − r rounded as the ops path below rounds it: in float32, or in Python without apply
+                keep = ops.fill(ms.float32, (), rate)
+                take = 1.0 - keep if apply is not None else ops.fill(ms.float32, (), 1.0 - rate)
+                hyper = ops.stack([ops.depend(flag, done), keep, take])
                 done = self.multi_tensor(hyper, *self.params, *shadow)
             return done
         for rate, shadow in zip(self.rates, self.shadows):

@@ -14,11 +14,14 @@
 //   md_adamw(h, θ_1..θ_n, m_1..m_n, v_1..v_n, g_1..g_n) -> token
 //     h = [apply, η, β1, β2, ε, λ] float32 [6]. When apply ≠ 0, for every element:
 //       m ← β1 m + (1 − β1) g,  v ← β2 v + (1 − β2) g²,  θ ← θ − η (m / (√v + ε) + λ θ)
-//     (AdamW, Loshchilov & Hutter 2019, in the form of MindSpore's AdamWeightDecay,
-//     whose bias correction the caller folds into η). apply = 0 touches nothing.
+//     (AdamW, Loshchilov & Hutter 2019, as MindSpore's AdamWeightDecay defines it; the
+//     caller folds Adam's bias correction into η). MindSpore's kernel evaluates the
+//     moments as m + (g − m)(1 − β1), so the two paths agree to float32 rounding, not bit
+//     for bit: a run continues exactly on the path it started on. apply = 0 touches nothing.
 //   md_ema(h, θ_1..θ_n, θ̄_1..θ̄_n) -> token
-//     h = [apply, r] float32 [2]. When apply ≠ 0: θ̄ ← θ̄ · r + θ · (1 − r), rounded as
-//     the ops path (built with -ffp-contract=off). apply = 0 touches nothing.
+//     h = [apply, r, 1 − r] float32 [3], 1 − r as the ops path computes it. When apply ≠ 0:
+//     θ̄ ← θ̄ · r + θ · (1 − r), rounded as the ops path (built with -ffp-contract=off).
+//     apply = 0 touches nothing.
 //
 // All tensors float32 and contiguous; the token is 1 when applied, else 0.
 // Work is split into chunks of at most kChunk elements over the process's CPUs
@@ -97,8 +100,7 @@ MD_INLINE void adamw_range(float* __restrict theta, float* __restrict m, float* 
 }
 
 MD_INLINE void ema_range(const float* __restrict theta, float* __restrict average, int64_t begin, int64_t end,
-                         float rate) {
-  const float keep = rate, take = 1.0f - rate;
+                         float keep, float take) {
   for (int64_t i = begin; i < end; ++i) average[i] = average[i] * keep + theta[i] * take;
 }
 
@@ -126,11 +128,11 @@ MD_INLINE int adamw(int nparam, void** params, int* ndims, int64_t** shapes, con
 }
 
 MD_INLINE int ema(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes) {
-  const int n = start(nparam, params, ndims, shapes, dtypes, 2, 2);
+  const int n = start(nparam, params, ndims, shapes, dtypes, 2, 3);
   if (n <= 0) return n < 0 ? 1 : 0;
-  const float rate = tensor(params, 0)[1];
+  const float keep = tensor(params, 0)[1], take = tensor(params, 0)[2];
   for_each_chunk(n, ndims, shapes, [&](int t, int64_t begin, int64_t end) {
-    ema_range(tensor(params, 1 + t), tensor(params, 1 + n + t), begin, end, rate);
+    ema_range(tensor(params, 1 + t), tensor(params, 1 + n + t), begin, end, keep, take);
   });
   return 0;
 }
