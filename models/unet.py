@@ -210,7 +210,8 @@ class ResBlock(TimestepBlock):
             x = self.x_upd(x)
         else:
             h = self.in_layers(x)
-        emb_out = self.emb_layers(emb).astype(h.dtype)[:, :, None, None]
+        emb_out = self.emb_layers(emb).astype(h.dtype)
+        emb_out = emb_out.reshape(emb_out.shape[0], emb_out.shape[1], 1, 1)  # a reshape: indexing with None is a StridedSlice kernel
         if self.use_scale_shift_norm:
             # AdaGN: SiLU(GN(h) (1 + scale) + shift), one fused op ([scale | shift] = emb_out).
             h = self.out_layers[0](h, emb_out)

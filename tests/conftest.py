@@ -4,8 +4,8 @@ C++ kernel tests
 ----------------
 A test that exercises one of the project's C++ kernels carries
 ``@pytest.mark.kernel(module)``, where ``module`` is the kernel's Python module
-(``mind_diffusion.kernels.attention``, ``.conv``, ``.dropout``, ``.group_norm``
-or ``mind_diffusion.sampling.fused``: each has ``ENV_SWITCH`` and ``status()``).
+(``mind_diffusion.kernels.attention``, ``.conv``, ``.dropout``, ``.group_norm``,
+``.multi_tensor`` or ``mind_diffusion.sampling.fused``: each has ``ENV_SWITCH`` and ``status()``).
 The :func:`_kernel_gate` fixture below then
 
 - switches that kernel on for the test (``ENV_SWITCH=1``): a deliberate

@@ -2,7 +2,9 @@
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import nn
+from mindspore import nn, ops
+
+from mind_diffusion.kernels import conv as conv_kernels
 
 from mind_diffusion.nn import (
     AvgPool2x2,
@@ -76,6 +78,45 @@ def test_conv1x1_is_pytorch_conv1d_kernel_1():
     x = rng.normal(size=(2, 6, 5)).astype(np.float32)
     want = np.einsum("oi,bil->bol", conv.weight.asnumpy()[:, :, 0], x) + conv.bias.asnumpy()[:, None]
     np.testing.assert_allclose(conv(ms.Tensor(x)).asnumpy(), want, atol=1e-5)
+
+
+class _Conv1x1Grads(nn.Cell):
+    """Gradients of Σ conv(x) ⊙ g with respect to x, the weight and the bias."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+        self.weights = ms.ParameterTuple((conv.weight, conv.bias))
+        self.grad = ops.GradOperation(get_all=True, get_by_list=True)
+
+    def loss(self, x, g):
+        return (self.conv(x) * g).sum()
+
+    def construct(self, x, g):
+        return self.grad(self.loss, self.weights)(x, g)
+
+
+@pytest.mark.parametrize("fast", [pytest.param(True, marks=pytest.mark.kernel(conv_kernels)), False])
+def test_conv1x1_forward_and_gradients_on_both_paths(monkeypatch, fast):
+    """The oneDNN 1×1 operator (CPU, float32, training) and the matmul path both give y = W x + b and its gradients
+    dx = Wᵀ g, dW = Σ g xᵀ, db = Σ g, against float64 NumPy."""
+    monkeypatch.setenv(conv_kernels.ENV_SWITCH, "1" if fast else "0")
+    conv = Conv1x1(24, 40)
+    conv.set_train(True)  # the oneDNN path serves training graphs
+    assert (conv.fast_op is not None) == fast
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, 24, 17)).astype(np.float32)
+    g = rng.normal(size=(3, 40, 17)).astype(np.float32)
+    w, b = conv.weight.asnumpy()[:, :, 0].astype(np.float64), conv.bias.asnumpy().astype(np.float64)
+    calls = conv_kernels.call_counts()
+    np.testing.assert_allclose(conv(ms.Tensor(x)).asnumpy(), np.einsum("oi,bil->bol", w, x) + b[:, None],
+                               rtol=1e-5, atol=1e-5)
+    (dx, _), (dw, db) = _Conv1x1Grads(conv)(ms.Tensor(x), ms.Tensor(g))
+    ran = [after - before for after, before in zip(conv_kernels.call_counts(), calls)]
+    assert ran == ([2, 1, 1] if fast else [0, 0, 0])  # forward twice, each backward once: the path taken
+    np.testing.assert_allclose(dx.asnumpy(), np.einsum("oi,bol->bil", w, g), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw.asnumpy()[:, :, 0], np.einsum("bol,bil->oi", g, x), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(db.asnumpy(), g.sum(axis=(0, 2)), rtol=1e-5, atol=1e-5)
 
 
 def test_conv_nd_rejects_what_it_cannot_build():
