@@ -126,8 +126,15 @@ def model_weights(checkpoint, ema_rate=None, raw=False):
 
     Without ``ema_rate`` the slowest copy (largest r) is taken, the one sampling uses. Parameters that
     were not trained have no EMA copy (a latent model's frozen autoencoder and text encoder): theirs are
-    the raw weights.
+    the raw weights. A converted latent checkpoint (an ``ldm_<step>.ckpt`` or a ``cli.export`` of a latent
+    run: ``unet.*``, ``vae.*``, ``text_encoder.*`` and the string ``ldm_config``) holds one copy, already
+    under the latent model's names, and gives that.
     """
+    if "ldm_config" in checkpoint:
+        if ema_rate is not None:
+            raise KeyError(f"a converted latent checkpoint holds one copy of the weights (asked for --ema-rate "
+                           f"{ema_rate})")
+        return {name: value for name, value in checkpoint.items() if name != "ldm_config"}
     weights = {name[len("model."):]: value for name, value in checkpoint.items() if name.startswith("model.")}
     rates = ema_rates(checkpoint)
     if rates and not raw:

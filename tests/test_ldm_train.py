@@ -515,6 +515,18 @@ def test_init_from_a_latent_run_takes_its_unets_average_and_its_frozen_parts(tra
     assert any(not np.array_equal(saved[f"{ema_prefix(0.5)}{n}"].asnumpy(), saved[f"model.{n}"].asnumpy())
                for n in unet)  # the average differs from the raw weights: the test tells them apart
 
+    # the run's export (ldm_<step>.ckpt, converted format, one copy) starts a run at the same weights: a
+    # shipped latent model can be fine-tuned further
+    recipe["train"]["init_from"] = os.path.join(trainer.run_dir, "ldm_00000002.ckpt")
+    config = config_from_dict(recipe)
+    ms.set_seed(8)
+    other, tokenizer = build_model(config.model)
+    Trainer(config, other, build_diffusion(config.diffusion, config.model), str(tmp_path / "run2"),
+            tokenizer=tokenizer)
+    want = dict(model.parameters_and_names())
+    for name, param in other.parameters_and_names():
+        np.testing.assert_array_equal(param.asnumpy(), want[name].asnumpy(), err_msg=name)
+
 
 def test_latent_sets_refuse_what_they_cannot_serve(model_and_tokenizer, tmp_path, monkeypatch):
     model, _ = model_and_tokenizer
