@@ -90,9 +90,10 @@ def write_latent_export(path, arrays, config_dict, dtype):
 def debiased_ema(arrays, checkpoint, config_dict, ema_rate, step):
     """(θ̄_n − r^n θ_0) / (1 − r^n), with θ_0 rebuilt from the recipe's seed (see the module docstring),
     or read from ``train.init_from`` when the run started from another checkpoint (but for the parameters
-    ``train.init_exclude`` names, which started from the seed's initialisation there too)."""
+    ``train.init_exclude`` names, which started from the seed's initialisation there too). Parameters
+    without an EMA copy (a latent run's frozen autoencoder) are returned unchanged."""
     import mindspore as ms
-    from mind_diffusion.checkpoints import ema_rates, model_weights, read_checkpoint
+    from mind_diffusion.checkpoints import ema_rates, ema_state, model_weights, read_checkpoint
     from mind_diffusion.cli.factory import build_model
     from mind_diffusion.config import config_from_dict
     from mind_diffusion.train.checkpoint import excluded_names
@@ -114,8 +115,9 @@ def debiased_ema(arrays, checkpoint, config_dict, ema_rate, step):
         kept = excluded_names(fresh, config.train.init_exclude) if config.train.init_from else fresh
         initial.update({name: fresh[name] for name in kept})
     weight = rate ** step
-    return {name: (value.astype(np.float64) - weight * initial[name]) / (1.0 - weight)
-            for name, value in arrays.items()}
+    averaged = ema_state(checkpoint, rate)  # a latent run's frozen parts have no average: they stay as they are
+    return {name: (value.astype(np.float64) - weight * initial[name]) / (1.0 - weight) if name in averaged
+            else value for name, value in arrays.items()}
 
 
 if __name__ == "__main__":
