@@ -74,6 +74,28 @@ def test_the_recipes_load():
         assert config.model.arch in ("latent", "autoencoder")
 
 
+def test_the_shipped_latent_demo_fits_its_recipe_and_holds_the_shipped_autoencoder():
+    """checkpoints/ldm_demo.ckpt (a float16 export) starts configs/ldm_demo.yaml's network through
+    train.init_from, every parameter from the file, and its frozen autoencoder is the shipped stage 1's."""
+    import numpy as np
+    from mind_diffusion.checkpoints import model_weights, read_checkpoint
+    from mind_diffusion.cli.factory import build_model
+    from mind_diffusion.train.checkpoint import load_initial_weights
+
+    shipped = os.path.join(ROOT, "checkpoints", "ldm_demo.ckpt")
+    config = load_config(os.path.join(ROOT, "configs", "ldm_demo.yaml"), [f"train.init_from={shipped}"])
+    model, _ = build_model(config.model)
+    assert load_initial_weights(model, config.train.init_from) == []
+    export = model_weights(read_checkpoint(shipped))
+    stage1 = model_weights(read_checkpoint(os.path.join(ROOT, "checkpoints", "ldm_demo_autoencoder.ckpt")))
+    params = dict(model.parameters_and_names())
+    assert {n for n in params if n.startswith("vae.")} == {f"vae.{n}" for n in stage1}
+    for name, value in stage1.items():
+        want = value.asnumpy().astype(np.float16)
+        np.testing.assert_array_equal(export[f"vae.{name}"].asnumpy(), want, err_msg=name)
+        np.testing.assert_array_equal(params[f"vae.{name}"].asnumpy(), want.astype(np.float32), err_msg=name)
+
+
 def test_demo_captions_tokenize_without_unknown_pieces():
     from scripts.make_demo_vocab import demo_vocabulary
     with open(VOCAB, encoding="utf-8") as f:
