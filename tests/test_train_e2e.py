@@ -182,6 +182,7 @@ def test_a_word_level_glide_starts_from_a_byte_level_run_and_its_export_debiases
                     "train.init_exclude=[token_embedding]", "train.total_steps=1", "train.save_every=1",
                     "--run-dir", words, "--no-progress")
     assert "1 parameters kept at their fresh initialisation" in result.stdout + result.stderr
+    assert f"weights initialised from {start}" in result.stdout + result.stderr
     ckpt = os.path.join(words, "ckpt_00000001.ckpt")
     trained, initial = state_arrays(ckpt), state_arrays(start)
     vocab_lines = open(os.path.join(ROOT, "configs", "demo_vocab.txt"), encoding="utf-8").read().splitlines()

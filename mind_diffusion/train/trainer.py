@@ -135,6 +135,8 @@ class Trainer:
         if train.init_from:
             # before the EMA copies are made, so that they start from these weights too
             fresh = load_initial_weights(model, train.init_from, train.init_exclude)
+            logger.info("weights initialised from %s (the step, the optimizer and the EMA start fresh)",
+                        train.init_from)
             if fresh and rank == 0:
                 print(f"train.init_from: {len(fresh)} parameters kept at their fresh initialisation "
                       f"(train.init_exclude): {', '.join(fresh)}", flush=True)
