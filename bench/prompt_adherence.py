@@ -29,7 +29,7 @@ the same tokens, so it cannot change a picture.
     python bench/prompt_adherence.py [--ckpt checkpoints/demo.ckpt] [--n 200] [--scales 0,1,3,5]
                                      [--sets templates,heldout]
     python bench/prompt_adherence.py --wordings my_wordings.txt --scales 3
-    python bench/prompt_adherence.py --ckpt runs/ldm_demo/ldm_00004000.ckpt --vocab configs/demo_vocab.txt
+    python bench/prompt_adherence.py --ckpt runs/ldm_demo/ldm_00008000.ckpt --vocab configs/demo_vocab.txt
 
 A latent checkpoint (a latent run's ``ldm_<step>.ckpt``) is sampled as run_infer.sh samples it (default
 PLMS-50), in batches of ``--batch``.
