@@ -184,6 +184,11 @@ def test_a_word_level_glide_starts_from_a_byte_level_run_and_its_export_debiases
     assert "1 parameters kept at their fresh initialisation" in result.stdout + result.stderr
     assert f"weights initialised from {start}" in result.stdout + result.stderr
     ckpt = os.path.join(words, "ckpt_00000001.ckpt")
+    resumed = launch("run_train.sh", "1", TINY, "model.vocab=configs/demo_vocab.txt", f"train.init_from={start}",
+                     "train.init_exclude=[token_embedding]", "train.total_steps=2", "train.save_every=1",
+                     "--run-dir", words, "--resume", ckpt, "--no-progress")
+    assert f"resumed from {ckpt} at step 1 (its weights, optimizer and EMA replace train.init_from's)" \
+        in resumed.stdout + resumed.stderr
     trained, initial = state_arrays(ckpt), state_arrays(start)
     vocab_lines = open(os.path.join(ROOT, "configs", "demo_vocab.txt"), encoding="utf-8").read().splitlines()
     assert trained["model.token_embedding.embedding_table"].shape == (len(vocab_lines), 32)

@@ -233,7 +233,8 @@ class Trainer:
         restore_state(self.state, checkpoint, path)
         step = checkpoint_step(checkpoint)
         self.resumed_from = path
-        logger.info("resumed from %s at step %d", path, step)
+        logger.info("resumed from %s at step %d%s", path, step,
+                    " (its weights, optimizer and EMA replace train.init_from's)" if self.config.train.init_from else "")
         return step
 
     def _check_same_process(self, saved, path):
