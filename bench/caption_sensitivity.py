@@ -86,8 +86,7 @@ def load(args):
         options = argparse.Namespace(num_heads=None, num_head_channels=None, text_heads=None, merges=None,
                                      prediction=None, vocab=args.vocab)
         config, unet, vae, text, tokenizer = load_latent_model(args.ckpt, options)
-        diffusion = create_ldm_diffusion(config["schedule"]["timesteps"], config["schedule"]["linear_start"],
-                                         config["schedule"]["linear_end"], prediction=config["prediction"])
+        diffusion = create_ldm_diffusion(**config["schedule"], prediction=config["prediction"])
         side = config["vae"]["ddconfig"]["resolution"]
         return unet, vae, text, tokenizer, diffusion, side, f"export {args.ckpt}"
     from mind_diffusion.checkpoints import model_weights, read_checkpoint

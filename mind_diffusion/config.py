@@ -251,6 +251,11 @@ class DiffusionConfig:
                                  "scaled_linear (latent diffusion's: √β evenly spaced from √0.00085 to "
                                  "√0.012; arch latent, which needs it)",
                                  one_of("linear", "cosine", "scaled_linear"))
+    zero_terminal_snr: bool = option(False, "arch latent with predict_v: rescale scaled_linear to zero SNR at "
+                                     "t = T (Lin et al. 2024), so that x_T holds nothing of x_0, as the pure noise "
+                                     "sampling starts from does; the export records it. Stable Diffusion's "
+                                     "schedule leaves √ᾱ_T = 0.068 of x_0 in x_T, whose low frequencies the "
+                                     "network learns to read as the picture's colours")
     learn_sigma: Optional[bool] = option(None, "mirror of model.learn_sigma: leave unset")
     sigma_small: bool = option(False, "fixed variance β̃_t (posterior) instead of β_t; "
                                "used only when learn_sigma is false")
@@ -825,6 +830,10 @@ def _check_latent(config):
         _fail("model.pooled_text", "adds layers that Stable Diffusion / Wukong-Huahua UNets lack (context_proj, "
               f"AdaGN's scale and shift), so model.unet_from {model.unet_from!r} cannot load into it: set one "
               "of them back", model.pooled_text)
+    if diffusion.zero_terminal_snr and not (is_latent and diffusion.predict_v):
+        _fail("diffusion.zero_terminal_snr", "rescales latent diffusion's schedule and needs v prediction (at zero "
+              "SNR x_T is pure noise and ε cannot be predicted from it): use it with model.arch 'latent' and "
+              "diffusion.predict_v true", diffusion.zero_terminal_snr)
     if diffusion.noise_schedule == "scaled_linear" and not is_latent:
         _fail("diffusion.noise_schedule", "'scaled_linear' is latent diffusion's schedule: use it with "
               "model.arch 'latent', or choose linear or cosine", diffusion.noise_schedule)

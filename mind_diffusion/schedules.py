@@ -52,6 +52,35 @@ def get_named_beta_schedule(name, num_timesteps):
     raise ValueError(f"unknown noise schedule {name!r}: use 'linear', 'cosine', or pass betas yourself")
 
 
+# ᾱ_T that stands for 0 in a zero-terminal-SNR schedule (as diffusers does): SNR_T = 6e-8, and β_T < 1 keeps
+# every table of the process finite (1/√ᾱ_T, log β̃_T).
+ZERO_SNR_ALPHA_BAR = 2.0 ** -24
+
+
+def rescale_zero_terminal_snr(betas, terminal_alpha_bar=ZERO_SNR_ALPHA_BAR):
+    """β' whose ᾱ' reaches zero SNR at t = T (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed", Algorithm 1): √ᾱ'_t = (√ᾱ_t − √ᾱ_T) · √ᾱ_1 / (√ᾱ_1 − √ᾱ_T), an affine map of √ᾱ
+    that keeps √ᾱ_1 and sends √ᾱ_T to 0, then β'_t = 1 − ᾱ'_t / ᾱ'_{t−1}.
+
+    Why: latent diffusion's β (ᾱ_T = 0.0047) leaves √ᾱ_T x_0 in x_T, so the network learns to read the
+    picture's mean colour from the low frequencies of x_T, while sampling starts from pure noise, whose
+    random low frequencies it then reads as a colour (the CPU demo's shape/background swaps). ᾱ'_T is
+    ``terminal_alpha_bar`` (2⁻²⁴) instead of exactly 0 so that β'_T < 1; use v prediction, as the paper
+    says: ε cannot be predicted from x_T = ε.
+
+    :raises ValueError: when ᾱ'_{T−1} is not above ``terminal_alpha_bar`` (β'_T would not be in (0, 1)).
+    """
+    betas = check_betas(betas)
+    root = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = root[0], root[-1]
+    alphas_cumprod = ((root - last) * first / (first - last)) ** 2
+    alphas_cumprod[-1] = terminal_alpha_bar
+    if not alphas_cumprod[-2] > terminal_alpha_bar:
+        raise ValueError(f"zero terminal SNR: ᾱ'_(T-1) = {alphas_cumprod[-2]!r} is not above ᾱ'_T = "
+                         f"{terminal_alpha_bar!r}; the schedule has too little room at its end")
+    return 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
+
+
 def check_betas(betas):
     """Validate user-given β_t: a 1-D float array with every value in (0, 1).
 

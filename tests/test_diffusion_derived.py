@@ -42,6 +42,27 @@ def test_cosine_schedule_follows_alpha_bar():
                                rtol=1e-12)
 
 
+@pytest.mark.parametrize("betas", [np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2,  # latent diffusion's
+                                   schedules.linear_beta_schedule(200)])
+def test_zero_terminal_snr_rescale_by_its_definition(betas):
+    """Lin et al. 2024, Alg. 1: √ᾱ' is the affine map of √ᾱ that keeps √ᾱ_1 and sends √ᾱ_T to 0 (here
+    2⁻²⁴ for ᾱ'_T, which keeps β'_T below 1)."""
+    rescaled = schedules.rescale_zero_terminal_snr(betas)
+    got = np.cumprod(1.0 - rescaled)
+    root = np.sqrt(np.cumprod(1.0 - betas))
+    want = ((root - root[-1]) / (root[0] - root[-1]) * root[0]) ** 2
+    np.testing.assert_allclose(got[:-1], want[:-1], rtol=1e-12, atol=0)
+    assert got[-1] == pytest.approx(2.0 ** -24, rel=1e-12)
+    assert got[0] == pytest.approx(1.0 - betas[0], rel=1e-15)
+    assert np.all((rescaled > 0) & (rescaled < 1)) and np.all(np.diff(got) < 0)
+    assert got[-1] / (1 - got[-1]) < 1e-7 < (1 - betas).prod() / (1 - (1 - betas).prod())  # SNR_T: ~0, was not
+
+
+def test_zero_terminal_snr_needs_room_at_the_end():
+    with pytest.raises(ValueError, match=r"ᾱ'_\(T-1\) = .* is not above ᾱ'_T"):
+        schedules.rescale_zero_terminal_snr(np.array([0.1, 0.5, 1e-12]))
+
+
 def test_schedule_arrays_from_definitions():
     """Every constant of a linear T=25 process, recomputed from DDPM Eqs. 4, 6, 7 in Python floats."""
     betas = schedules.linear_beta_schedule(25)

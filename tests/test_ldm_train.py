@@ -42,10 +42,16 @@ def tiny_recipe(**diffusion):
     }
 
 
-def numpy_alphas_cumprod(steps):
-    """ᾱ_t of latent diffusion's schedule, derived here: √β evenly spaced from √0.00085 to √0.012."""
+def numpy_alphas_cumprod(steps, zero_terminal_snr=False):
+    """ᾱ_t of latent diffusion's schedule, derived here: √β evenly spaced from √0.00085 to √0.012; with
+    ``zero_terminal_snr`` √ᾱ mapped affinely to keep √ᾱ_1 and reach 0 (ᾱ_T = 2⁻²⁴) at T."""
     betas = np.linspace(np.sqrt(0.00085), np.sqrt(0.012), steps, dtype=np.float64) ** 2
-    return np.cumprod(1.0 - betas)
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    if zero_terminal_snr:
+        root = np.sqrt(alphas_cumprod)
+        alphas_cumprod = ((root - root[-1]) * root[0] / (root[0] - root[-1])) ** 2
+        alphas_cumprod[-1] = 2.0 ** -24
+    return alphas_cumprod
 
 
 def batch(seed, channels):
@@ -63,14 +69,17 @@ def model_and_tokenizer():
     return build_model(config.model)
 
 
-@pytest.mark.parametrize("predict_v", [False, True], ids=["eps", "v"])
-def test_latent_loss_matches_numpy(model_and_tokenizer, predict_v):
+@pytest.mark.parametrize("predict_v, zero_snr", [(False, False), (True, False), (True, True)],
+                         ids=["eps", "v", "v-zero-snr"])
+def test_latent_loss_matches_numpy(model_and_tokenizer, predict_v, zero_snr):
     model, tokenizer = model_and_tokenizer
-    config = config_from_dict(tiny_recipe(predict_v=predict_v))
+    config = config_from_dict(tiny_recipe(predict_v=predict_v, zero_terminal_snr=zero_snr))
     diffusion = build_diffusion(config.diffusion, config.model)
     from mind_diffusion.resample import UniformSampler
     loss_net = LatentDiffusionLoss(model, diffusion, UniformSampler(1000), C, sample_posterior=True)
     images, u, noise = batch(1, 2 * C)
+    if zero_snr:
+        u[0] = 0.9999  # t = T − 1, the (near) zero-SNR step: the loss stays finite and exact there
     tokens, _ = tokenizer(["a red circle", ""])
     loss, t, losses, mse, z_rms = (v.asnumpy() for v in loss_net(
         ms.Tensor(images), ms.Tensor(u), ms.Tensor(noise), ms.Tensor(tokens)))
@@ -80,7 +89,7 @@ def test_latent_loss_matches_numpy(model_and_tokenizer, predict_v):
     mean, logvar = (v.asnumpy().astype(np.float64) for v in model.vae.posterior(ms.Tensor(images)))
     z0 = 0.5 * (mean + np.exp(0.5 * logvar) * draw)                    # scale_factor · (μ + σ n)
     want_t = np.floor(u.astype(np.float64) * 1000).astype(np.int32)
-    abar = numpy_alphas_cumprod(1000)[want_t].reshape(-1, 1, 1, 1)
+    abar = numpy_alphas_cumprod(1000, zero_snr)[want_t].reshape(-1, 1, 1, 1)
     z_t = np.sqrt(abar) * z0 + np.sqrt(1 - abar) * eps
     context = model.text_encoder(ms.Tensor(tokens))
     out = model.unet(ms.Tensor(z_t.astype(np.float32)), ms.Tensor(want_t.astype(np.float32)), context)
@@ -264,6 +273,24 @@ def test_a_pooled_text_recipe_builds_exports_and_loads_its_pooled_path(tmp_path)
     plain.update((k, (v[0] // 2,) + v[1:]) for k, v in shapes.items() if ".emb_layers.1." in k)
     inferred, _ = infer_unet_config(plain, num_head_channels=32)
     assert "pooled_context" not in inferred and "use_scale_shift_norm" not in inferred
+
+
+def test_a_zero_terminal_snr_recipe_exports_the_schedule_sampling_rebuilds(model_and_tokenizer):
+    """``diffusion.zero_terminal_snr`` reaches the export's ``schedule``, from which run_infer.sh and the judge
+    build their process; recipes without it keep SD's schedule section unchanged."""
+    from mind_diffusion.sampling.schedulers.ldm import create_ldm_diffusion
+    from mind_diffusion.train.latent import export_config
+    model, _ = model_and_tokenizer
+    plain = export_config(model.parts, config_from_dict(tiny_recipe(predict_v=True)))["schedule"]
+    assert plain == {"timesteps": 1000, "linear_start": 0.00085, "linear_end": 0.012}
+    config = config_from_dict(tiny_recipe(predict_v=True, zero_terminal_snr=True))
+    schedule = export_config(model.parts, config)["schedule"]
+    assert schedule == {**plain, "zero_terminal_snr": True}
+    rebuilt = create_ldm_diffusion(**json.loads(json.dumps(schedule)), prediction="v")
+    np.testing.assert_allclose(rebuilt.schedule["alphas_cumprod"], numpy_alphas_cumprod(1000, True), rtol=1e-12)
+    trained = build_diffusion(config.diffusion, config.model)
+    np.testing.assert_array_equal(trained.schedule["alphas_cumprod"], rebuilt.schedule["alphas_cumprod"])
+    assert all(np.all(np.isfinite(v)) for v in rebuilt.schedule.values() if isinstance(v, np.ndarray))
 
 
 def test_the_trainer_draws_from_the_recipes_band(model_and_tokenizer, tmp_path):

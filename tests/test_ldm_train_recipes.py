@@ -54,6 +54,16 @@ def test_the_unets_side_is_the_latents():
         config_from_dict({**LATENT, "model": {**LATENT["model"], "pooled_text": True, "unet_from": "sd.ckpt"}})
 
 
+def test_zero_terminal_snr_needs_a_latent_v_model():
+    message = "diffusion.zero_terminal_snr: rescales latent diffusion's schedule and needs v prediction"
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({**LATENT, "diffusion": {**LATENT["diffusion"], "zero_terminal_snr": True}})
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"diffusion": {"zero_terminal_snr": True, "predict_v": True}})
+    assert config_from_dict({**LATENT, "diffusion": {**LATENT["diffusion"], "zero_terminal_snr": True,
+                                                     "predict_v": True}}).diffusion.zero_terminal_snr
+
+
 @pytest.mark.parametrize("band, message", [
     ({"high_noise_end": 700}, "diffusion.high_noise_end: places high_noise_share's band, which is 0"),
     ({"high_noise_share": 0.5, "high_noise_end": 1001}, "diffusion.high_noise_end: must be at most diffusion.steps"),

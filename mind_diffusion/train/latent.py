@@ -56,9 +56,18 @@ LDM_SCHEDULE = dict(linear_start=0.00085, linear_end=0.012)
 
 def latent_diffusion(diffusion_cfg):
     """The process of ``diffusion.noise_schedule: scaled_linear``: latent diffusion's β over
-    ``diffusion.steps``, ε or (``predict_v``) v prediction, as latent sampling builds it."""
-    return create_ldm_diffusion(diffusion_cfg.steps, prediction="v" if diffusion_cfg.predict_v else "eps",
-                                **LDM_SCHEDULE)
+    ``diffusion.steps`` (rescaled to zero terminal SNR with ``diffusion.zero_terminal_snr``), ε or (``predict_v``)
+    v prediction, as latent sampling builds it."""
+    return create_ldm_diffusion(**schedule_config(diffusion_cfg), prediction="v" if diffusion_cfg.predict_v else "eps")
+
+
+def schedule_config(diffusion_cfg):
+    """The ``schedule`` section of a run's ``ldm_config``: T, latent diffusion's β range and, only when set
+    (every SD / Wukong-Huahua file lacks it), ``zero_terminal_snr``."""
+    schedule = dict(timesteps=diffusion_cfg.steps, **LDM_SCHEDULE)
+    if diffusion_cfg.zero_terminal_snr:
+        schedule["zero_terminal_snr"] = True
+    return schedule
 
 
 class LatentDiffusionLoss(nn.Cell):
@@ -210,10 +219,11 @@ def export_path(run_dir, step):
 def export_config(parts, config):
     """The ``ldm_config`` of a run: the networks' description ``parts`` (keys ``unet``, ``vae``,
     ``text_encoder``, ``scale_factor``, ``numerics``, as :func:`mind_diffusion.convert_ldm.infer_ldm_config`
-    gives them) with the process of ``config.diffusion``: its T, latent diffusion's β range, ε or v."""
+    gives them) with the process of ``config.diffusion``: its T, latent diffusion's β range (and whether
+    it is rescaled to zero terminal SNR), ε or v."""
     diffusion = config.diffusion
     out = json.loads(json.dumps(parts))
-    out.update(schedule=dict(timesteps=diffusion.steps, **LDM_SCHEDULE),
+    out.update(schedule=schedule_config(diffusion),
                prediction="v" if diffusion.predict_v else "eps",
                inferred=dict(heads="the training recipe", schedule="the training recipe"))
     return out
