@@ -87,6 +87,8 @@ def test_the_recipes_load():
 def test_the_shipped_latent_demo_fits_its_recipe_and_holds_the_shipped_autoencoder():
     """checkpoints/ldm_demo.ckpt (a float16 export) starts configs/ldm_demo.yaml's network through
     train.init_from, every parameter from the file, and its frozen autoencoder is the shipped stage 1's."""
+    import json
+
     import numpy as np
     from mind_diffusion.checkpoints import model_weights, read_checkpoint
     from mind_diffusion.cli.factory import build_model
@@ -100,6 +102,9 @@ def test_the_shipped_latent_demo_fits_its_recipe_and_holds_the_shipped_autoencod
     stage1 = model_weights(read_checkpoint(os.path.join(ROOT, "checkpoints", "ldm_demo_autoencoder.ckpt")))
     params = dict(model.parameters_and_names())
     assert {n for n in params if n.startswith("vae.")} == {f"vae.{n}" for n in stage1}
+    # it was fine-tuned under the zero-terminal-SNR schedule, which its export hands to run_infer.sh
+    ldm_config = json.loads(str(read_checkpoint(shipped)["ldm_config"]))
+    assert ldm_config["schedule"].get("zero_terminal_snr") is True and ldm_config["prediction"] == "v"
     for name, value in stage1.items():
         want = value.asnumpy().astype(np.float16)
         np.testing.assert_array_equal(export[f"vae.{name}"].asnumpy(), want, err_msg=name)
