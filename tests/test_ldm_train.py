@@ -524,7 +524,7 @@ def test_a_run_on_precomputed_latents_draws_and_learns_as_the_in_step_run(traine
         "ckpt_00000002.ckpt", "ldm_00000002.ckpt"]
 
 
-def test_init_from_a_latent_run_takes_its_unets_average_and_its_frozen_parts(trained, tmp_path):
+def test_init_from_a_latent_run_takes_its_unets_average_and_its_frozen_parts(trained, tmp_path, capsys):
     trainer, _, _ = trained
     path = os.path.join(trainer.run_dir, "ckpt_00000002.ckpt")
     recipe = tiny_recipe(predict_v=True)
@@ -553,6 +553,15 @@ def test_init_from_a_latent_run_takes_its_unets_average_and_its_frozen_parts(tra
     want = dict(model.parameters_and_names())
     for name, param in other.parameters_and_names():
         np.testing.assert_array_equal(param.asnumpy(), want[name].asnumpy(), err_msg=name)
+    assert "another diffusion process" not in capsys.readouterr().out
+
+    # a run under another process than its init_from's (here the rescaled schedule) says so, and trains on
+    recipe["diffusion"]["zero_terminal_snr"] = True
+    config = config_from_dict(recipe)
+    Trainer(config, other, build_diffusion(config.diffusion, config.model), str(tmp_path / "run3"),
+            tokenizer=tokenizer)
+    out = capsys.readouterr().out
+    assert "was trained under another diffusion process (diffusion.zero_terminal_snr: False there, True here)" in out
 
 
 def test_latent_sets_refuse_what_they_cannot_serve(model_and_tokenizer, tmp_path, monkeypatch):

@@ -7,11 +7,17 @@ EMA copy, AdamW's moments and step, the importance sampler's loss history and
 the loss scale. The run's random numbers are counter-based (seed, rank, step),
 so the step is all the RNG state there is.
 """
+import json
 import os
 import threading
 
-from ..checkpoints import (checkpoint_path, ema_prefix, list_checkpoints, model_weights, read_checkpoint,
-                           restore_state, write_checkpoint)
+from ..checkpoints import (checkpoint_config, checkpoint_path, ema_prefix, list_checkpoints, model_weights,
+                           read_checkpoint, restore_state, write_checkpoint)
+
+# The diffusion settings that define the process a network was trained under; the switches among them are
+# False where older files do not record them.
+PROCESS_KEYS = ("steps", "noise_schedule", "predict_v", "predict_xstart", "zero_terminal_snr")
+PROCESS_SWITCHES = ("predict_v", "predict_xstart", "zero_terminal_snr")
 
 
 def own_state(loss_net):
@@ -114,6 +120,30 @@ def excluded_names(names, exclude):
                              f"prefix such as {names[0].split('.')[0]!r}")
         chosen.update(hits)
     return chosen
+
+
+def recorded_process(checkpoint):
+    """{diffusion setting: value} of the process a checkpoint's network was trained under, as far as the
+    file says: a training checkpoint's recipe, or a latent export's ``ldm_config``; {} for other files."""
+    config = checkpoint_config(checkpoint)
+    if config is not None:
+        diffusion = config.get("diffusion") or {}
+        return {key: diffusion.get(key, False) for key in PROCESS_KEYS if key in diffusion or key in PROCESS_SWITCHES}
+    if "ldm_config" in checkpoint:
+        ldm_config = json.loads(str(checkpoint["ldm_config"]))
+        schedule = ldm_config.get("schedule") or {}
+        return {"steps": schedule.get("timesteps"), "predict_v": ldm_config.get("prediction") == "v",
+                "zero_terminal_snr": bool(schedule.get("zero_terminal_snr", False))}
+    return {}
+
+
+def process_differences(path, diffusion_cfg):
+    """``diffusion.<key>: <there> there, <here> here`` for each process setting in which the run that wrote
+    ``path`` differs from ``diffusion_cfg``. Fine-tuning across them is allowed (the pixel demo's ε → v
+    stage does it); continuing a model as it was trained needs them alike."""
+    recorded = recorded_process(read_checkpoint(path))
+    return [f"diffusion.{key}: {value!r} there, {getattr(diffusion_cfg, key)!r} here"
+            for key, value in recorded.items() if value is not None and value != getattr(diffusion_cfg, key)]
 
 
 def load_initial_weights(model, path, exclude=()):

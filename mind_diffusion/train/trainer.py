@@ -36,7 +36,7 @@ from ..data import create_dataset
 from ..device import graph_target
 from ..kernels.dropout import seed_step
 from ..resample import create_named_schedule_sampler
-from .checkpoint import CheckpointWriter, load_initial_weights, own_state, training_state
+from .checkpoint import CheckpointWriter, load_initial_weights, own_state, process_differences, training_state
 from ..data.latents import check_matches as check_latents
 from .latent import AutoencoderLoss, LatentDiffusionLoss, export_config, export_path, write_export
 from .step import EMA, AdamW, ClassifierLoss, DiffusionLoss, OverflowCheck, StepMetrics, TrainStep, WarmupLR, overflow_mode
@@ -140,6 +140,11 @@ class Trainer:
             if fresh and rank == 0:
                 print(f"train.init_from: {len(fresh)} parameters kept at their fresh initialisation "
                       f"(train.init_exclude): {', '.join(fresh)}", flush=True)
+            differences = process_differences(train.init_from, config.diffusion)
+            if differences and rank == 0:
+                print(f"train.init_from: {train.init_from} was trained under another diffusion process "
+                      f"({'; '.join(differences)}); this run trains under the recipe's. To continue that "
+                      f"model as it was trained, set these as there", flush=True)
         loss_net = self._loss(model, diffusion)
         named = [(name, p) for name, p in model.parameters_and_names() if p.requires_grad]
         # a loss's own networks (the autoencoder's discriminator) train with the same AdamW, without EMA
