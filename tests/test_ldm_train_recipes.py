@@ -179,13 +179,14 @@ def test_unet_from_starts_the_unet_from_a_stable_diffusion_checkpoint():
 def test_init_from_reads_the_process_its_file_was_trained_under():
     """train.init_from's files record their process: a latent export in its ldm_config, a training
     checkpoint or pixel export in its recipe (older ones lack the newer switches: False)."""
+    from mind_diffusion.checkpoints import read_checkpoint
     from mind_diffusion.train.checkpoint import process_differences
-    shipped = os.path.join(ROOT, "checkpoints", "ldm_demo.ckpt")
+    shipped = read_checkpoint(os.path.join(ROOT, "checkpoints", "ldm_demo.ckpt"))
     recipe = os.path.join(ROOT, "configs", "ldm_demo.yaml")
     assert process_differences(shipped, load_config(recipe).diffusion) == [
         "diffusion.zero_terminal_snr: True there, False here"]
     assert process_differences(shipped, load_config(recipe, ["diffusion.zero_terminal_snr=true"]).diffusion) == []
     demo = load_config(os.path.join(ROOT, "configs", "demo.yaml")).diffusion
-    assert process_differences(os.path.join(ROOT, "checkpoints", "demo_eps.ckpt"), demo) == [
+    assert process_differences(read_checkpoint(os.path.join(ROOT, "checkpoints", "demo_eps.ckpt")), demo) == [
         "diffusion.predict_v: False there, True here"]  # the pixel demo's ε → v fine-tune, on purpose
-    assert process_differences(os.path.join(ROOT, "checkpoints", "demo.ckpt"), demo) == []
+    assert process_differences(read_checkpoint(os.path.join(ROOT, "checkpoints", "demo.ckpt")), demo) == []

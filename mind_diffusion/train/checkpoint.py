@@ -137,27 +137,38 @@ def recorded_process(checkpoint):
     return {}
 
 
-def process_differences(path, diffusion_cfg):
+def process_differences(checkpoint, diffusion_cfg):
     """``diffusion.<key>: <there> there, <here> here`` for each process setting in which the run that wrote
-    ``path`` differs from ``diffusion_cfg``. Fine-tuning across them is allowed (the pixel demo's ε → v
-    stage does it); continuing a model as it was trained needs them alike."""
-    recorded = recorded_process(read_checkpoint(path))
+    ``checkpoint`` (a read file) differs from ``diffusion_cfg``. Fine-tuning across them is allowed (the pixel
+    demo's ε → v stage does it); continuing a model as it was trained needs them alike."""
     return [f"diffusion.{key}: {value!r} there, {getattr(diffusion_cfg, key)!r} here"
-            for key, value in recorded.items() if value is not None and value != getattr(diffusion_cfg, key)]
+            for key, value in recorded_process(checkpoint).items()
+            if value is not None and value != getattr(diffusion_cfg, key)]
 
 
-def load_initial_weights(model, path, exclude=()):
-    """Start a run from another run's network (``train.init_from``): its EMA copy, else its raw weights;
-    the parameters ``exclude`` names (``train.init_exclude``) keep their fresh initialisation.
+def read_initial_checkpoint(path):
+    """The contents of ``train.init_from``'s file.
 
-    :return: the names of the parameters left fresh, sorted.
-    :raises FileNotFoundError: no such file; ValueError: the weights do not fit ``model``.
+    :raises FileNotFoundError: no such file, saying what to give instead.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"train.init_from: {path!r} is not a file; give a checkpoint "
                                 "(a training checkpoint or an export such as checkpoints/demo.ckpt)")
+    return read_checkpoint(path)
+
+
+def load_initial_weights(model, path, exclude=(), checkpoint=None):
+    """Start a run from another run's network (``train.init_from``): its EMA copy, else its raw weights;
+    the parameters ``exclude`` names (``train.init_exclude``) keep their fresh initialisation.
+    ``checkpoint`` is the file's contents when the caller has read them already
+    (:func:`read_initial_checkpoint`), so that the file is read once.
+
+    :return: the names of the parameters left fresh, sorted.
+    :raises FileNotFoundError: no such file; ValueError: the weights do not fit ``model``.
+    """
+    if checkpoint is None:
+        checkpoint = read_initial_checkpoint(path)
     params = dict(model.parameters_and_names())
     fresh = excluded_names(params, exclude)
-    restore_state({name: p for name, p in params.items() if name not in fresh},
-                  model_weights(read_checkpoint(path)), path)
+    restore_state({name: p for name, p in params.items() if name not in fresh}, model_weights(checkpoint), path)
     return sorted(fresh)

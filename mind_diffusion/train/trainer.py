@@ -36,7 +36,8 @@ from ..data import create_dataset
 from ..device import graph_target
 from ..kernels.dropout import seed_step
 from ..resample import create_named_schedule_sampler
-from .checkpoint import CheckpointWriter, load_initial_weights, own_state, process_differences, training_state
+from .checkpoint import (CheckpointWriter, load_initial_weights, own_state, process_differences,
+                         read_initial_checkpoint, training_state)
 from ..data.latents import check_matches as check_latents
 from .latent import AutoencoderLoss, LatentDiffusionLoss, export_config, export_path, write_export
 from .step import EMA, AdamW, ClassifierLoss, DiffusionLoss, OverflowCheck, StepMetrics, TrainStep, WarmupLR, overflow_mode
@@ -134,13 +135,14 @@ class Trainer:
             config.diffusion.high_noise_share, config.diffusion.high_noise_steps, config.diffusion.high_noise_end)
         if train.init_from:
             # before the EMA copies are made, so that they start from these weights too
-            fresh = load_initial_weights(model, train.init_from, train.init_exclude)
+            initial = read_initial_checkpoint(train.init_from)
+            fresh = load_initial_weights(model, train.init_from, train.init_exclude, checkpoint=initial)
             logger.info("weights initialised from %s (the step, the optimizer and the EMA start fresh)",
                         train.init_from)
             if fresh and rank == 0:
                 print(f"train.init_from: {len(fresh)} parameters kept at their fresh initialisation "
                       f"(train.init_exclude): {', '.join(fresh)}", flush=True)
-            differences = process_differences(train.init_from, config.diffusion)
+            differences = process_differences(initial, config.diffusion)
             if differences and rank == 0:
                 print(f"train.init_from: {train.init_from} was trained under another diffusion process "
                       f"({'; '.join(differences)}); this run trains under the recipe's. To continue that "
